@@ -1,0 +1,309 @@
+"""Recurrent cells as pure functions over plain pytrees: LSTM, GRU and a plain (Elman) RNN.
+
+Each cell is a small immutable (frozen, hashable) description with three pure functions, in the
+style of optax's ``GradientTransformation``::
+
+    params = cell.init(key, input_size)               # a dict of arrays
+    carry = cell.initial_carry(batch_shape)            # zeros; LSTMCarry(h, c) or an array h
+    carry, y = cell.apply(params, carry, x)            # one time step; fits ``jax.lax.scan``
+
+``apply`` is split in two so that a sequence layer can hoist the input projection out of the
+time loop: ``apply(p, carry, x) == step(p, carry, input_projection(p, x))``. Inputs may have any
+leading batch shape, including none, so ``jax.vmap`` over ``apply`` works too.
+
+All gates are fused: one input kernel ``(input_size, G*H)``, one recurrent kernel ``(H, G*H)``
+and one bias ``(G*H,)`` per cell, gates in PyTorch/cuDNN order. With ``token_inputs=True`` the
+inputs are integer token ids (no feature axis) and the input projection is a row gather of the
+input kernel: exactly a one-hot input, without ever building the one-hot matrix.
+
+``dtype`` is the compute dtype of the matrix products (``None``: that of the params); products
+accumulate in float32 and the gate arithmetic and the carry stay in ``param_dtype``, so
+``dtype=jnp.bfloat16`` with float32 params is the usual mixed-precision mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from lstm_jax.errors import ConfigError
+
+__all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "RNNCell", "Cell", "make_cell"]
+
+Array = jax.Array
+Params = dict
+Initializer = Callable[..., Array]
+
+
+class LSTMCarry(NamedTuple):
+    """The LSTM state: hidden state ``h`` (also the output) and cell state ``c``.
+
+    Named fields on purpose: PyTorch orders the state ``(h, c)``, Flax ``(c, h)``.
+    """
+
+    h: Array
+    c: Array
+
+
+# Module-level defaults so that two equal cells compare (and hash) equal, e.g. as jit static args.
+glorot_uniform: Initializer = jax.nn.initializers.glorot_uniform()
+orthogonal: Initializer = jax.nn.initializers.orthogonal()
+zeros: Initializer = jax.nn.initializers.zeros
+
+
+def matmul(x: Array, w: Array, dtype: Any, out_dtype: Any) -> Array:
+    """``x @ w`` computed in ``dtype`` (None: promoted), accumulated and returned in ``out_dtype``."""
+    if dtype is not None:
+        x, w = x.astype(dtype), w.astype(dtype)
+    return jnp.matmul(x, w, preferred_element_type=out_dtype).astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedCell:
+    """Shared machinery of the three cells: parameters, input projection and validation."""
+
+    hidden_size: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = glorot_uniform
+    recurrent_kernel_init: Initializer = orthogonal
+    bias_init: Initializer = zeros
+    token_inputs: bool = False
+
+    num_gates = 1  # overridden per cell
+
+    def __post_init__(self):
+        if not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
+            raise ConfigError(
+                f"{type(self).__name__}: hidden_size must be a positive int, got {self.hidden_size!r}."
+            )
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def init(self, key: Array, input_size: int) -> Params:
+        """Parameters ``{'input_kernel', 'recurrent_kernel', 'bias'}`` for inputs of ``input_size``
+        features (or a vocabulary of ``input_size`` tokens when ``token_inputs``)."""
+        if not isinstance(input_size, int) or input_size <= 0:
+            raise ConfigError(f"{self.name}.init: input_size must be a positive int, got {input_size!r}.")
+        k_in, k_rec, k_b = jax.random.split(key, 3)
+        gh = self.num_gates * self.hidden_size
+        return {
+            "input_kernel": self.kernel_init(k_in, (input_size, gh), self.param_dtype),
+            "recurrent_kernel": self.recurrent_kernel_init(k_rec, (self.hidden_size, gh), self.param_dtype),
+            "bias": self.bias_init(k_b, (gh,), self.param_dtype),
+        }
+
+    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> Any:
+        """A zero carry for inputs with leading ``batch_shape`` (``()`` for a single example)."""
+        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        return jnp.zeros(shape + (self.hidden_size,), self.param_dtype)
+
+    def check_inputs(self, params: Params, x: Array) -> None:
+        """Raise ``ConfigError`` at trace time when ``x`` cannot feed this cell's ``params``."""
+        n_in = params["input_kernel"].shape[0]
+        is_int = jnp.issubdtype(x.dtype, jnp.integer)
+        if self.token_inputs and not is_int:
+            raise ConfigError(
+                f"{self.name} was built with token_inputs=True and expects integer token ids with no "
+                f"feature axis, but got {x.dtype} inputs of shape {x.shape}; pass token ids or build "
+                f"the cell with token_inputs=False."
+            )
+        if not self.token_inputs and is_int:
+            raise ConfigError(
+                f"{self.name} expects float features of size {n_in} but got integer inputs "
+                f"({x.dtype}, shape {x.shape}); embed the tokens first, or build the cell with "
+                f"token_inputs=True to treat integers as token ids (a one-hot input done as a row gather)."
+            )
+        if not self.token_inputs and (x.ndim == 0 or x.shape[-1] != n_in):
+            raise ConfigError(
+                f"{self.name}: inputs have {x.shape[-1] if x.ndim else 'no'} features (shape {x.shape}) "
+                f"but the params were initialised for input_size={n_in}; reshape the inputs or "
+                f"re-initialise with cell.init(key, {x.shape[-1] if x.ndim else '...'})."
+            )
+
+    def input_projection(self, params: Params, x: Array) -> Array:
+        """``x @ input_kernel + bias`` in float32 (a row gather for token ids): ``(..., G*H)``."""
+        self.check_inputs(params, x)
+        out_dtype = params["bias"].dtype
+        if self.token_inputs:
+            proj = jnp.take(params["input_kernel"], x, axis=0).astype(out_dtype)
+        else:
+            proj = matmul(x, params["input_kernel"], self.dtype, out_dtype)
+        return proj + params["bias"]
+
+    def recurrent_projection(self, params: Params, h: Array) -> Array:
+        return matmul(h, params["recurrent_kernel"], self.dtype, params["bias"].dtype)
+
+    def step(self, params: Params, carry: Any, x_proj: Array) -> tuple[Any, Array]:
+        """One time step from an already projected input ``x_proj = input_projection(params, x)``."""
+        raise NotImplementedError
+
+    def apply(self, params: Params, carry: Any, x: Array) -> tuple[Any, Array]:
+        """One time step: ``(params, carry, x) -> (new_carry, y)``; fits ``jax.lax.scan`` directly."""
+        return self.step(params, carry, self.input_projection(params, x))
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMCell(_FusedCell):
+    r"""Long short-term memory cell (Hochreiter & Schmidhuber 1997, with a forget gate).
+
+    Equations, gates fused in the order ``i, f, g, o`` (as PyTorch, cuDNN and Keras)::
+
+        z = x @ W_i + h @ W_h + b          # (..., 4H), split into i, f, g, o
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h' = sigmoid(o) * tanh(c')         # output y = h'
+
+    Parameters (``I`` input features or vocabulary size, ``H = hidden_size``):
+    ``input_kernel (I, 4H)`` Glorot-uniform, ``recurrent_kernel (H, 4H)`` orthogonal,
+    ``bias (4H,)`` zeros with the forget-gate slice set to ``forget_bias`` (1.0), as Keras.
+    Carry: ``LSTMCarry(h, c)``, each ``(*batch, H)``.
+
+    Warning:
+      PyTorch keeps two biases (``b_ih`` and ``b_hh``) and initialises everything uniformly;
+      here there is one bias (their sum; see ``lstm_jax.interop``) and Keras initialisers.
+      Flax orders the carry ``(c, h)``; this carry has named fields.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> cell = LSTMCell(hidden_size=8)
+        >>> params = cell.init(jax.random.key(0), input_size=3)
+        >>> carry = cell.initial_carry(batch_shape=(2,))
+        >>> carry, y = cell.apply(params, carry, jnp.ones((2, 3)))
+        >>> y.shape, carry.c.shape
+        ((2, 8), (2, 8))
+    """
+
+    forget_bias: float = 1.0
+    num_gates = 4
+
+    def init(self, key: Array, input_size: int) -> Params:
+        params = super().init(key, input_size)
+        h = self.hidden_size
+        params["bias"] = params["bias"].at[h : 2 * h].add(self.forget_bias)
+        return params
+
+    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> LSTMCarry:
+        zeros = super().initial_carry(batch_shape)
+        return LSTMCarry(h=zeros, c=zeros)
+
+    def step(self, params: Params, carry: LSTMCarry, x_proj: Array) -> tuple[LSTMCarry, Array]:
+        z = x_proj + self.recurrent_projection(params, carry.h)
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return LSTMCarry(h=h, c=c), h
+
+
+@dataclasses.dataclass(frozen=True)
+class GRUCell(_FusedCell):
+    r"""Gated recurrent unit (Cho et al. 2014), gates fused in the order ``r, z, n`` (PyTorch).
+
+    With ``reset_after=True`` (the default; PyTorch, cuDNN and Keras ``reset_after=True``) the
+    reset gate scales the recurrent product, so one recurrent matmul serves all gates::
+
+        a = x @ W_i + b                    # (..., 3H) -> a_r, a_z, a_n
+        u = h @ W_h + b_h                  # (..., 3H) -> u_r, u_z, u_n
+        r = sigmoid(a_r + u_r);  z = sigmoid(a_z + u_z)
+        n = tanh(a_n + r * u_n)
+        h' = (1 - z) * n + z * h           # output y = h'
+
+    With ``reset_after=False`` (the original paper; Keras ``reset_after=False``) the reset gate
+    scales the state before its product, and there is no recurrent bias::
+
+        n = tanh(a_n + (r * h) @ W_hn)
+
+    Parameters: ``input_kernel (I, 3H)`` Glorot-uniform, ``recurrent_kernel (H, 3H)`` orthogonal,
+    ``bias (3H,)`` zeros, and with ``reset_after`` also ``recurrent_bias (3H,)`` zeros.
+    Carry: the hidden state ``h`` of shape ``(*batch, H)``.
+
+    Warning:
+      Keras orders the gates ``z, r, h``; here they are in PyTorch's ``r, z, n`` order.
+    """
+
+    reset_after: bool = True
+    num_gates = 3
+
+    def init(self, key: Array, input_size: int) -> Params:
+        k_cell, k_rb = jax.random.split(key)
+        params = super().init(k_cell, input_size)
+        if self.reset_after:
+            params["recurrent_bias"] = self.bias_init(k_rb, (3 * self.hidden_size,), self.param_dtype)
+        return params
+
+    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+        h = carry
+        a_r, a_z, a_n = jnp.split(x_proj, 3, axis=-1)
+        if self.reset_after:
+            u = self.recurrent_projection(params, h) + params["recurrent_bias"]
+            u_r, u_z, u_n = jnp.split(u, 3, axis=-1)
+            r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
+            n = jnp.tanh(a_n + r * u_n)
+        else:
+            w = params["recurrent_kernel"]
+            hs = self.hidden_size
+            out = params["bias"].dtype
+            u_rz = matmul(h, w[:, : 2 * hs], self.dtype, out)
+            r, z = jnp.split(jax.nn.sigmoid(jnp.concatenate([a_r, a_z], -1) + u_rz), 2, axis=-1)
+            n = jnp.tanh(a_n + matmul(r * h, w[:, 2 * hs :], self.dtype, out))
+        h = (1.0 - z) * n + z * h
+        return h, h
+
+
+_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNCell(_FusedCell):
+    r"""Plain (Elman) recurrent cell::
+
+        h' = activation(x @ W_i + h @ W_h + b)      # output y = h'
+
+    ``activation`` is ``'tanh'`` (default) or ``'relu'``. Parameters: ``input_kernel (I, H)``
+    Glorot-uniform, ``recurrent_kernel (H, H)`` orthogonal, ``bias (H,)`` zeros.
+    Carry: ``h`` of shape ``(*batch, H)``.
+
+    Warning:
+      PyTorch's ``nn.RNN`` keeps two biases; this cell keeps their sum.
+    """
+
+    activation: str = "tanh"
+    num_gates = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activation not in _ACTIVATIONS:
+            raise ConfigError(
+                f"RNNCell: activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}."
+            )
+
+    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+        h = _ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry))
+        return h, h
+
+
+Cell = Union[LSTMCell, GRUCell, RNNCell]
+CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
+
+
+def make_cell(kind: str, hidden_size: int, **options: Any) -> Cell:
+    """Build a cell by name (``'lstm'``, ``'gru'`` or ``'rnn'``), checking every option.
+
+    Unknown names or options raise ``ConfigError`` listing the valid ones, e.g.
+    ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)``.
+    """
+    cls = CELL_TYPES.get(str(kind).lower())
+    if cls is None:
+        raise ConfigError(f"Unknown cell kind {kind!r}; choose one of {sorted(CELL_TYPES)}.")
+    valid = {f.name for f in dataclasses.fields(cls)} - {"hidden_size"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {unknown} for a {kind} cell; valid options are {sorted(valid)}."
+        )
+    return cls(hidden_size=hidden_size, **options)

@@ -1,0 +1,211 @@
+"""Running cells over sequences with ``jax.lax.scan``: single layers, stacks, bidirectional layers.
+
+The input projection of all time steps is one matmul (a row gather for token ids) computed before
+the scan; the scanned body does only the fused recurrent matmul and the gate arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lstm_jax.cells import Cell
+from lstm_jax.errors import ConfigError
+
+__all__ = ["scan_cell", "reverse_padded", "RecurrentStack"]
+
+Array = jax.Array
+
+
+def _time_axis(cell: Cell, ndim: int, time_major: bool) -> int:
+    min_ndim = 1 if cell.token_inputs else 2
+    if ndim < min_ndim:
+        what = "(time,) token ids" if cell.token_inputs else "(time, features)"
+        raise ConfigError(
+            f"scan_cell: inputs need at least {min_ndim} dimension(s), {what}, but got {ndim}; "
+            f"add a time axis."
+        )
+    return 0 if time_major else ndim - min_ndim
+
+
+def _check_lengths(seq_lengths: Array, batch_shape: tuple[int, ...]) -> Array:
+    seq_lengths = jnp.asarray(seq_lengths)
+    if seq_lengths.shape != batch_shape or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+        raise ConfigError(
+            f"seq_lengths must be integers of shape {batch_shape} (one length per sequence in the "
+            f"batch), got {seq_lengths.dtype} of shape {seq_lengths.shape}."
+        )
+    return seq_lengths
+
+
+def reverse_padded(x: Array, seq_lengths: Array) -> Array:
+    """Reverse each right-padded sequence of time-major ``x`` within its valid part.
+
+    ``x`` is ``(T, *batch, ...)``; position ``t < len`` moves to ``len - 1 - t`` and padding
+    stays where it is. The map is its own inverse.
+    """
+    t = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * seq_lengths.ndim)
+    idx = jnp.where(t < seq_lengths, seq_lengths - 1 - t, t)
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
+    return jnp.take_along_axis(x, idx, axis=0)
+
+
+def scan_cell(
+    cell: Cell,
+    params: dict,
+    inputs: Array,
+    *,
+    initial_carry: Any = None,
+    seq_lengths: Array | None = None,
+    time_major: bool = False,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    remat: bool = False,
+) -> tuple[Any, Array]:
+    """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
+
+    Args:
+      cell: an ``LSTMCell``, ``GRUCell`` or ``RNNCell``.
+      params: the cell's params (``cell.init``).
+      inputs: ``(*batch, T, F)`` floats, or ``(*batch, T)`` token ids for ``token_inputs`` cells;
+        with ``time_major=True`` the time axis comes first: ``(T, *batch, F)``.
+      initial_carry: the carry at the first step (default: zeros).
+      seq_lengths: ``(*batch,)`` valid lengths of right-padded sequences. The carry stops at each
+        sequence's last valid step and that carry is returned; outputs past the end are zero.
+        With ``reverse`` only the valid part of each sequence is reversed.
+      time_major: whether time is the leading axis of ``inputs`` and outputs.
+      reverse: run from the last step to the first (outputs stay in input order).
+      unroll: passed to ``lax.scan``.
+      remat: rematerialise each step in the backward pass (``jax.checkpoint``): memory flat in T
+        for the activations, at the price of recomputing the gates.
+
+    Returns:
+      ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
+    """
+    t_axis = _time_axis(cell, inputs.ndim, time_major)
+    x = jnp.moveaxis(inputs, t_axis, 0)
+    batch_shape = x.shape[1 : x.ndim if cell.token_inputs else x.ndim - 1]
+    if seq_lengths is not None:
+        seq_lengths = _check_lengths(seq_lengths, batch_shape)
+        if reverse:
+            x = reverse_padded(x, seq_lengths)
+    x_proj = cell.input_projection(params, x)
+    carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
+
+    def body(carry, xs):
+        x_t, t = xs
+        new_carry, y = cell.step(params, carry, x_t)
+        if seq_lengths is not None:
+            valid = (t < seq_lengths)[..., None]
+            new_carry = jax.tree.map(lambda n, o: jnp.where(valid, n, o), new_carry, carry)
+            y = jnp.where(valid, y, jnp.zeros_like(y))
+        return new_carry, y
+
+    if remat:
+        body = jax.checkpoint(body)
+    steps = jnp.arange(x.shape[0])
+    scan_reverse = reverse and seq_lengths is None
+    carry, ys = jax.lax.scan(body, carry, (x_proj, steps), reverse=scan_reverse, unroll=unroll)
+    if reverse and seq_lengths is not None:
+        ys = reverse_padded(ys, seq_lengths)
+    return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentStack:
+    """``num_layers`` recurrent layers, optionally bidirectional, with dropout between layers.
+
+    Like PyTorch's ``nn.LSTM(num_layers=..., bidirectional=..., dropout=...)``, as pure functions::
+
+        stack = RecurrentStack(LSTMCell(128), num_layers=2, dropout=0.1)
+        params = stack.init(key, input_size)     # list, one entry per layer
+        carries, ys = stack.apply(params, xs)    # carries: list, one entry per layer
+
+    Each layer's params and carry are the cell's own, or a ``(forward, backward)`` pair when
+    ``bidirectional`` (the two directions' outputs are concatenated on the feature axis). Pass
+    ``initial_carry=carries`` from the previous batch to carry state across batches (truncated
+    backpropagation through time). Only the first layer uses ``cell.token_inputs``.
+
+    Dropout (rate ``dropout``) is applied to the outputs of every layer but the last, with one
+    mask per sequence drawn outside the scan from ``dropout_key``; without a key there is none.
+    """
+
+    cell: Cell
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ConfigError(f"RecurrentStack: num_layers must be an int >= 1, got {self.num_layers!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"RecurrentStack: dropout must be in [0, 1), got {self.dropout!r}.")
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        return self.cell.hidden_size * self.num_directions
+
+    def layer_cell(self, layer: int) -> Cell:
+        return self.cell if layer == 0 else dataclasses.replace(self.cell, token_inputs=False)
+
+    def init(self, key: Array, input_size: int) -> list:
+        params = []
+        for layer, k in enumerate(jax.random.split(key, self.num_layers)):
+            cell = self.layer_cell(layer)
+            size = input_size if layer == 0 else self.output_size
+            k_f, k_b = jax.random.split(k)
+            params.append((cell.init(k_f, size), cell.init(k_b, size)) if self.bidirectional
+                          else cell.init(k_f, size))
+        return params
+
+    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> list:
+        carry = self.cell.initial_carry(batch_shape)
+        return [(carry, carry) if self.bidirectional else carry for _ in range(self.num_layers)]
+
+    def apply(
+        self,
+        params: Sequence,
+        inputs: Array,
+        *,
+        initial_carry: Sequence | None = None,
+        seq_lengths: Array | None = None,
+        time_major: bool = False,
+        dropout_key: Array | None = None,
+        unroll: int | bool = 1,
+        remat: bool = False,
+    ) -> tuple[list, Array]:
+        """Run the stack; returns ``(carries, outputs)``, outputs ``(*batch, T, output_size)``."""
+        if len(params) != self.num_layers:
+            raise ConfigError(
+                f"RecurrentStack.apply: params has {len(params)} layers but the stack has "
+                f"num_layers={self.num_layers}; initialise the params with this stack's init."
+            )
+        x = jnp.moveaxis(inputs, _time_axis(self.cell, inputs.ndim, time_major), 0)
+        carries_in = self.initial_carry(()) if initial_carry is None else initial_carry
+        kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat)
+        keys = (jax.random.split(dropout_key, self.num_layers)
+                if dropout_key is not None and self.dropout > 0 else None)
+        carries = []
+        for layer in range(self.num_layers):
+            cell = self.layer_cell(layer)
+            c0 = None if initial_carry is None else carries_in[layer]
+            if self.bidirectional:
+                c0 = (None, None) if c0 is None else c0
+                cf, yf = scan_cell(cell, params[layer][0], x, initial_carry=c0[0], **kw)
+                cb, yb = scan_cell(cell, params[layer][1], x, initial_carry=c0[1], reverse=True, **kw)
+                carries.append((cf, cb))
+                x = jnp.concatenate([yf, yb], axis=-1)
+            else:
+                c, x = scan_cell(cell, params[layer], x, initial_carry=c0, **kw)
+                carries.append(c)
+            if keys is not None and layer < self.num_layers - 1:
+                keep = jax.random.bernoulli(keys[layer], 1.0 - self.dropout, x.shape[1:])
+                x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+        return carries, (x if time_major else jnp.moveaxis(x, 0, -2))
