@@ -1,0 +1,99 @@
+"""The character language model: embedding, recurrent stack, output projection, loss.
+
+With ``embed_size=0`` (the default) the input is one-hot, done as a row gather of the first
+layer's input kernel (``token_inputs``): the lesson's one-hot LSTM without the one-hot matrix.
+With ``embed_size > 0`` an embedding table ``(V, E)`` is gathered first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lstm_jax.cells import make_cell, matmul
+from lstm_jax.errors import ConfigError
+from lstm_jax.sequence import RecurrentStack
+
+__all__ = ["CharLMConfig", "CharLM", "cross_entropy", "nats_to_bpc"]
+
+Array = jax.Array
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class CharLMConfig:
+    """Shape of the model; stored with every checkpoint so sampling needs no model flags."""
+
+    vocab_size: int
+    cell: str = "lstm"
+    hidden_size: int = 256
+    num_layers: int = 2
+    embed_size: int = 0
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype of the matrix products; params stay float32
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.vocab_size < 2:
+            raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}; the corpus needs more than one distinct character.")
+        if self.embed_size < 0:
+            raise ConfigError(f"embed_size must be >= 0 (0 = one-hot input), got {self.embed_size}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CharLM:
+    """``init(key) -> params``; ``apply(params, carry, tokens) -> (carry, logits)``."""
+
+    config: CharLMConfig
+
+    @functools.cached_property
+    def stack(self) -> RecurrentStack:
+        c = self.config
+        cell = make_cell(c.cell, c.hidden_size, dtype=DTYPES[c.dtype], token_inputs=c.embed_size == 0)
+        return RecurrentStack(cell, num_layers=c.num_layers, dropout=c.dropout)
+
+    def init(self, key: Array) -> dict:
+        c = self.config
+        k_emb, k_rnn, k_out = jax.random.split(key, 3)
+        params = {
+            "rnn": self.stack.init(k_rnn, c.embed_size or c.vocab_size),
+            "head": {
+                "kernel": jax.nn.initializers.glorot_uniform()(k_out, (c.hidden_size, c.vocab_size)),
+                "bias": jnp.zeros((c.vocab_size,)),
+            },
+        }
+        if c.embed_size:
+            params["embedding"] = jax.random.normal(k_emb, (c.vocab_size, c.embed_size)) * 0.1
+        return params
+
+    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> list:
+        return self.stack.initial_carry(batch_shape)
+
+    def apply(self, params: dict, carry: Any, tokens: Array, *, dropout_key: Array | None = None,
+              remat: bool = False) -> tuple[Any, Array]:
+        """Tokens ``(*batch, T)`` int -> ``(carry, logits (*batch, T, V) float32)``."""
+        x = jnp.take(params["embedding"], tokens, axis=0) if "embedding" in params else tokens
+        carry, ys = self.stack.apply(params["rnn"], x, initial_carry=carry, dropout_key=dropout_key,
+                                     remat=remat)
+        head = params["head"]
+        return carry, matmul(ys, head["kernel"], DTYPES[self.config.dtype], jnp.float32) + head["bias"]
+
+
+def cross_entropy(logits: Array, targets: Array, weights: Array | None = None) -> Array:
+    """Mean (or ``weights``-weighted mean) cross-entropy in nats."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    if weights is None:
+        return nll.mean()
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def nats_to_bpc(nats: Any) -> Any:
+    """Nats per character to bits per character."""
+    return nats / math.log(2.0)

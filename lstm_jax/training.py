@@ -1,0 +1,214 @@
+"""The jitted train step, the chunked epoch loop and validation bits-per-character.
+
+Two ways to cut the corpus into batches, both gathered on the device from one int32 array:
+
+* ``preset='lm'`` (default): ``batch_size`` contiguous streams; every step takes the next
+  ``seq_len`` characters of each stream, predicts the next character at every position and
+  carries the recurrent state into the next step (truncated BPTT). The carry resets each epoch.
+* ``preset='keras'``: the lesson's set-up: windows of ``seq_len`` (40) characters every
+  ``window_step`` (3), shuffled each epoch, predicting only the character after each window.
+
+``run_chunk`` runs ``num_steps`` train steps inside one jitted ``lax.scan``; the host sees only
+the chunk's losses. The train step is a pure function of ``(state, step)``; everything a bitwise
+resume needs is in ``TrainState``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lstm_jax.errors import ConfigError, CorpusError, NonFiniteLossError
+from lstm_jax.model import CharLM, cross_entropy, nats_to_bpc
+
+__all__ = ["TrainConfig", "TrainState", "Trainer", "make_optimizer", "evaluate_bpc"]
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "lm"  # 'lm' or 'keras'
+    batch_size: int = 64
+    seq_len: int = 100
+    window_step: int = 3  # keras preset only
+    optimizer: str = "rmsprop"
+    learning_rate: float = 2e-3
+    lr_schedule: str = "constant"  # or 'cosine' (decays to 10% over the run)
+    clip_norm: float = 5.0  # 0 disables clipping
+    chunk_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.preset not in ("lm", "keras"):
+            raise ConfigError(f"--preset must be 'lm' or 'keras', got {self.preset!r}.")
+        for name in ("batch_size", "seq_len", "window_step", "chunk_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: Array  # int32 scalar: optimizer steps taken; the data position derives from it
+    key: Array  # the run's base PRNG key (raw uint32); per-step keys are folded from the step
+    carry: Any  # the recurrent state carried between steps (lm preset)
+
+
+def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, schedule: str = "constant",
+                   total_steps: int = 1) -> optax.GradientTransformation:
+    """RMSprop as Keras (rho 0.9, eps 1e-7 outside the square root), or any optax optimiser by name."""
+    lr = (optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), alpha=0.1)
+          if schedule == "cosine" else learning_rate)
+    if name == "rmsprop":
+        opt = optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False)
+    elif name in ("adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief"):
+        opt = getattr(optax, name)(lr)
+    else:
+        raise ConfigError(f"--optimizer {name!r} is not supported; use rmsprop, adam, adamw, sgd, "
+                          "adagrad, lion, nadam or adabelief.")
+    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+
+
+class Trainer:
+    """Holds the model, optimiser and device-resident training text; compiles the chunk once."""
+
+    def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1):
+        self.model, self.config = model, config
+        b, t = config.batch_size, config.seq_len
+        n = len(train_ids)
+        if config.preset == "lm":
+            stream_len = n // b
+            self.steps_per_epoch = (stream_len - 1) // t
+            self.data = jnp.asarray(np.asarray(train_ids[: b * stream_len], np.int32).reshape(b, stream_len))
+            self.num_windows = 0
+        else:
+            self.num_windows = max((n - t - 1) // config.window_step + 1, 0)
+            self.steps_per_epoch = self.num_windows // b
+            self.data = jnp.asarray(np.asarray(train_ids, np.int32))
+        if self.steps_per_epoch < 1:
+            raise CorpusError(
+                f"The training text has {n} characters, too short for one batch of {b} x {t + 1}; "
+                f"use a longer corpus or smaller --batch-size / --seq-len."
+            )
+        total = self.steps_per_epoch * epochs  # the length of a cosine schedule
+        self.tx = make_optimizer(config.optimizer, config.learning_rate, config.clip_norm, config.lr_schedule, total)
+        self._chunk = jax.jit(self._run_chunk, static_argnames="num_steps", donate_argnums=0)
+
+    def init_state(self, key: Array | None = None) -> TrainState:
+        """A fresh state; built under jit so that every leaf is its own (donatable) buffer."""
+        return jax.jit(self._fresh_state)(jax.random.PRNGKey(self.config.seed) if key is None else key)
+
+    def _fresh_state(self, key: Array) -> TrainState:
+        params = self.model.init(jax.random.fold_in(key, 0))
+        carry = self.model.initial_carry((self.config.batch_size,))
+        return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), key, carry)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _batch(self, step: Array, order: Array | None) -> tuple[Array, Array]:
+        t = self.config.seq_len
+        if self.config.preset == "lm":
+            window = jax.lax.dynamic_slice_in_dim(self.data, (step % self.steps_per_epoch) * t, t + 1, axis=1)
+            return window[:, :-1], window[:, 1:]
+        b = self.config.batch_size
+        idx = jax.lax.dynamic_slice_in_dim(order, (step % self.steps_per_epoch) * b, b)
+        starts = idx * self.config.window_step
+        windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(self.data, s, t + 1))(starts)
+        return windows[:, :-1], windows[:, -1]
+
+    def _loss(self, params, carry, x, y, key):
+        carry, logits = self.model.apply(params, carry, x, dropout_key=key)
+        if self.config.preset == "keras":
+            return cross_entropy(logits[:, -1], y), carry
+        return cross_entropy(logits, y), carry
+
+    def _train_step(self, state: TrainState, order: Array | None) -> tuple[TrainState, Array]:
+        x, y = self._batch(state.step, order)
+        carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((self.config.batch_size,))
+        key = jax.random.fold_in(state.key, state.step) if self.model.config.dropout > 0 else None
+        (loss, carry), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, carry, x, y, key)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        carry = jax.lax.stop_gradient(carry)
+        return TrainState(params, opt_state, state.step + 1, state.key, carry), loss
+
+    def _run_chunk(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
+        epoch = state.step // self.steps_per_epoch
+        fresh = state.step % self.steps_per_epoch == 0  # chunks never span an epoch boundary
+        zeros = self.model.initial_carry((self.config.batch_size,))
+        state = state._replace(carry=jax.tree.map(lambda z, c: jnp.where(fresh, z, c), zeros, state.carry))
+        order = None
+        if self.config.preset == "keras":
+            order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(state.key, 1), epoch),
+                                           self.num_windows)
+        return jax.lax.scan(lambda s, _: self._train_step(s, order), state, None, length=num_steps)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def chunk_sizes(self, step: int) -> list[int]:
+        """Chunk lengths from ``step`` to the end of its epoch (the same cut after any resume)."""
+        left = self.steps_per_epoch - step % self.steps_per_epoch
+        k = self.config.chunk_steps
+        return [k] * (left // k) + ([left % k] if left % k else [])
+
+    def run_chunk(self, state: TrainState, num_steps: int) -> tuple[TrainState, np.ndarray]:
+        """``num_steps`` train steps in one dispatch; raises ``NonFiniteLossError`` on NaN/inf."""
+        state, losses = self._chunk(state, num_steps=num_steps)
+        losses = np.asarray(losses)
+        if not np.isfinite(losses).all():
+            bad = int(np.argmin(np.isfinite(losses)))
+            raise NonFiniteLossError(
+                f"The training loss became {losses[bad]} at step {int(state.step) - num_steps + bad + 1}; "
+                f"lower --learning-rate or set --clip-norm (the last good checkpoint is kept)."
+            )
+        return state, losses
+
+    def train_epoch(self, state: TrainState, on_chunk: Callable[[np.ndarray], None] = lambda l: None):
+        """Run to the end of the current epoch; returns ``(state, per-step losses in nats)``."""
+        losses = []
+        for n in self.chunk_sizes(int(state.step)):
+            state, chunk_losses = self.run_chunk(state, n)
+            losses.append(chunk_losses)
+            on_chunk(chunk_losses)
+        return state, np.concatenate(losses) if losses else np.zeros(0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk_len"))
+def _eval_nll(model: CharLM, params, tokens: Array, targets: Array, weights: Array, chunk_len: int) -> Array:
+    s, n = tokens.shape
+
+    def body(carry, xs):
+        x, y, w = xs
+        carry, logits = model.apply(params, carry, x)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return carry, (nll * w).sum()
+
+    split = lambda a: jnp.moveaxis(a.reshape(s, n // chunk_len, chunk_len), 1, 0)
+    _, sums = jax.lax.scan(body, model.initial_carry((s,)), (split(tokens), split(targets), split(weights)))
+    return sums.sum()
+
+
+def evaluate_bpc(model: CharLM, params, ids: np.ndarray, streams: int = 16, chunk_len: int = 256) -> float:
+    """Bits per character over the whole of ``ids``: every character after the first is scored
+    once, with the state carried through ``streams`` contiguous parts of the text."""
+    ids = np.asarray(ids, np.int32)
+    n = len(ids) - 1
+    if n < 1:
+        raise CorpusError("The validation text has fewer than 2 characters; use a larger corpus or split.")
+    streams = max(1, min(streams, n))
+    length = -(-n // streams)
+    length = -(-length // chunk_len) * chunk_len
+    pad = streams * length - n
+    grid = lambda a: jnp.asarray(np.pad(a, (0, pad)).reshape(streams, length))
+    weights = grid(np.ones(n, np.float32))
+    total = _eval_nll(model, params, grid(ids[:-1]), grid(ids[1:]), weights, chunk_len)
+    return float(nats_to_bpc(total / n))

