@@ -33,7 +33,8 @@ from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
 MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
-FIXED_KEYS = MODEL_KEYS + TRAIN_KEYS + DATA_KEYS  # must match when resuming
+# Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
+FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
 DEFAULTS = dict(
     cell="lstm", hidden_size=256, num_layers=2, embed_size=0, dropout=0.0, dtype="float32",
     **dataclasses.asdict(TrainConfig()), corpus="state_union", val_from_year=2002, epochs=8,

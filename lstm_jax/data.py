@@ -142,7 +142,7 @@ def split_documents(corpus: Corpus, val_from_year: int | None = 2002, val_fracti
         cut = newline + 1 if newline > len(text) // 2 else cut
         return text[:cut], text[cut:]
     sizes = np.cumsum([len(d.text) for d in docs])
-    first_val = int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction)))
+    first_val = int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction), side="right"))
     first_val = min(max(first_val, 1), len(docs) - 1)
     return "\n\n".join(d.text for d in docs[:first_val]), "\n\n".join(d.text for d in docs[first_val:])
 

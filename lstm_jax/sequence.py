@@ -12,8 +12,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.cells import Cell
+from lstm_jax.cells import Cell, GRUCell, LSTMCarry, LSTMCell
 from lstm_jax.errors import ConfigError
+from lstm_jax.fused import fused_gru, fused_lstm
 
 __all__ = ["scan_cell", "reverse_padded", "RecurrentStack"]
 
@@ -64,6 +65,7 @@ def scan_cell(
     reverse: bool = False,
     unroll: int | bool = 1,
     remat: bool = False,
+    impl: str = "auto",
 ) -> tuple[Any, Array]:
     """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
 
@@ -81,6 +83,10 @@ def scan_cell(
       unroll: passed to ``lax.scan``.
       remat: rematerialise each step in the backward pass (``jax.checkpoint``): memory flat in T
         for the activations, at the price of recomputing the gates.
+      impl: ``'scan'`` differentiates the scanned step automatically; ``'fused'`` uses the
+        hand-written backward pass of ``lstm_jax.fused`` (LSTM, and GRU with ``reset_after``;
+        no ``seq_lengths``, ``remat`` or ``unroll``), which computes the recurrent-kernel gradient
+        as one matmul after the backward loop; ``'auto'`` picks ``'fused'`` where it applies.
 
     Returns:
       ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
@@ -94,6 +100,18 @@ def scan_cell(
             x = reverse_padded(x, seq_lengths)
     x_proj = cell.input_projection(params, x)
     carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
+    fusable = (isinstance(cell, LSTMCell) or (isinstance(cell, GRUCell) and cell.reset_after)) and (
+        seq_lengths is None and not remat and unroll in (1, False))
+    if impl == "fused" and not fusable:
+        raise ConfigError(
+            f"impl='fused' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths, remat "
+            f"or unroll; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
+            f"Use impl='scan' or 'auto'.")
+    if impl not in ("auto", "scan", "fused"):
+        raise ConfigError(f"impl must be 'auto', 'scan' or 'fused', got {impl!r}.")
+    if impl != "scan" and fusable:
+        carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse)
+        return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
 
     def body(carry, xs):
         x_t, t = xs
@@ -112,6 +130,22 @@ def scan_cell(
     if reverse and seq_lengths is not None:
         ys = reverse_padded(ys, seq_lengths)
     return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+
+
+def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool):
+    """The fused layers on ``(T, N, G*H)``: batch dims flattened, time flipped for ``reverse``."""
+    steps, hidden = x_proj.shape[0], cell.hidden_size
+    xp = x_proj.reshape(steps, -1, x_proj.shape[-1])
+    xp = xp[::-1] if reverse else xp
+    flat = lambda a: a.reshape(-1, hidden)
+    if isinstance(cell, LSTMCell):
+        h, c, ys = fused_lstm(params["recurrent_kernel"], xp, flat(carry.h), flat(carry.c), cell.dtype)
+        carry = LSTMCarry(h=h.reshape(*batch_shape, hidden), c=c.reshape(*batch_shape, hidden))
+    else:
+        h, ys = fused_gru(params["recurrent_kernel"], params["recurrent_bias"], xp, flat(carry), cell.dtype)
+        carry = h.reshape(*batch_shape, hidden)
+    ys = ys[::-1] if reverse else ys
+    return carry, ys.reshape(steps, *batch_shape, hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +214,7 @@ class RecurrentStack:
         dropout_key: Array | None = None,
         unroll: int | bool = 1,
         remat: bool = False,
+        impl: str = "auto",
     ) -> tuple[list, Array]:
         """Run the stack; returns ``(carries, outputs)``, outputs ``(*batch, T, output_size)``."""
         if len(params) != self.num_layers:
@@ -189,7 +224,7 @@ class RecurrentStack:
             )
         x = jnp.moveaxis(inputs, _time_axis(self.cell, inputs.ndim, time_major), 0)
         carries_in = self.initial_carry(()) if initial_carry is None else initial_carry
-        kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat)
+        kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat, impl=impl)
         keys = (jax.random.split(dropout_key, self.num_layers)
                 if dropout_key is not None and self.dropout > 0 else None)
         carries = []

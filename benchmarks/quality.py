@@ -1,0 +1,169 @@
+"""Quality under a fixed time budget: validation bits-per-character against training minutes.
+
+Trains train.py's default configuration (or the flags given) on the state_union corpus for
+``--minutes`` of training time, measuring validation bpc over the whole held-out 2002-2006 text
+every ``--eval-every`` minutes (evaluation time is not counted). With ``--peer torch`` the
+PyTorch reference (nn.LSTM, embedding 64, 2x256, RMSprop lr 2e-3, clip 5, B=64, T=100,
+truncated BPTT) runs in the same process afterwards, under the same protocol.
+
+    NLTK_DATA=../shared/nltk_data python benchmarks/quality.py --minutes 8 --peer torch
+
+Writes benchmarks/results/quality.json, quality.md and quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train as train_script  # noqa: E402  (train.py's defaults are what is measured)
+from lstm_jax.data import Vocabulary, load_corpus, split_documents  # noqa: E402
+from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc  # noqa: E402
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float) -> list[dict]:
+    model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
+    trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
+                      config["epochs"])
+    state = trainer.init_state()
+    state, _ = trainer.run_chunk(state, trainer.chunk_sizes(0)[0])  # compile (and one chunk) untimed
+    state = trainer.init_state()
+    curve, train_s, next_eval, recent = [], 0.0, eval_every * 60, []
+    while train_s < minutes * 60:
+        for n in trainer.chunk_sizes(int(state.step)):
+            t0 = time.perf_counter()
+            state, losses = trainer.run_chunk(state, n)
+            train_s += time.perf_counter() - t0
+            recent = (recent + list(losses))[-200:]
+            if train_s >= next_eval or train_s >= minutes * 60:
+                val = evaluate_bpc(model, state.params, val_ids, 16)
+                curve.append(dict(minutes=train_s / 60, step=int(state.step), train_bpc=float(nats_to_bpc(np.mean(recent))),
+                                  val_bpc=val))
+                print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
+                next_eval += eval_every * 60
+                if train_s >= minutes * 60:
+                    return curve
+    return curve
+
+
+def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab_size, 64)
+            self.rnn = torch.nn.LSTM(64, 256, num_layers=2, batch_first=True)
+            self.out = torch.nn.Linear(256, vocab_size)
+
+        def forward(self, x, state=None):
+            y, state = self.rnn(self.emb(x), state)
+            return self.out(y), state
+
+    net = Net()
+    opt = torch.optim.RMSprop(net.parameters(), lr=2e-3)
+    b, t = 64, 100
+    n = len(train_ids) // b
+    data = torch.from_numpy(np.asarray(train_ids[: b * n], np.int64).reshape(b, n))
+    spe = (n - 1) // t
+
+    def val_bpc():
+        ids = np.asarray(val_ids, np.int64)
+        streams = 16
+        length = (len(ids) - 1) // streams
+        x = torch.from_numpy(ids[: streams * length].reshape(streams, length))
+        y = torch.from_numpy(ids[1 : streams * length + 1].reshape(streams, length))
+        total, state = 0.0, None
+        with torch.no_grad():
+            for s in range(0, length, 256):
+                logits, state = net(x[:, s : s + 256], state)
+                total += torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y[:, s : s + 256].reshape(-1),
+                                                           reduction="sum").item()
+        return total / (streams * length) / math.log(2)
+
+    curve, train_s, next_eval, recent, step, state = [], 0.0, eval_every * 60, [], 0, None
+    while train_s < minutes * 60:
+        t0 = time.perf_counter()
+        s = step % spe
+        if s == 0:
+            state = None
+        x, y = data[:, s * t : s * t + t], data[:, s * t + 1 : s * t + t + 1]
+        logits, state = net(x, state)
+        state = tuple(h.detach() for h in state)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        recent = (recent + [loss.item()])[-200:]
+        step += 1
+        train_s += time.perf_counter() - t0
+        if train_s >= next_eval or train_s >= minutes * 60:
+            val = val_bpc()
+            curve.append(dict(minutes=train_s / 60, step=step, train_bpc=float(np.mean(recent) / math.log(2)), val_bpc=val))
+            print(f"torch    {train_s / 60:5.2f} min step {step:6d} train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
+            next_eval += eval_every * 60
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=8.0)
+    p.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations")
+    p.add_argument("--peer", choices=["none", "torch"], default="none")
+    p.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
+    args, flags = p.parse_known_args()
+    config = train_script.resolve_config(train_script.parse_args(flags), None)
+    corpus = load_corpus(config["corpus"])
+    train_text, val_text = split_documents(corpus, config["val_from_year"])
+    vocab = Vocabulary.from_text(train_text, val_text)
+    train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every)}
+    if args.peer == "torch":
+        runs["torch"] = run_torch(train_ids, val_ids, len(vocab), args.minutes, args.eval_every)
+    config_out = {k: config[k] for k in train_script.MODEL_KEYS + train_script.TRAIN_KEYS}
+    out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=platform.processor() or platform.machine(),
+               cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), runs=runs,
+               command="NLTK_DATA=../shared/nltk_data python benchmarks/quality.py " + " ".join(sys.argv[1:]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2))
+    lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget, {os.cpu_count()} CPU cores)", "",
+             f"Command: `{out['command']}`", "", f"lstm_jax config: `{json.dumps(config_out)}`", "",
+             "| run | minutes | step | train bpc | validation bpc |", "|---|---|---|---|---|"]
+    for name, curve in runs.items():
+        lines += [f"| {name} | {r['minutes']:.2f} | {r['step']} | {r['train_bpc']:.3f} | {r['val_bpc']:.3f} |" for r in curve]
+    lines += ["", "Best validation bpc: " + ", ".join(f"{k} {min(r['val_bpc'] for r in c):.3f}" for k, c in runs.items() if c)]
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in runs.items():
+        ax.plot([r["minutes"] for r in curve], [r["val_bpc"] for r in curve], "o-", label=name)
+    ax.set(xlabel="training minutes", ylabel="validation bits per character", title="state_union, 2002-2006 held out")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{args.tag}.png", dpi=100)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_NLTK = Path(__file__).resolve().parents[1].parent / "shared" / "nltk_data"
+if "NLTK_DATA" not in os.environ and SHARED_NLTK.is_dir():  # the checkout's ../shared, as in CI
+    os.environ["NLTK_DATA"] = str(SHARED_NLTK)
+
+
+def nltk_state_union_available() -> bool:
+    """True when NLTK can find the state_union corpus (CI points NLTK_DATA at ../shared/nltk_data)."""
+    try:
+        from nltk.corpus import state_union
+
+        return len(state_union.fileids()) > 0
+    except (LookupError, OSError):
+        return False
+
+
+needs_nltk_state_union = pytest.mark.skipif(
+    not nltk_state_union_available(),
+    reason="NLTK's state_union data not found (set NLTK_DATA, e.g. to ../shared/nltk_data)",
+)
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A small real-text folder corpus: three documents of plain English."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    base = ("The state of our union is strong. We will work together for the good of the nation, "
+            "and we will keep the promises we made to the people.\n")
+    for i in range(3):
+        (folder / f"{1990 + i}-speech.txt").write_text(base * (6 + i))
+    return folder
+

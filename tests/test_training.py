@@ -1,0 +1,236 @@
+"""Training, checkpoints and exact resume, sampling, and the command-line scripts, end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import sample as sample_script
+import train as train_script
+from lstm_jax.checkpoint import Checkpointer, load_run
+from lstm_jax.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.model import CharLM, CharLMConfig
+from lstm_jax.sampling import generate, generate_stream
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--hidden-size", "16", "--num-layers", "2", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",
+        "--sample-length", "30", "--eval-streams", "2"]
+
+
+def _ids(text_corpus):
+    corpus = load_corpus(str(text_corpus))
+    train, val = split_documents(corpus, 1992)
+    vocab = Vocabulary.from_text(train, val)
+    return vocab, vocab.encode(train), vocab.encode(val)
+
+
+@pytest.mark.parametrize("preset", ["lm", "keras"])
+def test_resume_equals_uninterrupted_training_bitwise(text_corpus, tmp_path, preset):
+    vocab, train_ids, _ = _ids(text_corpus)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=16, num_layers=2, dropout=0.1))
+    config = TrainConfig(preset=preset, batch_size=4, seq_len=20, chunk_steps=4)
+    trainer = Trainer(model, config, train_ids, epochs=2)
+    spe = trainer.steps_per_epoch
+    assert spe > 6
+
+    state, full = trainer.init_state(), []
+    for _ in range(2):
+        state, losses = trainer.train_epoch(state)
+        full.append(losses)
+    full = np.concatenate(full)
+
+    # Interrupted mid-epoch at a chunk boundary, saved, restored by a fresh trainer and checkpointer.
+    state = trainer.init_state()
+    state, first = trainer.run_chunk(state, 4)
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(4, state, {"epoch": 0})
+    ckpt.close()
+    trainer2 = Trainer(model, config, train_ids, epochs=2)
+    ckpt = Checkpointer(tmp_path / "run")
+    restored, _ = ckpt.restore(trainer2.init_state())
+    ckpt.close()
+    rest = []
+    while int(restored.step) < 2 * spe:
+        restored, losses = trainer2.train_epoch(restored)
+        rest.append(losses)
+    np.testing.assert_array_equal(np.concatenate([first] + rest), full)
+    # final params equal those of the uninterrupted run
+    state_full = trainer.init_state()
+    for _ in range(2):
+        state_full, _ = trainer.train_epoch(state_full)
+    jax.tree.map(np.testing.assert_array_equal, restored.params, state_full.params)
+
+
+def test_training_lowers_the_loss_and_compiles_once(text_corpus):
+    vocab, train_ids, val_ids = _ids(text_corpus)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=32, num_layers=1))
+    trainer = Trainer(model, TrainConfig(batch_size=4, seq_len=25, chunk_steps=5, learning_rate=1e-2), train_ids)
+    state = trainer.init_state()
+    before = evaluate_bpc(model, state.params, val_ids, 2)
+    for _ in range(6):
+        state, _ = trainer.train_epoch(state)
+    after = evaluate_bpc(model, state.params, val_ids, 2)
+    assert after < before - 1.0, (before, after)
+    assert trainer._chunk._cache_size() <= 2  # one shape per chunk length: full and remainder
+
+
+def test_evaluate_bpc_scores_every_character_once(text_corpus):
+    vocab, _, val_ids = _ids(text_corpus)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=8, num_layers=1))
+    params = model.init(jax.random.PRNGKey(0))
+    _, logits = model.apply(params, model.initial_carry(()), val_ids[:-1])
+    logp = jax.nn.log_softmax(logits)
+    expected = -float(np.mean(np.asarray(logp)[np.arange(len(val_ids) - 1), val_ids[1:]])) / np.log(2)
+    assert abs(evaluate_bpc(model, params, val_ids, streams=1, chunk_len=64) - expected) < 1e-4
+
+
+def test_generation_temperatures_greedy_and_chunking(text_corpus):
+    vocab, train_ids, _ = _ids(text_corpus)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=16, num_layers=1))
+    params = model.init(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    out = generate(model, params, train_ids[:10], [0.0, 0.0, 1.0], 40, key)
+    assert out.shape == (3, 40)
+    np.testing.assert_array_equal(out[0], out[1])  # greedy is deterministic
+    # greedy equals argmax decoding step by step
+    carry, logits = model.apply(params, model.initial_carry(()), train_ids[:10])
+    token, expected = int(np.argmax(logits[-1])), []
+    for _ in range(10):
+        expected.append(token)
+        carry, logits = model.apply(params, carry, np.array([token]))
+        token = int(np.argmax(logits[-1]))
+    np.testing.assert_array_equal(out[0, :10], expected)
+    chunks = np.concatenate(list(generate_stream(model, params, train_ids[:10], [0.0, 0.0, 1.0], 40, key, chunk=16)), 1)
+    np.testing.assert_array_equal(chunks, out)
+    top1 = generate(model, params, train_ids[:10], [1.5], 20, key, top_k=1)
+    np.testing.assert_array_equal(top1[0], out[0, :20])
+
+
+# --- the scripts ----------------------------------------------------------------------------------
+
+def _train(args):
+    return train_script.main([str(a) for a in args])
+
+
+def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(["--corpus", text_corpus, "--run-dir", run, "--epochs", 2, *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "validation bpc" in out and "temperature 0.2" in out and "temperature 1.2" in out
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and (run / "bpc.png").stat().st_size > 1000
+    config = json.loads((run / "config.json").read_text())
+    assert config["vocab"] and config["model"]["hidden_size"] == 16
+    assert sample_script.main(["--checkpoint", str(run), "--prime", "The state", "--length", "25"]) == 0
+    assert capsys.readouterr().out.startswith("The state")
+    assert sample_script.main(["--checkpoint", str(run), "--which", "best", "--temperature", "0", "0.5", "1.0",
+                               "--length", "15", "--num-samples", "2", "--top-p", "0.9"]) == 0
+    assert capsys.readouterr().out.count("----- temperature") == 6
+
+
+def test_cli_resume_equals_uninterrupted(text_corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(["--corpus", text_corpus, "--run-dir", a, "--epochs", 3, "--dropout", 0.2, *TINY]) == 0
+    assert _train(["--corpus", text_corpus, "--run-dir", b, "--epochs", 1, "--dropout", 0.2, *TINY]) == 0
+    assert _train(["--run-dir", b, "--epochs", 3, "--resume"]) == 0
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_bpc"], r["val_bpc"]) for r in rows(a)] == [(r["train_bpc"], r["val_bpc"]) for r in rows(b)]
+    _, pa, _, _ = load_run(a)
+    _, pb, _, _ = load_run(b)
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_cli_bad_inputs_get_one_line_errors(text_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to train on.\n")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 10)
+    cases = [
+        (["--corpus", empty, "--run-dir", tmp_path / "r1"], "empty"),
+        (["--corpus", binary, "--run-dir", tmp_path / "r2"], "binary"),
+        (["--corpus", short, "--run-dir", tmp_path / "r3"], "too short"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r4", "--resume"], "holds no run"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r5", "--learning-rate", "-1"], "learning-rate"),
+    ]
+    for args, message in cases:
+        assert _train(args + TINY) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+    assert _train(["--corpus", text_corpus, "--run-dir", run, "--epochs", 1, *TINY]) == 0
+    capsys.readouterr()
+    assert _train(["--run-dir", run, "--epochs", 2, "--hidden-size", "32"]) == 2
+    assert "trained with --hidden-size 16 but 32 was given" in capsys.readouterr().err
+    for args, message in [(["--checkpoint", tmp_path], "not an lstm_jax run folder"),
+                          (["--checkpoint", tmp_path / "missing"], "does not exist"),
+                          (["--checkpoint", run, "--prime", "Zebra\u00e9"], "outside the model's vocabulary"),
+                          (["--checkpoint", run, "--temperature", "-0.5"], "must be >= 0"),
+                          (["--checkpoint", run, "--length", "0"], "positive number")]:
+        assert sample_script.main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(["--corpus", text_corpus, "--run-dir", run, "--epochs", 1, *TINY]) == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    metrics = (run / "metrics.jsonl").read_text()
+    _, params, _, _ = load_run(run)
+    capsys.readouterr()
+    assert _train(["--run-dir", run, "--epochs", 2, "--learning-rate", "1e37"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "training loss became" in err and "last good checkpoint is kept" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    _, params_after, _, _ = load_run(run)
+    jax.tree.map(np.testing.assert_array_equal, params, params_after)
+
+
+def test_sigkill_during_training_loses_at_most_the_work_since_the_last_checkpoint(text_corpus, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), "--corpus", str(text_corpus), "--run-dir", str(run),
+            "--epochs", "400", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((run / "checkpoints").glob("[0-9]*"))) < 3:
+            time.sleep(0.05)
+        assert len(list((run / "checkpoints").glob("[0-9]*"))) >= 3, "training made no checkpoints"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _, _, _, meta = load_run(run)  # the latest complete checkpoint restores
+    saved_epoch = meta["epoch"]
+    assert saved_epoch >= 2
+    assert _train(["--run-dir", str(run), "--epochs", str(saved_epoch + 1)]) == 0
+    _, _, _, meta = load_run(run)
+    assert meta["epoch"] == saved_epoch + 1
+
+
+@pytest.mark.skipif(not os.environ.get("NLTK_DATA"), reason="needs NLTK_DATA with state_union")
+def test_keras_preset_runs_on_the_real_corpus_briefly(tmp_path):
+    from conftest import nltk_state_union_available
+
+    if not nltk_state_union_available():
+        pytest.skip("NLTK's state_union data not found")
+    vocab_corpus = load_corpus("state_union")
+    train, val = split_documents(vocab_corpus, 2002)
+    vocab = Vocabulary.from_text(train, val)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=128, num_layers=1))
+    trainer = Trainer(model, TrainConfig(preset="keras", seq_len=40, window_step=3, batch_size=128,
+                                         learning_rate=0.01, clip_norm=0.0, chunk_steps=20), vocab.encode(train))
+    assert trainer.num_windows == (len(vocab.encode(train)) - 41) // 3 + 1
+    state, losses = trainer.run_chunk(trainer.init_state(), 20)
+    assert losses[-1] < losses[0]
