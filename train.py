@@ -1,6 +1,6 @@
 """Train a character-level language model on the State of the Union addresses (or any text).
 
-    python train.py                              # defaults: NLTK state_union, 2x256 LSTM, 8 epochs
+    python train.py                              # defaults: NLTK state_union, 2x256 LSTM, 5 epochs
     python train.py --preset keras               # the lesson's exact set-up (LSTM(128), one-hot, 40-char windows)
     python train.py --corpus my_texts/ --run-dir runs/mine --epochs 20
     python train.py --run-dir runs/char-lstm --epochs 12    # resumes the run in that folder
@@ -36,12 +36,14 @@ DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
 FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
 DEFAULTS = dict(
-    cell="lstm", hidden_size=256, num_layers=2, embed_size=0, dropout=0.0, dtype="float32",
-    **dataclasses.asdict(TrainConfig()), corpus="state_union", val_from_year=2002, epochs=8,
+    cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
+    **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
+    corpus="state_union", val_from_year=2002, epochs=5,
     keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
 )
 PRESETS = {"keras": dict(preset="keras", hidden_size=128, num_layers=1, embed_size=0, seq_len=40, window_step=3,
-                         batch_size=128, optimizer="rmsprop", learning_rate=0.01, clip_norm=0.0, epochs=60)}
+                         batch_size=128, optimizer="rmsprop", learning_rate=0.01, lr_schedule="constant",
+                         clip_norm=0.0, epochs=60)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,20 +54,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--val-from-year", type=int, help="hold out documents from this year on [2002]")
     add("--run-dir", default="runs/char-lstm", help="run folder; an existing one is resumed [runs/char-lstm]")
     add("--resume", action="store_true", help="require an existing run in --run-dir and continue it")
-    add("--epochs", type=int, help="total epochs to train to [8; keras preset 60]")
+    add("--epochs", type=int, help="total epochs to train to [5; keras preset 60]")
     add("--preset", choices=["lm", "keras"], help="'lm': stateful next-char LM (default); 'keras': the lesson's set-up")
     add("--cell", choices=["lstm", "gru", "rnn"], help="recurrent cell [lstm]")
     add("--hidden-size", type=int, help="units per layer [256]")
     add("--num-layers", type=int, help="recurrent layers [2]")
-    add("--embed-size", type=int, help="embedding size; 0 = one-hot input [0]")
+    add("--embed-size", type=int, help="embedding size; 0 = one-hot input [64]")
     add("--dropout", type=float, help="dropout between recurrent layers [0]")
     add("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the matmuls; params stay float32 [float32]")
     add("--batch-size", type=int, help="parallel streams (lm) or windows (keras) per step [64]")
     add("--seq-len", type=int, help="characters per step and stream (lm) or window length (keras) [100]")
     add("--window-step", type=int, help="keras preset: characters between window starts [3]")
     add("--optimizer", help="rmsprop (Keras-style), adam, adamw, sgd, ... [rmsprop]")
-    add("--learning-rate", type=float, help="[2e-3]")
-    add("--lr-schedule", choices=["constant", "cosine"], help="[constant]")
+    add("--learning-rate", type=float, help="[8e-3; keras preset 0.01]")
+    add("--lr-schedule", choices=["constant", "cosine"], help="cosine decays to 10%% over --epochs [cosine]")
     add("--clip-norm", type=float, help="clip gradients to this global norm; 0 = off [5]")
     add("--chunk-steps", type=int, help="train steps per device dispatch [50]")
     add("--seed", type=int, help="[0]")

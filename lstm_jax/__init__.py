@@ -1,4 +1,15 @@
-"""lstm_jax: LSTM, GRU and RNN cells as pure JAX functions, and a character-level text generator."""
+"""lstm_jax: LSTM, GRU and RNN cells as pure JAX functions, and a character-level text generator.
+
+The library layers, each importing only from the ones above it:
+
+* ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``: ``init``, ``initial_carry``, ``apply``.
+* ``sequence`` / ``fused`` — ``scan_cell`` and ``RecurrentStack`` over ``lax.scan``; the
+  custom-VJP layers ``fused_lstm`` and ``fused_gru``.
+* ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
+* ``model`` — ``CharLM``, the character language model.
+* ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
+* ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``generate``, ``Checkpointer``.
+"""
 
 from lstm_jax.cells import GRUCell, LSTMCarry, LSTMCell, RNNCell, make_cell
 from lstm_jax.errors import (
@@ -8,22 +19,28 @@ from lstm_jax.errors import (
     LstmJaxError,
     NonFiniteLossError,
 )
+from lstm_jax.fused import fused_gru, fused_lstm
 from lstm_jax.sequence import RecurrentStack, reverse_padded, scan_cell
+from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
+from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
+from lstm_jax.data import Corpus, Document, Vocabulary, load_corpus, split_documents
+from lstm_jax.training import Trainer, TrainConfig, TrainState, evaluate_bpc, make_optimizer
+from lstm_jax.sampling import generate, generate_stream
+from lstm_jax.checkpoint import Checkpointer, load_run
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LSTMCell",
-    "GRUCell",
-    "RNNCell",
-    "LSTMCarry",
-    "make_cell",
-    "scan_cell",
-    "reverse_padded",
-    "RecurrentStack",
-    "LstmJaxError",
-    "ConfigError",
-    "CorpusError",
-    "CheckpointError",
-    "NonFiniteLossError",
+    # cells and sequences
+    "LSTMCell", "GRUCell", "RNNCell", "LSTMCarry", "make_cell",
+    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru",
+    # weight import
+    "from_torch", "from_flax_lstm", "from_flax_gru",
+    # the character model, data, training, sampling, checkpoints
+    "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
+    "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
+    "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer",
+    "generate", "generate_stream", "Checkpointer", "load_run",
+    # errors
+    "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]

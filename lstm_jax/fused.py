@@ -8,7 +8,7 @@ steps (``H_prev.T @ dZ``), and the input-kernel and bias gradients follow by aut
 hoisted input projection. Same numbers as the plain scan (to float32 rounding), fewer and larger
 matmuls.
 
-``fused_lstm(w_h, x_proj, h0, c0, dtype)`` and ``fused_gru(w_h, b_h, x_proj, h0, dtype)`` take the
+``fused_lstm(w_h, x_proj, h0, c0, dtype, unroll)`` and ``fused_gru(w_h, b_h, x_proj, h0, dtype, unroll)`` take the
 hoisted input projection ``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` /
 ``(h_T, ys)``. ``scan_cell`` uses them when ``impl='fused'`` (or ``'auto'``) applies.
 """
@@ -30,7 +30,7 @@ Array = jax.Array
 
 # --- LSTM ---------------------------------------------------------------------------------------
 
-def _lstm_forward(w_h, x_proj, h0, c0, dtype):
+def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll):
     out = x_proj.dtype
 
     def step(carry, xp):
@@ -42,22 +42,22 @@ def _lstm_forward(w_h, x_proj, h0, c0, dtype):
         h = o * jnp.tanh(c)
         return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
 
-    (h, c), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), x_proj)
+    (h, c), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), x_proj, unroll=unroll)
     return (h, c, hs), (hs, cs, gates)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def fused_lstm(w_h: Array, x_proj: Array, h0: Array, c0: Array, dtype: Any = None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_lstm(w_h: Array, x_proj: Array, h0: Array, c0: Array, dtype: Any = None, unroll: int = 1):
     """LSTM over ``x_proj`` ``(T, N, 4H)`` (input projection plus bias, gates i, f, g, o)."""
-    return _lstm_forward(w_h, x_proj, h0, c0, dtype)[0]
+    return _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll)[0]
 
 
-def _fused_lstm_fwd(w_h, x_proj, h0, c0, dtype):
-    outputs, (hs, cs, gates) = _lstm_forward(w_h, x_proj, h0, c0, dtype)
+def _fused_lstm_fwd(w_h, x_proj, h0, c0, dtype, unroll):
+    outputs, (hs, cs, gates) = _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll)
     return outputs, (w_h, h0, c0, hs, cs, gates)
 
 
-def _fused_lstm_bwd(dtype, residuals, cotangents):
+def _fused_lstm_bwd(dtype, unroll, residuals, cotangents):
     w_h, h0, c0, hs, cs, gates = residuals
     dh_t, dc_t, dys = cotangents
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
@@ -74,7 +74,7 @@ def _fused_lstm_bwd(dtype, residuals, cotangents):
                               dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], axis=-1)
         return (matmul(dz, w_t, dtype, dz.dtype), dc * f), dz
 
-    (dh0, dc0), dzs = jax.lax.scan(step, (dh_t, dc_t), (dys, gates, cs, c_prev), reverse=True)
+    (dh0, dc0), dzs = jax.lax.scan(step, (dh_t, dc_t), (dys, gates, cs, c_prev), reverse=True, unroll=unroll)
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     dw_h = _weight_grad(h_prev, dzs, dtype, w_h.dtype)
     return dw_h, dzs, dh0, dc0
@@ -91,7 +91,7 @@ def _weight_grad(h_prev: Array, dz: Array, dtype: Any, out_dtype: Any) -> Array:
 
 # --- GRU (reset gate after the recurrent product, as PyTorch and cuDNN) --------------------------
 
-def _gru_forward(w_h, b_h, x_proj, h0, dtype):
+def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll):
     out = x_proj.dtype
 
     def step(h, xp):
@@ -103,22 +103,22 @@ def _gru_forward(w_h, b_h, x_proj, h0, dtype):
         h_new = (1.0 - z) * n + z * h
         return h_new, (h_new, jnp.concatenate([r, z, n, u_n], axis=-1))
 
-    h, (hs, saved) = jax.lax.scan(step, h0, x_proj)
+    h, (hs, saved) = jax.lax.scan(step, h0, x_proj, unroll=unroll)
     return (h, hs), (hs, saved)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def fused_gru(w_h: Array, b_h: Array, x_proj: Array, h0: Array, dtype: Any = None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_gru(w_h: Array, b_h: Array, x_proj: Array, h0: Array, dtype: Any = None, unroll: int = 1):
     """GRU over ``x_proj`` ``(T, N, 3H)`` (gates r, z, n; recurrent bias ``b_h``)."""
-    return _gru_forward(w_h, b_h, x_proj, h0, dtype)[0]
+    return _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll)[0]
 
 
-def _fused_gru_fwd(w_h, b_h, x_proj, h0, dtype):
-    outputs, (hs, saved) = _gru_forward(w_h, b_h, x_proj, h0, dtype)
+def _fused_gru_fwd(w_h, b_h, x_proj, h0, dtype, unroll):
+    outputs, (hs, saved) = _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll)
     return outputs, (w_h, h0, hs, saved)
 
 
-def _fused_gru_bwd(dtype, residuals, cotangents):
+def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
     w_h, h0, hs, saved = residuals
     dh_t, dys = cotangents
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
@@ -134,7 +134,7 @@ def _fused_gru_bwd(dtype, residuals, cotangents):
         du = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
         return dh * z + matmul(du, w_t, dtype, du.dtype), (jnp.concatenate([da_r, da_z, da_n], axis=-1), du)
 
-    dh0, (dx, dus) = jax.lax.scan(step, dh_t, (dys, saved, h_prev), reverse=True)
+    dh0, (dx, dus) = jax.lax.scan(step, dh_t, (dys, saved, h_prev), reverse=True, unroll=unroll)
     dw_h = _weight_grad(h_prev, dus, dtype, w_h.dtype)
     return dw_h, dus.sum(axis=(0, 1)), dx, dh0
 

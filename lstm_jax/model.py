@@ -2,7 +2,8 @@
 
 With ``embed_size=0`` (the default) the input is one-hot, done as a row gather of the first
 layer's input kernel (``token_inputs``): the lesson's one-hot LSTM without the one-hot matrix.
-With ``embed_size > 0`` an embedding table ``(V, E)`` is gathered first.
+With ``embed_size > 0`` an embedding table ``(V, E)``, initialised N(0, 1) as in PyTorch and Flax,
+is gathered first.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class CharLM:
             },
         }
         if c.embed_size:
-            params["embedding"] = jax.random.normal(k_emb, (c.vocab_size, c.embed_size)) * 0.1
+            params["embedding"] = jax.random.normal(k_emb, (c.vocab_size, c.embed_size))  # N(0, 1) as PyTorch and Flax
         return params
 
     def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> list:

@@ -85,7 +85,7 @@ def scan_cell(
         for the activations, at the price of recomputing the gates.
       impl: ``'scan'`` differentiates the scanned step automatically; ``'fused'`` uses the
         hand-written backward pass of ``lstm_jax.fused`` (LSTM, and GRU with ``reset_after``;
-        no ``seq_lengths``, ``remat`` or ``unroll``), which computes the recurrent-kernel gradient
+        no ``seq_lengths`` or ``remat``), which computes the recurrent-kernel gradient
         as one matmul after the backward loop; ``'auto'`` picks ``'fused'`` where it applies.
 
     Returns:
@@ -101,16 +101,15 @@ def scan_cell(
     x_proj = cell.input_projection(params, x)
     carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
     fusable = (isinstance(cell, LSTMCell) or (isinstance(cell, GRUCell) and cell.reset_after)) and (
-        seq_lengths is None and not remat and unroll in (1, False))
+        seq_lengths is None and not remat)
     if impl == "fused" and not fusable:
         raise ConfigError(
-            f"impl='fused' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths, remat "
-            f"or unroll; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
+            f"impl='fused' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths or remat; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
             f"Use impl='scan' or 'auto'.")
     if impl not in ("auto", "scan", "fused"):
         raise ConfigError(f"impl must be 'auto', 'scan' or 'fused', got {impl!r}.")
     if impl != "scan" and fusable:
-        carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse)
+        carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse, unroll)
         return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
 
     def body(carry, xs):
@@ -132,17 +131,18 @@ def scan_cell(
     return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
 
 
-def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool):
+def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
+               unroll: int | bool):
     """The fused layers on ``(T, N, G*H)``: batch dims flattened, time flipped for ``reverse``."""
     steps, hidden = x_proj.shape[0], cell.hidden_size
     xp = x_proj.reshape(steps, -1, x_proj.shape[-1])
     xp = xp[::-1] if reverse else xp
     flat = lambda a: a.reshape(-1, hidden)
     if isinstance(cell, LSTMCell):
-        h, c, ys = fused_lstm(params["recurrent_kernel"], xp, flat(carry.h), flat(carry.c), cell.dtype)
+        h, c, ys = fused_lstm(params["recurrent_kernel"], xp, flat(carry.h), flat(carry.c), cell.dtype, unroll)
         carry = LSTMCarry(h=h.reshape(*batch_shape, hidden), c=c.reshape(*batch_shape, hidden))
     else:
-        h, ys = fused_gru(params["recurrent_kernel"], params["recurrent_bias"], xp, flat(carry), cell.dtype)
+        h, ys = fused_gru(params["recurrent_kernel"], params["recurrent_bias"], xp, flat(carry), cell.dtype, unroll)
         carry = h.reshape(*batch_shape, hidden)
     ys = ys[::-1] if reverse else ys
     return carry, ys.reshape(steps, *batch_shape, hidden)
