@@ -3,7 +3,7 @@
     python train.py                              # defaults: NLTK state_union, 2x256 LSTM, 5 epochs
     python train.py --preset keras               # the lesson's exact set-up (LSTM(128), one-hot, 40-char windows)
     python train.py --corpus my_texts/ --run-dir runs/mine --epochs 20
-    python train.py --run-dir runs/char-lstm --epochs 12    # resumes the run in that folder
+    python train.py --run-dir runs/char-lstm --epochs 8     # resumes the run in that folder
 
 After every epoch: validation bits-per-character over the held-out addresses, samples at
 several temperatures, an orbax checkpoint, a line of metrics.jsonl and bpc.png in the run folder.

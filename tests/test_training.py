@@ -136,11 +136,21 @@ def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
     assert capsys.readouterr().out.count("----- temperature") == 6
 
 
-def test_cli_resume_equals_uninterrupted(text_corpus, tmp_path):
+def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
+    """Kill a real train.py after its first checkpoint, rerun the same command: same metrics, same params."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _train(["--corpus", text_corpus, "--run-dir", a, "--epochs", 3, "--dropout", 0.2, *TINY]) == 0
-    assert _train(["--corpus", text_corpus, "--run-dir", b, "--epochs", 1, "--dropout", 0.2, *TINY]) == 0
-    assert _train(["--run-dir", b, "--epochs", 3, "--resume"]) == 0
+    flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", *TINY]
+    assert _train(["--run-dir", a, *flags]) == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--run-dir", str(b), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((b / "checkpoints").glob("[0-9]*")) and proc.poll() is None:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _train(["--run-dir", b, *flags]) == 0
     rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_bpc"], r["val_bpc"]) for r in rows(a)] == [(r["train_bpc"], r["val_bpc"]) for r in rows(b)]
     _, pa, _, _ = load_run(a)
