@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from lstm_jax.checkpoint import Checkpointer, read_run_config, write_run_config

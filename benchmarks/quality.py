@@ -14,7 +14,6 @@ Writes benchmarks/results/quality.json, quality.md and quality.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os

@@ -28,7 +28,6 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lstm_jax import RecurrentStack, make_cell  # noqa: E402
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy  # noqa: E402
 from lstm_jax.sampling import generate  # noqa: E402
 

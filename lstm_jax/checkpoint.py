@@ -13,12 +13,11 @@ target built on the current machine, so a checkpoint written on a GPU restores o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
