@@ -67,6 +67,7 @@ class Checkpointer:
                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
         self.best = ocp.CheckpointManager(self.run_dir / "best", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m["val_bpc"], best_mode="min", **opts))
+        self._best_bpc: float | None = None  # read from disk once, then tracked in memory
 
     def steps(self, which: str = "latest") -> list[int]:
         return list(self._manager(which).all_steps())
@@ -78,13 +79,17 @@ class Checkpointer:
         """Save ``state`` (async) and ``meta`` (JSON); also as best if ``meta['val_bpc']`` improved."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.latest.save(step, args=args, force=True)
-        best_step = self.best.best_step()
-        if "val_bpc" in meta and (best_step is None or meta["val_bpc"] < self._best_bpc()):
+        if "val_bpc" in meta and meta["val_bpc"] < self.best_bpc():
             self.best.save(step, args=args, metrics={"val_bpc": meta["val_bpc"]}, force=True)
+            self._best_bpc = meta["val_bpc"]
 
-    def _best_bpc(self) -> float:
-        step = self.best.best_step()
-        return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["val_bpc"]
+    def best_bpc(self) -> float:
+        """The best validation bpc saved so far (infinity when there is none)."""
+        if self._best_bpc is None:
+            step = self.best.best_step()
+            self._best_bpc = float("inf") if step is None else self.best.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["val_bpc"]
+        return self._best_bpc
 
     def restore(self, abstract_state: Any, which: str | int = "latest") -> tuple[Any, dict]:
         """Restore ``(state, meta)``: ``which`` is 'latest', 'best' or a step of the last ones."""

@@ -223,14 +223,13 @@ class RecurrentStack:
                 f"num_layers={self.num_layers}; initialise the params with this stack's init."
             )
         x = jnp.moveaxis(inputs, _time_axis(self.cell, inputs.ndim, time_major), 0)
-        carries_in = self.initial_carry(()) if initial_carry is None else initial_carry
         kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat, impl=impl)
         keys = (jax.random.split(dropout_key, self.num_layers)
                 if dropout_key is not None and self.dropout > 0 else None)
         carries = []
         for layer in range(self.num_layers):
             cell = self.layer_cell(layer)
-            c0 = None if initial_carry is None else carries_in[layer]
+            c0 = None if initial_carry is None else initial_carry[layer]
             if self.bidirectional:
                 c0 = (None, None) if c0 is None else c0
                 cf, yf = scan_cell(cell, params[layer][0], x, initial_carry=c0[0], **kw)

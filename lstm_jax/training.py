@@ -103,6 +103,8 @@ class Trainer:
             )
         total = self.steps_per_epoch * epochs  # the length of a cosine schedule
         self.tx = make_optimizer(config.optimizer, config.learning_rate, config.clip_norm, config.lr_schedule, total)
+        # The corpus is an argument, not a closed-over constant: XLA would otherwise fold the whole
+        # text into the compiled program (slow to compile, a copy per chunk length).
         self._chunk = jax.jit(self._run_chunk, static_argnames="num_steps", donate_argnums=0)
 
     def init_state(self, key: Array | None = None) -> TrainState:
@@ -115,15 +117,15 @@ class Trainer:
         return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), key, carry)
 
     # -- one step ---------------------------------------------------------------------------------
-    def _batch(self, step: Array, order: Array | None) -> tuple[Array, Array]:
+    def _batch(self, data: Array, step: Array, order: Array | None) -> tuple[Array, Array]:
         t = self.config.seq_len
         if self.config.preset == "lm":
-            window = jax.lax.dynamic_slice_in_dim(self.data, (step % self.steps_per_epoch) * t, t + 1, axis=1)
+            window = jax.lax.dynamic_slice_in_dim(data, (step % self.steps_per_epoch) * t, t + 1, axis=1)
             return window[:, :-1], window[:, 1:]
         b = self.config.batch_size
         idx = jax.lax.dynamic_slice_in_dim(order, (step % self.steps_per_epoch) * b, b)
         starts = idx * self.config.window_step
-        windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(self.data, s, t + 1))(starts)
+        windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, t + 1))(starts)
         return windows[:, :-1], windows[:, -1]
 
     def _loss(self, params, carry, x, y, key):
@@ -132,8 +134,8 @@ class Trainer:
             return cross_entropy(logits[:, -1], y), carry
         return cross_entropy(logits, y), carry
 
-    def _train_step(self, state: TrainState, order: Array | None) -> tuple[TrainState, Array]:
-        x, y = self._batch(state.step, order)
+    def _train_step(self, state: TrainState, data: Array, order: Array | None) -> tuple[TrainState, Array]:
+        x, y = self._batch(data, state.step, order)
         carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((self.config.batch_size,))
         key = jax.random.fold_in(state.key, state.step) if self.model.config.dropout > 0 else None
         (loss, carry), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, carry, x, y, key)
@@ -142,7 +144,7 @@ class Trainer:
         carry = jax.lax.stop_gradient(carry)
         return TrainState(params, opt_state, state.step + 1, state.key, carry), loss
 
-    def _run_chunk(self, state: TrainState, num_steps: int) -> tuple[TrainState, Array]:
+    def _run_chunk(self, state: TrainState, data: Array, num_steps: int) -> tuple[TrainState, Array]:
         epoch = state.step // self.steps_per_epoch
         fresh = state.step % self.steps_per_epoch == 0  # chunks never span an epoch boundary
         zeros = self.model.initial_carry((self.config.batch_size,))
@@ -151,7 +153,7 @@ class Trainer:
         if self.config.preset == "keras":
             order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(state.key, 1), epoch),
                                            self.num_windows)
-        return jax.lax.scan(lambda s, _: self._train_step(s, order), state, None, length=num_steps)
+        return jax.lax.scan(lambda s, _: self._train_step(s, data, order), state, None, length=num_steps)
 
     # -- the loop ---------------------------------------------------------------------------------
     def chunk_sizes(self, step: int) -> list[int]:
@@ -162,7 +164,7 @@ class Trainer:
 
     def run_chunk(self, state: TrainState, num_steps: int) -> tuple[TrainState, np.ndarray]:
         """``num_steps`` train steps in one dispatch; raises ``NonFiniteLossError`` on NaN/inf."""
-        state, losses = self._chunk(state, num_steps=num_steps)
+        state, losses = self._chunk(state, self.data, num_steps=num_steps)
         losses = np.asarray(losses)
         if not np.isfinite(losses).all():
             bad = int(np.argmin(np.isfinite(losses)))
