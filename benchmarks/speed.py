@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +42,54 @@ CONFIGS = {  # name: (batch, time, hidden, layers)
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-def _time(step, state: tuple, batch: tuple, steps: int, warmup: int = 3) -> tuple[float, float]:
-    """``(first-call seconds, median step seconds)`` of ``step(*state, *batch) -> (*state, loss)``."""
+class Case:
+    """One implementation under test: ``run(n)`` performs ``n`` train steps and waits for them."""
+
+    def __init__(self, run: Callable[[int], None], compile_s: float):
+        self.run, self.compile_s = run, compile_s
+
+
+def measure(cases: dict[str, Case], rounds: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of each case, the cases taking turns round by round so that
+    a slow spell of a shared machine hits all of them alike (ratios from the same rounds)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            t0 = time.perf_counter()
+            case.run(steps)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def jax_case(step, state: tuple, batch: tuple, per_dispatch: int = 1) -> Case:
+    """``step(*state, *batch) -> (*state, loss)``, jitted. ``per_dispatch > 1`` runs that many steps
+    in one dispatch (``lax.scan``), as lstm_jax's Trainer does."""
+    inner = getattr(step, "__wrapped__", step)
+
+    @jax.jit
+    def dispatch(state, batch):
+        def body(st, _):
+            *st, loss = inner(*st, *batch)
+            return tuple(st), loss
+
+        state, losses = jax.lax.scan(body, state, None, length=per_dispatch)
+        return state, losses[-1]
+
+    if per_dispatch == 1:
+        dispatch = jax.jit(lambda state, batch: (lambda *o: (tuple(o[:-1]), o[-1]))(*inner(*state, *batch)))
+    box = [tuple(state)]
+
+    def run(n: int) -> None:
+        loss = None
+        for _ in range(max(1, n // per_dispatch)):
+            box[0], loss = dispatch(box[0], batch)
+        jax.block_until_ready(loss)
+
     t0 = time.perf_counter()
-    out = jax.block_until_ready(step(*state, *batch))
+    run(per_dispatch)
     compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(step(*out[:-1], *batch))
-        times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times[warmup:]))
+    run(per_dispatch)  # warm-up
+    return Case(run, compile_s)
 
 
 def train_flops(batch, t, hidden, layers, cell) -> float:
@@ -70,8 +108,8 @@ def lstm_jax_step(cell: str, hidden: int, layers: int, impl: str, dtype: str = "
     tx = optax.rmsprop(1e-3)
 
     def loss(p, x, y):
-        emb = jnp.take(p["embedding"], x, axis=0)
-        _, ys = model.stack.apply(p["rnn"], emb, impl=impl, unroll=unroll, remat=remat)
+        p = model.fold_embedding(p)
+        _, ys = model.stack.apply(p["rnn"], x, impl=impl, unroll=unroll, remat=remat)
         logits = ys @ p["head"]["kernel"] + p["head"]["bias"]
         return cross_entropy(logits, y)
 
@@ -84,36 +122,39 @@ def lstm_jax_step(cell: str, hidden: int, layers: int, impl: str, dtype: str = "
     return step, (params, tx.init(params))
 
 
-def bench_lstm_jax(cell, b, t, h, layers, impl, steps, dtype="float32", unroll=1):
-    step, (p, o) = lstm_jax_step(cell, h, layers, impl, dtype, unroll)
+def _tokens(b, t):
     x = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, V)
-    return _time(step, (p, o), (x, x), steps)
+    return x, x
 
 
-def bench_lstm_jax_trainer(cell, b, t, h, layers, steps, chunk=10):
+def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_dispatch=1) -> Case:
+    step, state = lstm_jax_step(cell, h, layers, impl, dtype, unroll)
+    return jax_case(step, state, _tokens(b, t), per_dispatch)
+
+
+def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10) -> Case:
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
-    batches gathered on the device, state donated; reported per step."""
+    batches gathered on the device, state donated, losses copied to the host after each chunk."""
     from lstm_jax.training import Trainer, TrainConfig
 
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E))
-    ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 2 + 2)).astype(np.int32)
+    ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 8 + 2)).astype(np.int32)
     trainer = Trainer(model, TrainConfig(batch_size=b, seq_len=t, chunk_steps=chunk, learning_rate=1e-3,
-                                         lr_schedule="constant", clip_norm=0.0), ids)
-    state = trainer.init_state()
+                                         lr_schedule="constant", clip_norm=0.0), ids, epochs=10**6)
+    box = [trainer.init_state()]
+
+    def run(n: int) -> None:
+        for _ in range(max(1, n // chunk)):
+            box[0], _ = trainer.run_chunk(box[0], chunk)  # returns the losses on the host: synchronised
+
     t0 = time.perf_counter()
-    state, _ = trainer.run_chunk(state, chunk)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(max(2, steps // chunk) + 1):
-        t0 = time.perf_counter()
-        state, _ = trainer.run_chunk(state, chunk)  # returns the losses on the host: synchronised
-        times.append((time.perf_counter() - t0) / chunk)
-    return compile_s, float(np.median(times[1:]))
+    run(chunk)
+    return Case(run, time.perf_counter() - t0)
 
 
 # --- Flax ---------------------------------------------------------------------------------------
 
-def bench_flax(cell, b, t, h, layers, steps):
+def case_flax(cell, b, t, h, layers, per_dispatch=1) -> Case:
     import flax.linen as nn
 
     cells = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}
@@ -127,7 +168,7 @@ def bench_flax(cell, b, t, h, layers, steps):
             return nn.Dense(V)(y)
 
     net = Net()
-    x = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, V)
+    x, y = _tokens(b, t)
     params = net.init(jax.random.PRNGKey(0), x)
     tx = optax.rmsprop(1e-3)
 
@@ -137,12 +178,12 @@ def bench_flax(cell, b, t, h, layers, steps):
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, l
 
-    return _time(step, (params, tx.init(params)), (x, x), steps)
+    return jax_case(step, (params, tx.init(params)), (x, y), per_dispatch)
 
 
 # --- PyTorch ------------------------------------------------------------------------------------
 
-def bench_torch(cell, b, t, h, layers, steps, device="cpu", autocast_bf16=False):
+def case_torch(cell, b, t, h, layers, device="cpu", autocast_bf16=False) -> Case:
     import torch
 
     torch.set_num_threads(os.cpu_count())
@@ -163,56 +204,53 @@ def bench_torch(cell, b, t, h, layers, steps, device="cpu", autocast_bf16=False)
         opt.step()
         return loss
 
-    def sync():
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
         if device == "cuda":
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
-    step()
-    sync()
+    run(1)
     compile_s = time.perf_counter() - t0
-    for _ in range(3):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times))
+    run(3)  # warm-up
+    return Case(run, compile_s)
 
 
 # --- generation ----------------------------------------------------------------------------------
 
-def bench_generation(length=1000):
+def bench_generation(length=1000, rounds=3):
+    """4 temperatures x ``length`` characters from a 2x256 LSTM: one jitted scan against a PyTorch
+    per-character loop, taking turns for ``rounds`` rounds; median chars/s."""
     model = CharLM(CharLMConfig(V, hidden_size=256, num_layers=2))
     params = model.init(jax.random.PRNGKey(0))
     prime = np.arange(20, dtype=np.int32) % V
     temps = [0.2, 0.5, 1.0, 1.2]
     generate(model, params, prime, temps, length, jax.random.PRNGKey(0))  # compile
-    t0 = time.perf_counter()
-    generate(model, params, prime, temps, length, jax.random.PRNGKey(1))
-    ours = len(temps) * length / (time.perf_counter() - t0)
-    result = {"lstm_jax_chars_per_s": ours}
+    cases = {"lstm_jax": Case(lambda n: generate(model, params, prime, temps, length, jax.random.PRNGKey(1)), 0.0)}
     try:
         import torch
     except ImportError:
-        return result
-    torch.set_num_threads(os.cpu_count())
-    emb, rnn, out = torch.nn.Embedding(V, V), torch.nn.LSTM(V, 256, num_layers=2, batch_first=True), torch.nn.Linear(256, V)
-    temp = torch.tensor(temps)[:, None]
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        tok = torch.from_numpy(np.tile(prime, (4, 1))).long()
-        y, state = rnn(emb(tok))
-        logits = out(y[:, -1])
-        for _ in range(length):
-            nxt = torch.multinomial(torch.softmax(logits / temp, -1), 1)
-            y, state = rnn(emb(nxt), state)
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count())
+        emb, rnn, out = torch.nn.Embedding(V, V), torch.nn.LSTM(V, 256, num_layers=2, batch_first=True), torch.nn.Linear(256, V)
+        temp = torch.tensor(temps)[:, None]
+
+        @torch.no_grad()
+        def torch_loop(n):
+            y, state = rnn(emb(torch.from_numpy(np.tile(prime, (len(temps), 1))).long()))
             logits = out(y[:, -1])
-        result["torch_loop_chars_per_s"] = len(temps) * length / (time.perf_counter() - t0)
-    result["ratio"] = result["lstm_jax_chars_per_s"] / result["torch_loop_chars_per_s"]
+            for _ in range(length):
+                nxt = torch.multinomial(torch.softmax(logits / temp, -1), 1)
+                y, state = rnn(emb(nxt), state)
+                logits = out(y[:, -1])
+
+        cases["torch_loop"] = Case(torch_loop, 0.0)
+    seconds = measure(cases, rounds, 1)
+    result = {f"{name}_chars_per_s": len(temps) * length / s for name, s in seconds.items()}
+    if "torch_loop" in seconds:
+        result["ratio"] = seconds["torch_loop"] / seconds["lstm_jax"]
     return result
 
 
@@ -238,12 +276,12 @@ def memory_bytes(t, remat) -> int:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="5 steps, no sweeps")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of 10 steps per implementation, taking turns")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, no sweeps")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"])
     args = ap.parse_args()
-    steps = 5 if args.quick else args.steps
+    rounds = 2 if args.quick else args.rounds
     backend = jax.default_backend()
     rows = []
     try:
@@ -252,34 +290,40 @@ def main():
     except ImportError:
         has_torch = False
     peak = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    per_round = 10
     for name in args.configs:
         b, t, h, layers = CONFIGS[name]
         for cell in args.cells:
-            cases = [("lstm_jax Trainer (10 steps/dispatch)", lambda: bench_lstm_jax_trainer(cell, b, t, h, layers, steps)),
-                     ("lstm_jax scan", lambda: bench_lstm_jax(cell, b, t, h, layers, "scan", steps)),
-                     ("lstm_jax bf16", lambda: bench_lstm_jax(cell, b, t, h, layers, "auto", steps, "bfloat16"))]
-            if cell != "rnn":
-                cases.insert(1, ("lstm_jax fused", lambda: bench_lstm_jax(cell, b, t, h, layers, "fused", steps)))
-            cases.append(("flax nn.RNN", lambda: bench_flax(cell, b, t, h, layers, steps)))
+            builders = {"lstm_jax Trainer (10 steps/dispatch)": lambda: case_lstm_jax_trainer(cell, b, t, h, layers),
+                        "lstm_jax fused, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
+                        "lstm_jax autodiff scan (10 steps/dispatch)":
+                            lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
+            if cell == "rnn":
+                del builders["lstm_jax fused, 1 step/dispatch"]
+            if name == "seed" or backend != "cpu":  # bf16 matmuls are slower than f32 on this CPU
+                builders["lstm_jax bf16 (10 steps/dispatch)"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16", per_dispatch=10)
+            builders["flax nn.RNN"] = lambda: case_flax(cell, b, t, h, layers)
+            builders["flax nn.RNN (10 steps/dispatch)"] = lambda: case_flax(cell, b, t, h, layers, per_dispatch=10)
             if has_torch:
                 dev = "cuda" if backend == "gpu" else "cpu"
-                cases.append((f"torch nn.{cell.upper()}", lambda: bench_torch(cell, b, t, h, layers, steps, dev)))
+                builders[f"torch nn.{cell.upper()}"] = lambda: case_torch(cell, b, t, h, layers, dev)
                 if name == "seed" or backend == "gpu":  # CPU autocast runs 10-25x slower than f32 here
-                    cases.append((f"torch nn.{cell.upper()} bf16 autocast",
-                                  lambda: bench_torch(cell, b, t, h, layers, steps, dev, autocast_bf16=True)))
-            for impl, fn in cases:
+                    builders[f"torch nn.{cell.upper()} bf16 autocast"] = lambda: case_torch(cell, b, t, h, layers, dev, autocast_bf16=True)
+            cases = {}
+            for impl, build in builders.items():
                 try:
-                    compile_s, step_s = fn()
+                    cases[impl] = build()
                 except RuntimeError as err:  # e.g. PyTorch's CPU bf16 LSTM needs oneDNN bf16 support
-                    print(f"{name:8s} {cell:5s} {impl:36s} unavailable: {str(err).splitlines()[0][:100]}", flush=True)
+                    print(f"{name:8s} {cell:5s} {impl:44s} unavailable: {str(err).splitlines()[0][:100]}", flush=True)
                     rows.append(dict(config=name, cell=cell, impl=impl, error=str(err).splitlines()[0][:200]))
-                    continue
+            for impl, step_s in measure(cases, rounds, per_round).items():
                 flops = train_flops(b, t, h, layers, cell)
                 dtype = "bfloat16" if "bf16" in impl else "float32"
+                compile_s = cases[impl].compile_s
                 rows.append(dict(config=name, cell=cell, impl=impl, batch=b, seq_len=t, hidden=h, layers=layers,
                                  ms_per_step=step_s * 1e3, chars_per_s=b * t / step_s, compile_s=compile_s,
                                  gflops=flops / step_s / 1e9, share_of_matmul_peak=flops / step_s / peak[dtype]))
-                print(f"{name:8s} {cell:5s} {impl:36s} {step_s * 1e3:9.1f} ms {b * t / step_s:10.0f} chars/s "
+                print(f"{name:8s} {cell:5s} {impl:44s} {step_s * 1e3:9.1f} ms {b * t / step_s:10.0f} chars/s "
                       f"compile {compile_s:5.1f} s", flush=True)
     out = dict(backend=backend, devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
                machine=platform.processor() or platform.machine(), jax=jax.__version__,
@@ -287,7 +331,7 @@ def main():
                generation=bench_generation(), command="python benchmarks/speed.py " + " ".join(sys.argv[1:]))
     write(out)  # the table first; the sweeps take a while
     if not args.quick:
-        out["sweeps"] = run_sweeps(steps, lambda sweeps: write(dict(out, sweeps=sweeps)))
+        out["sweeps"] = run_sweeps(lambda sweeps: write(dict(out, sweeps=sweeps)))
         write(out)
     print(markdown(out))
 
@@ -298,21 +342,26 @@ def write(out: dict) -> None:
     (RESULTS / f"speed-{out['backend']}.md").write_text(markdown(out))
 
 
-def run_sweeps(steps, save=lambda sweeps: None):
+def _chars_per_s(b, t, h, layers=1) -> float:
+    case = case_lstm_jax("lstm", b, t, h, layers, "auto", per_dispatch=10)
+    return b * t / measure({"": case}, 3, 10)[""]
+
+
+def run_sweeps(save=lambda sweeps: None):
     sweeps = {"chars_per_s_vs_T": [], "chars_per_s_vs_B": [], "chars_per_s_vs_H": [], "compile_s_vs_T": [],
               "temp_bytes_vs_T": []}
     for t in (25, 50, 100, 200):
-        sweeps["chars_per_s_vs_T"].append((t, 64 * t / bench_lstm_jax("lstm", 64, t, 256, 1, "auto", steps)[1]))
+        sweeps["chars_per_s_vs_T"].append((t, _chars_per_s(64, t, 256)))
     save(sweeps)
     for b in (16, 32, 64, 128, 256):
-        sweeps["chars_per_s_vs_B"].append((b, b * 100 / bench_lstm_jax("lstm", b, 100, 256, 1, "auto", steps)[1]))
+        sweeps["chars_per_s_vs_B"].append((b, _chars_per_s(b, 100, 256)))
     save(sweeps)
     for h in (64, 128, 256, 512):
-        sweeps["chars_per_s_vs_H"].append((h, 64 * 100 / bench_lstm_jax("lstm", 64, 100, h, 1, "auto", steps)[1]))
+        sweeps["chars_per_s_vs_H"].append((h, _chars_per_s(64, 100, h)))
     save(sweeps)
     for t in (40, 160, 640):
         for unroll in (1, 8):
-            sweeps["compile_s_vs_T"].append((t, unroll, bench_lstm_jax("lstm", 128, t, 128, 1, "scan", 2, unroll=unroll)[0]))
+            sweeps["compile_s_vs_T"].append((t, unroll, case_lstm_jax("lstm", 128, t, 128, 1, "scan", unroll=unroll).compile_s))
     save(sweeps)
     for t in (100, 400, 1600):
         sweeps["temp_bytes_vs_T"].append((t, memory_bytes(t, False), memory_bytes(t, True)))
@@ -321,21 +370,29 @@ def run_sweeps(steps, save=lambda sweeps: None):
 
 def markdown(out) -> str:
     lines = [f"# Train-step speed on {out['backend']} ({out['machine']}, {out['cpus']} CPUs, jax {out['jax']})", "",
-             f"Command: `{out['command']}`. Median of timed steps after warm-up; ratios are to the peer "
-             f"measured in the same run. Large-matmul peak: "
+             f"Command: `{out['command']}`. Per implementation, the median over rounds of 10 steps after warm-up; "
+             f"the implementations of a row group take turns round by round, so ratios are to peers measured in "
+             f"the same rounds. 'n steps/dispatch' runs n train steps in one jitted `lax.scan` (lstm_jax's "
+             f"Trainer does this); without it every step is its own jitted call. Large-matmul peak: "
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in out["matmul_peak_gflops"].items()), "",
-             "| config | cell | implementation | ms/step | chars/s | compile s | GFLOP/s | % of matmul peak | vs torch | vs flax |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | cell | implementation | ms/step | chars/s | compile s | GFLOP/s | % of matmul peak "
+             "| vs torch | vs flax | vs flax 10/dispatch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    peer_names = {"torch": lambda cell: f"torch nn.{cell.upper()}", "flax": lambda cell: "flax nn.RNN",
+                  "flax10": lambda cell: "flax nn.RNN (10 steps/dispatch)"}
     for r in out["rows"]:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | unavailable: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | unavailable: {r['error'][:80]} | | | | | | | |")
             continue
-        peers = {p["impl"].split()[0]: p for p in out["rows"] if p["config"] == r["config"] and p["cell"] == r["cell"]
-                 and "error" not in p and p["impl"] in (f"torch nn.{r['cell'].upper()}", "flax nn.RNN")}
-        ratio = lambda k: f"{r['chars_per_s'] / peers[k]['chars_per_s']:.2f}x" if k in peers else "-"
+        same = {p["impl"]: p for p in out["rows"] if p["config"] == r["config"] and p["cell"] == r["cell"] and "error" not in p}
+
+        def ratio(peer):
+            p = same.get(peer_names[peer](r["cell"]))
+            return f"{r['chars_per_s'] / p['chars_per_s']:.2f}x" if p and p is not r else "-"
+
         lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | {r['chars_per_s']:,.0f} | "
                      f"{r['compile_s']:.1f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_peak']:.0f}% | "
-                     f"{ratio('torch')} | {ratio('flax')} |")
+                     f"{ratio('torch')} | {ratio('flax')} | {ratio('flax10')} |")
     g = out["generation"]
     lines += ["", f"Generation (2x256 LSTM, 4 temperatures x 1000 chars, one batch): lstm_jax "
               f"{g['lstm_jax_chars_per_s']:,.0f} chars/s" + (f", PyTorch per-character loop {g['torch_loop_chars_per_s']:,.0f} "

@@ -31,16 +31,17 @@ Array = jax.Array
 # --- LSTM ---------------------------------------------------------------------------------------
 
 def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll):
-    out = x_proj.dtype
+    out, hidden = x_proj.dtype, h0.shape[-1]
+    # One sigmoid over all four gates: tanh(z) = 2 * sigmoid(2 z) - 1 for the candidate g.
+    scale = jnp.repeat(jnp.array([1.0, 1.0, 2.0, 1.0], out), hidden)
 
     def step(carry, xp):
         h, c = carry
-        z = xp + matmul(h, w_h, dtype, out)
-        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
-        i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
-        c = f * c + i * g
+        s = jax.nn.sigmoid((xp + matmul(h, w_h, dtype, out)) * scale)
+        i, f, s_g, o = jnp.split(s, 4, axis=-1)
+        c = f * c + i * (2.0 * s_g - 1.0)
         h = o * jnp.tanh(c)
-        return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+        return (h, c), (h, c, s)
 
     (h, c), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), x_proj, unroll=unroll)
     return (h, c, hs), (hs, cs, gates)
@@ -60,21 +61,25 @@ def _fused_lstm_fwd(w_h, x_proj, h0, c0, dtype, unroll):
 def _fused_lstm_bwd(dtype, unroll, residuals, cotangents):
     w_h, h0, c0, hs, cs, gates = residuals
     dh_t, dc_t, dys = cotangents
+    i, f, s_g, o = jnp.split(gates, 4, axis=-1)
+    g = 2.0 * s_g - 1.0
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    tc = jnp.tanh(cs)
+    # Everything that does not depend on the incoming gradients, for all steps at once:
+    # dc += dh * dc_dh and dz = [dc, dc, dc, dh] * coef (gates i, f, g, o).
+    dc_dh = o * (1.0 - tc * tc)
+    coef = jnp.concatenate([g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o)], axis=-1)
     w_t = w_h.T
 
     def step(carry, xs):
         dh_next, dc_next = carry
-        dy, gate, c, cp = xs
-        i, f, g, o = jnp.split(gate, 4, axis=-1)
+        dy, dc_dh_t, coef_t, f_t = xs
         dh = dy + dh_next
-        tc = jnp.tanh(c)
-        dc = dc_next + dh * o * (1.0 - tc * tc)
-        dz = jnp.concatenate([dc * g * i * (1.0 - i), dc * cp * f * (1.0 - f),
-                              dc * i * (1.0 - g * g), dh * tc * o * (1.0 - o)], axis=-1)
-        return (matmul(dz, w_t, dtype, dz.dtype), dc * f), dz
+        dc = dc_next + dh * dc_dh_t
+        dz = coef_t * jnp.concatenate([dc, dc, dc, dh], axis=-1)
+        return (matmul(dz, w_t, dtype, dz.dtype), dc * f_t), dz
 
-    (dh0, dc0), dzs = jax.lax.scan(step, (dh_t, dc_t), (dys, gates, cs, c_prev), reverse=True, unroll=unroll)
+    (dh0, dc0), dzs = jax.lax.scan(step, (dh_t, dc_t), (dys, dc_dh, coef, f), reverse=True, unroll=unroll)
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     dw_h = _weight_grad(h_prev, dzs, dtype, w_h.dtype)
     return dw_h, dzs, dh0, dc0
@@ -122,21 +127,28 @@ def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
     w_h, h0, hs, saved = residuals
     dh_t, dys = cotangents
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    r, z, n, u_n = jnp.split(saved, 4, axis=-1)
+    # Every gate gradient is dh times a factor known from the forward pass:
+    # input-side [da_r, da_z, da_n] = dh * coef_x, recurrent-side du = dh * coef_u.
+    da_n = (1.0 - z) * (1.0 - n * n)
+    da_r = da_n * u_n * r * (1.0 - r)
+    da_z = (h_prev - n) * z * (1.0 - z)
+    coef_x = jnp.stack([da_r, da_z, da_n], axis=-2)
+    coef_u = jnp.stack([da_r, da_z, da_n * r], axis=-2)
     w_t = w_h.T
+    tile = lambda dh: dh[..., None, :]
+    flat = lambda a: a.reshape(a.shape[:-2] + (-1,))
 
     def step(dh_next, xs):
-        dy, gate, hp = xs
-        r, z, n, u_n = jnp.split(gate, 4, axis=-1)
+        dy, coef_t, z_t = xs
         dh = dy + dh_next
-        da_n = dh * (1.0 - z) * (1.0 - n * n)
-        da_r = da_n * u_n * r * (1.0 - r)
-        da_z = dh * (hp - n) * z * (1.0 - z)
-        du = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
-        return dh * z + matmul(du, w_t, dtype, du.dtype), (jnp.concatenate([da_r, da_z, da_n], axis=-1), du)
+        du = flat(coef_t * tile(dh))
+        return dh * z_t + matmul(du, w_t, dtype, du.dtype), dh
 
-    dh0, (dx, dus) = jax.lax.scan(step, dh_t, (dys, saved, h_prev), reverse=True, unroll=unroll)
+    dh0, dhs = jax.lax.scan(step, dh_t, (dys, coef_u, z), reverse=True, unroll=unroll)
+    dus = flat(coef_u * tile(dhs))
     dw_h = _weight_grad(h_prev, dus, dtype, w_h.dtype)
-    return dw_h, dus.sum(axis=(0, 1)), dx, dh0
+    return dw_h, dus.sum(axis=(0, 1)), flat(coef_x * tile(dhs)), dh0
 
 
 fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)

@@ -19,6 +19,7 @@ from lstm_jax.model import CharLM
 __all__ = ["generate", "generate_stream", "check_sampling_args"]
 
 Array = jax.Array
+MAX_SCAN_STEPS = 8192
 
 
 def check_sampling_args(temperatures: Sequence[float], length: int, top_k: int = 0, top_p: float = 1.0) -> None:
@@ -49,11 +50,12 @@ def _filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
     return logits
 
 
-def _sample(key: Array, logits: Array, temperatures: Array, top_k: int, top_p: float) -> Array:
+def _sample(noise: Array, logits: Array, temperatures: Array, top_k: int, top_p: float) -> Array:
+    """Categorical sampling as argmax(logits / T + Gumbel noise), greedy where T = 0."""
     logits = _filter_logits(logits, top_k, top_p)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperatures, 1e-6)[:, None]
-    sampled = jax.random.categorical(key, scaled, axis=-1)
+    sampled = jnp.argmax(scaled + noise, axis=-1)
     return jnp.where(temperatures > 0, sampled, greedy).astype(jnp.int32)
 
 
@@ -66,19 +68,25 @@ def _prime(model: CharLM, params, prime: Array) -> tuple[Any, Array]:
 
 @functools.partial(jax.jit, static_argnames=("model", "top_k", "top_p"))
 def _sample_scan(model: CharLM, params, carry, logits, step_keys, temperatures, top_k: int, top_p: float):
-    def body(state, step_key):
+    params = model.fold_embedding(params)  # once, not once per character
+    # The Gumbel noise of every step at once, outside the loop: the same draws as
+    # jax.random.categorical(step_key, ...) would make inside it.
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape, logits.dtype))(step_keys)
+
+    def body(state, step_noise):
         carry, logits = state
-        token = _sample(step_key, logits, temperatures, top_k, top_p)
+        token = _sample(step_noise, logits, temperatures, top_k, top_p)
         carry, next_logits = model.apply(params, carry, token[:, None])
         return (carry, next_logits[:, 0]), token
 
-    (carry, logits), tokens = jax.lax.scan(body, (carry, logits), step_keys)
+    (carry, logits), tokens = jax.lax.scan(body, (carry, logits), noise)
     return carry, logits, tokens.T
 
 
 def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequence[float], length: int,
                     key: Array, *, top_k: int = 0, top_p: float = 1.0, chunk: int | None = None) -> Iterator[np.ndarray]:
-    """Yield ``(num_samples, n)`` token chunks; ``chunk=None`` generates everything in one scan.
+    """Yield ``(num_samples, n)`` token chunks; ``chunk=None`` generates everything in one scan
+    (in scans of at most ``MAX_SCAN_STEPS`` steps; the tokens are the same whatever the chunking).
 
     ``prime_ids`` (at least one id) is run through the model in one pass; row ``i`` samples at
     ``temperatures[i]``.
@@ -90,7 +98,7 @@ def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: 
     prime = jnp.broadcast_to(jnp.asarray(prime_ids, jnp.int32), (len(temperatures), len(prime_ids)))
     carry, logits = _prime(model, params, prime)
     step_keys = jax.random.split(key, length)  # the same samples whatever the chunking
-    chunk = chunk or length
+    chunk = min(chunk or length, MAX_SCAN_STEPS)  # bounds the pre-drawn noise: steps x samples x vocab
     for start in range(0, length, chunk):
         carry, logits, tokens = _sample_scan(model, params, carry, logits, step_keys[start : start + chunk],
                                              temps, top_k, float(top_p))

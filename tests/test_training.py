@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,7 +17,9 @@ import sample as sample_script
 import train as train_script
 from lstm_jax.checkpoint import Checkpointer, load_run
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.cells import make_cell
 from lstm_jax.model import CharLM, CharLMConfig
+from lstm_jax.sequence import RecurrentStack
 from lstm_jax.sampling import generate, generate_stream
 from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
 
@@ -30,6 +33,30 @@ def _ids(text_corpus):
     train, val = split_documents(corpus, 1992)
     vocab = Vocabulary.from_text(train, val)
     return vocab, vocab.encode(train), vocab.encode(val)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_folded_embedding_equals_embedding_then_projection(cell):
+    """CharLM folds the embedding into the first input kernel; values and gradients must equal
+    the textbook order (gather embeddings, then project them) computed with the unfolded stack."""
+    model = CharLM(CharLMConfig(11, cell=cell, hidden_size=8, num_layers=2, embed_size=5))
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 11)
+    plain = RecurrentStack(make_cell(cell, 8), num_layers=2)
+
+    def reference(p):
+        _, ys = plain.apply(p["rnn"], p["embedding"][tokens])
+        return ys @ p["head"]["kernel"] + p["head"]["bias"]
+
+    def folded(p):
+        return model.apply(p, None, tokens)[1]
+
+    np.testing.assert_allclose(folded(params), reference(params), atol=1e-5)
+    np.testing.assert_allclose(model.apply(model.fold_embedding(params), None, tokens)[1], folded(params), atol=1e-6)
+    g_ref = jax.grad(lambda p: (reference(p) ** 2).mean())(params)
+    g_fold = jax.grad(lambda p: (folded(p) ** 2).mean())(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_fold, g_ref)
+    assert float(jnp.abs(g_fold["embedding"]).max()) > 0
 
 
 @pytest.mark.parametrize("preset", ["lm", "keras"])
@@ -112,6 +139,24 @@ def test_generation_temperatures_greedy_and_chunking(text_corpus):
     np.testing.assert_array_equal(chunks, out)
     top1 = generate(model, params, train_ids[:10], [1.5], 20, key, top_k=1)
     np.testing.assert_array_equal(top1[0], out[0, :20])
+
+
+def test_sampling_equals_categorical_draws_step_by_step():
+    """The scan pre-draws each step's Gumbel noise; the tokens must be those that
+    jax.random.categorical(step_key, logits / T) gives one step at a time."""
+    model = CharLM(CharLMConfig(13, hidden_size=16, num_layers=2, embed_size=4))
+    params = model.init(jax.random.PRNGKey(0))
+    key, prime, temps = jax.random.PRNGKey(5), np.array([1, 2, 3]), [0.7, 1.3]
+    out = generate(model, params, prime, temps, 25, key)
+    carry, logits = model.apply(params, model.initial_carry((2,)), np.tile(prime, (2, 1)))
+    logits, expected = logits[:, -1], []
+    for step_key in jax.random.split(key, 25):
+        token = jax.random.categorical(step_key, logits / jnp.array(temps)[:, None], axis=-1)
+        expected.append(np.asarray(token))
+        carry, logits = model.apply(params, carry, token[:, None])
+        logits = logits[:, 0]
+    np.testing.assert_array_equal(out, np.stack(expected, 1))
+    assert len(set(out[0].tolist())) > 3  # really sampled, not stuck on one character
 
 
 # --- the scripts ----------------------------------------------------------------------------------
