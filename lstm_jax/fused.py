@@ -8,9 +8,10 @@ steps (``H_prev.T @ dZ``), and the input-kernel and bias gradients follow by aut
 hoisted input projection. Same numbers as the plain scan (to float32 rounding), fewer and larger
 matmuls.
 
-``fused_lstm(w_h, x_proj, h0, c0, dtype, unroll)`` and ``fused_gru(w_h, b_h, x_proj, h0, dtype, unroll)`` take the
-hoisted input projection ``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` /
-``(h_T, ys)``. ``scan_cell`` uses them when ``impl='fused'`` (or ``'auto'``) applies.
+``fused_lstm(w_h, x_proj, h0, c0, dtype, unroll)``, ``fused_gru(w_h, b_h, x_proj, h0, dtype, unroll)``
+and ``fused_rnn(w_h, x_proj, h0, activation, dtype, unroll)`` take the hoisted input projection
+``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` / ``(h_T, ys)``. ``scan_cell``
+uses them when ``impl='fused'`` (or ``'auto'``) applies.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from lstm_jax.cells import matmul
 
-__all__ = ["fused_lstm", "fused_gru"]
+__all__ = ["fused_lstm", "fused_gru", "fused_rnn"]
 
 Array = jax.Array
 
@@ -152,3 +153,49 @@ def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
 
 
 fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)
+
+
+# --- plain RNN ----------------------------------------------------------------------------------
+
+_RNN_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+def _rnn_forward(w_h, x_proj, h0, activation, dtype, unroll):
+    act, out = _RNN_ACTIVATIONS[activation], x_proj.dtype
+
+    def step(h, xp):
+        h = act(xp + matmul(h, w_h, dtype, out))
+        return h, h
+
+    h, hs = jax.lax.scan(step, h0, x_proj, unroll=unroll)
+    return (h, hs), hs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def fused_rnn(w_h: Array, x_proj: Array, h0: Array, activation: str = "tanh", dtype: Any = None, unroll: int = 1):
+    """Elman RNN over ``x_proj`` ``(T, N, H)`` (input projection plus bias); ``activation`` tanh or relu."""
+    return _rnn_forward(w_h, x_proj, h0, activation, dtype, unroll)[0]
+
+
+def _fused_rnn_fwd(w_h, x_proj, h0, activation, dtype, unroll):
+    outputs, hs = _rnn_forward(w_h, x_proj, h0, activation, dtype, unroll)
+    return outputs, (w_h, h0, hs)
+
+
+def _fused_rnn_bwd(activation, dtype, unroll, residuals, cotangents):
+    w_h, h0, hs = residuals
+    dh_t, dys = cotangents
+    slope = 1.0 - hs * hs if activation == "tanh" else (hs > 0).astype(hs.dtype)  # activation'(a)
+    w_t = w_h.T
+
+    def step(dh_next, xs):
+        dy, slope_t = xs
+        da = (dy + dh_next) * slope_t
+        return matmul(da, w_t, dtype, da.dtype), da
+
+    dh0, das = jax.lax.scan(step, dh_t, (dys, slope), reverse=True, unroll=unroll)
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    return _weight_grad(h_prev, das, dtype, w_h.dtype), das, dh0
+
+
+fused_rnn.defvjp(_fused_rnn_fwd, _fused_rnn_bwd)

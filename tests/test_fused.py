@@ -1,4 +1,4 @@
-"""The fused (custom-VJP) LSTM and GRU layers against the plain autodiff scan: values and gradients."""
+"""The fused (custom-VJP) LSTM, GRU and RNN layers against the plain autodiff scan: values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ def _perturbed(cell, input_size):
     return jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("cell", [LSTMCell(16), GRUCell(16), LSTMCell(16, token_inputs=True)], ids=["lstm", "gru", "lstm_tokens"])
+@pytest.mark.parametrize("cell", [LSTMCell(16), GRUCell(16), LSTMCell(16, token_inputs=True), RNNCell(16),
+                                  RNNCell(16, activation="relu")], ids=["lstm", "gru", "lstm_tokens", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_fused_matches_scan_values_and_gradients(cell, reverse):
     input_size = 11
@@ -61,7 +62,8 @@ def test_fused_bf16_is_close_to_f32_scan():
 
 def test_fused_rejects_what_it_does_not_support():
     with pytest.raises(ConfigError, match="impl='fused' supports"):
-        scan_cell(RNNCell(4), RNNCell(4).init(KEY, 3), jnp.ones((2, 5, 3)), impl="fused")
+        scan_cell(GRUCell(4, reset_after=False), GRUCell(4, reset_after=False).init(KEY, 3), jnp.ones((2, 5, 3)),
+                  impl="fused")
     with pytest.raises(ConfigError, match="impl='fused' supports"):
         scan_cell(LSTMCell(4), LSTMCell(4).init(KEY, 3), jnp.ones((2, 5, 3)), impl="fused",
                   seq_lengths=jnp.array([5, 3]))
