@@ -4,7 +4,7 @@ The library layers, each importing only from the ones above it:
 
 * ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``: ``init``, ``initial_carry``, ``apply``.
 * ``sequence`` / ``fused`` — ``scan_cell`` and ``RecurrentStack`` over ``lax.scan``; the
-  custom-VJP layers ``fused_lstm`` and ``fused_gru``.
+  custom-VJP layers ``fused_lstm``, ``fused_gru`` and ``fused_rnn``.
 * ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
 * ``model`` — ``CharLM``, the character language model.
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
@@ -19,7 +19,7 @@ from lstm_jax.errors import (
     LstmJaxError,
     NonFiniteLossError,
 )
-from lstm_jax.fused import fused_gru, fused_lstm
+from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
 from lstm_jax.sequence import RecurrentStack, reverse_padded, scan_cell
 from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     # cells and sequences
     "LSTMCell", "GRUCell", "RNNCell", "LSTMCarry", "make_cell",
-    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru",
+    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn",
     # weight import
     "from_torch", "from_flax_lstm", "from_flax_gru",
     # the character model, data, training, sampling, checkpoints
