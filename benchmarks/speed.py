@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +42,11 @@ CONFIGS = {  # name: (batch, time, hidden, layers)
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-class Case:
+class Case(NamedTuple):
     """One implementation under test: ``run(n)`` performs ``n`` train steps and waits for them."""
 
-    def __init__(self, run: Callable[[int], None], compile_s: float):
-        self.run, self.compile_s = run, compile_s
+    run: Callable[[int], None]
+    compile_s: float
 
 
 def measure(cases: dict[str, Case], rounds: int, steps: int) -> dict[str, float]:
@@ -66,17 +66,15 @@ def jax_case(step, state: tuple, batch: tuple, per_dispatch: int = 1) -> Case:
     in one dispatch (``lax.scan``), as lstm_jax's Trainer does."""
     inner = getattr(step, "__wrapped__", step)
 
-    @jax.jit
-    def dispatch(state, batch):
-        def body(st, _):
-            *st, loss = inner(*st, *batch)
-            return tuple(st), loss
+    def one(state, batch):
+        *state, loss = inner(*state, *batch)
+        return tuple(state), loss
 
-        state, losses = jax.lax.scan(body, state, None, length=per_dispatch)
+    def many(state, batch):
+        state, losses = jax.lax.scan(lambda st, _: one(st, batch), state, None, length=per_dispatch)
         return state, losses[-1]
 
-    if per_dispatch == 1:
-        dispatch = jax.jit(lambda state, batch: (lambda *o: (tuple(o[:-1]), o[-1]))(*inner(*state, *batch)))
+    dispatch = jax.jit(one if per_dispatch == 1 else many)
     box = [tuple(state)]
 
     def run(n: int) -> None:
