@@ -91,7 +91,6 @@ class CharLM:
         head = params["head"]
         return carry, matmul(ys, head["kernel"], DTYPES[self.config.dtype], jnp.float32) + head["bias"]
 
-
     def fold_embedding(self, params: dict) -> dict:
         """The same function's params without the embedding: it is folded into the first layer's
         input kernel, ``(V, E) @ (E, G*H) -> (V, G*H)``, a table the first layer gathers rows of.
