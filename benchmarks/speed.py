@@ -62,12 +62,11 @@ def measure(cases: dict[str, Case], rounds: int, steps: int) -> dict[str, float]
 
 
 def jax_case(step, state: tuple, batch: tuple, per_dispatch: int = 1) -> Case:
-    """``step(*state, *batch) -> (*state, loss)``, jitted. ``per_dispatch > 1`` runs that many steps
-    in one dispatch (``lax.scan``), as lstm_jax's Trainer does."""
-    inner = getattr(step, "__wrapped__", step)
+    """``step(*state, *batch) -> (*state, loss)`` (a plain function), jitted here. ``per_dispatch > 1``
+    runs that many steps in one dispatch (``lax.scan``), as lstm_jax's Trainer does."""
 
     def one(state, batch):
-        *state, loss = inner(*state, *batch)
+        *state, loss = step(*state, *batch)
         return tuple(state), loss
 
     def many(state, batch):
@@ -97,10 +96,22 @@ def train_flops(batch, t, hidden, layers, cell) -> float:
     return 3.0 * per_char * batch * t
 
 
+def rmsprop_step(loss, tx):
+    """``step(params, opt_state, x, y) -> (params, opt_state, loss)``: the same update for every JAX model."""
+
+    def step(p, o, x, y):
+        l, g = jax.value_and_grad(loss)(p, x, y)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, l
+
+    return step
+
+
 # --- lstm_jax ---------------------------------------------------------------------------------
 
 def lstm_jax_step(cell: str, hidden: int, layers: int, impl: str, dtype: str = "float32", unroll: int = 1,
                   remat: bool = False):
+    """A plain (not yet jitted) train step of lstm_jax's char model and its initial state."""
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=hidden, num_layers=layers, embed_size=E, dtype=dtype))
     params = model.init(jax.random.PRNGKey(0))
     tx = optax.rmsprop(1e-3)
@@ -111,13 +122,7 @@ def lstm_jax_step(cell: str, hidden: int, layers: int, impl: str, dtype: str = "
         logits = ys @ p["head"]["kernel"] + p["head"]["bias"]
         return cross_entropy(logits, y)
 
-    @jax.jit
-    def step(p, o, x, y):
-        l, g = jax.value_and_grad(loss)(p, x, y)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, l
-
-    return step, (params, tx.init(params))
+    return rmsprop_step(loss, tx), (params, tx.init(params))
 
 
 def _tokens(b, t):
@@ -170,12 +175,7 @@ def case_flax(cell, b, t, h, layers, per_dispatch=1) -> Case:
     params = net.init(jax.random.PRNGKey(0), x)
     tx = optax.rmsprop(1e-3)
 
-    @jax.jit
-    def step(p, o, x, y):
-        l, g = jax.value_and_grad(lambda p: cross_entropy(net.apply(p, x), y))(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, l
-
+    step = rmsprop_step(lambda p, x, y: cross_entropy(net.apply(p, x), y), tx)
     return jax_case(step, (params, tx.init(params)), (x, y), per_dispatch)
 
 
@@ -268,7 +268,7 @@ def matmul_peak(dtype) -> float:
 def memory_bytes(t, remat) -> int:
     step, (p, o) = lstm_jax_step("lstm", 256, 2, "scan" if remat else "auto", remat=remat)
     x = jnp.zeros((64, t), jnp.int32)
-    stats = step.lower(p, o, x, x).compile().memory_analysis()
+    stats = jax.jit(step).lower(p, o, x, x).compile().memory_analysis()
     return int(stats.temp_size_in_bytes)
 
 

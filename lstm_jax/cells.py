@@ -255,7 +255,7 @@ class GRUCell(_FusedCell):
         return h, h
 
 
-_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,13 +277,13 @@ class RNNCell(_FusedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.activation not in _ACTIVATIONS:
+        if self.activation not in ACTIVATIONS:
             raise ConfigError(
-                f"RNNCell: activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}."
+                f"RNNCell: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
             )
 
     def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
-        h = _ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry))
+        h = ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry))
         return h, h
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.cells import matmul
+from lstm_jax.cells import ACTIVATIONS, matmul
 
 __all__ = ["fused_lstm", "fused_gru", "fused_rnn"]
 
@@ -64,7 +64,7 @@ def _fused_lstm_bwd(dtype, unroll, residuals, cotangents):
     dh_t, dc_t, dys = cotangents
     i, f, s_g, o = jnp.split(gates, 4, axis=-1)
     g = 2.0 * s_g - 1.0
-    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    c_prev = _previous(c0, cs)
     tc = jnp.tanh(cs)
     # Everything that does not depend on the incoming gradients, for all steps at once:
     # dc += dh * dc_dh and dz = [dc, dc, dc, dh] * coef (gates i, f, g, o).
@@ -81,12 +81,16 @@ def _fused_lstm_bwd(dtype, unroll, residuals, cotangents):
         return (matmul(dz, w_t, dtype, dz.dtype), dc * f_t), dz
 
     (dh0, dc0), dzs = jax.lax.scan(step, (dh_t, dc_t), (dys, dc_dh, coef, f), reverse=True, unroll=unroll)
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    dw_h = _weight_grad(h_prev, dzs, dtype, w_h.dtype)
+    dw_h = _weight_grad(_previous(h0, hs), dzs, dtype, w_h.dtype)
     return dw_h, dzs, dh0, dc0
 
 
 fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
+
+
+def _previous(x0: Array, xs: Array) -> Array:
+    """The value before each step: ``[x0, xs[0], ..., xs[T-2]]``."""
+    return jnp.concatenate([x0[None], xs[:-1]], axis=0)
 
 
 def _weight_grad(h_prev: Array, dz: Array, dtype: Any, out_dtype: Any) -> Array:
@@ -127,7 +131,7 @@ def _fused_gru_fwd(w_h, b_h, x_proj, h0, dtype, unroll):
 def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
     w_h, h0, hs, saved = residuals
     dh_t, dys = cotangents
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    h_prev = _previous(h0, hs)
     r, z, n, u_n = jnp.split(saved, 4, axis=-1)
     # Every gate gradient is dh times a factor known from the forward pass:
     # input-side [da_r, da_z, da_n] = dh * coef_x, recurrent-side du = dh * coef_u.
@@ -157,11 +161,8 @@ fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)
 
 # --- plain RNN ----------------------------------------------------------------------------------
 
-_RNN_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
-
-
 def _rnn_forward(w_h, x_proj, h0, activation, dtype, unroll):
-    act, out = _RNN_ACTIVATIONS[activation], x_proj.dtype
+    act, out = ACTIVATIONS[activation], x_proj.dtype
 
     def step(h, xp):
         h = act(xp + matmul(h, w_h, dtype, out))
@@ -194,8 +195,7 @@ def _fused_rnn_bwd(activation, dtype, unroll, residuals, cotangents):
         return matmul(da, w_t, dtype, da.dtype), da
 
     dh0, das = jax.lax.scan(step, dh_t, (dys, slope), reverse=True, unroll=unroll)
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    return _weight_grad(h_prev, das, dtype, w_h.dtype), das, dh0
+    return _weight_grad(_previous(h0, hs), das, dtype, w_h.dtype), das, dh0
 
 
 fused_rnn.defvjp(_fused_rnn_fwd, _fused_rnn_bwd)

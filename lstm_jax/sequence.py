@@ -105,7 +105,8 @@ def scan_cell(
         seq_lengths is None and not remat)
     if impl == "fused" and not fusable:
         raise ConfigError(
-            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths or remat; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
+            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths "
+            f"or remat; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
             f"Use impl='scan' or 'auto'.")
     if impl not in ("auto", "scan", "fused"):
         raise ConfigError(f"impl must be 'auto', 'scan' or 'fused', got {impl!r}.")

@@ -187,6 +187,7 @@ class Trainer:
 @functools.partial(jax.jit, static_argnames=("model", "chunk_len"))
 def _eval_nll(model: CharLM, params, tokens: Array, targets: Array, weights: Array, chunk_len: int) -> Array:
     s, n = tokens.shape
+    params = model.fold_embedding(params)  # once, not once per chunk
 
     def body(carry, xs):
         x, y, w = xs

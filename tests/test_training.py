@@ -15,12 +15,12 @@ import pytest
 
 import sample as sample_script
 import train as train_script
+from lstm_jax.cells import make_cell
 from lstm_jax.checkpoint import Checkpointer, load_run
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
-from lstm_jax.cells import make_cell
 from lstm_jax.model import CharLM, CharLMConfig
-from lstm_jax.sequence import RecurrentStack
 from lstm_jax.sampling import generate, generate_stream
+from lstm_jax.sequence import RecurrentStack
 from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
 
 ROOT = Path(__file__).resolve().parents[1]
