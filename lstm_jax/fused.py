@@ -32,20 +32,28 @@ Array = jax.Array
 # --- LSTM ---------------------------------------------------------------------------------------
 
 def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll):
+    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll)
+    if not transposed_carry_pays(h0.shape[0], w_h.shape[0], 4):
+        return scan(w_h, x_proj, h0, c0, transposed=False)
+    return jax.lax.platform_dependent(w_h, x_proj, h0, c0, cpu=functools.partial(scan, transposed=True),
+                                      default=functools.partial(scan, transposed=False))
+
+
+def _lstm_scan(w_h, x_proj, h0, c0, *, dtype, unroll, transposed):
     out, hidden = x_proj.dtype, h0.shape[-1]
     # One sigmoid over all four gates: tanh(z) = 2 * sigmoid(2 z) - 1 for the candidate g.
     scale = jnp.repeat(jnp.array([1.0, 1.0, 2.0, 1.0], out), hidden)
 
     def step(carry, xp):
         h, c = carry
-        s = jax.nn.sigmoid((xp + matmul(h, w_h, dtype, out)) * scale)
+        s = jax.nn.sigmoid((xp + recurrent_product(h, w_h, dtype, out, transposed)) * scale)
         i, f, s_g, o = jnp.split(s, 4, axis=-1)
         c = f * c + i * (2.0 * s_g - 1.0)
         h = o * jnp.tanh(c)
-        return (h, c), (h, c, s)
+        return (h.T if transposed else h, c), (h, c, s)
 
-    (h, c), (hs, cs, gates) = jax.lax.scan(step, (h0, c0), x_proj, unroll=unroll)
-    return (h, c, hs), (hs, cs, gates)
+    (_, c), (hs, cs, gates) = jax.lax.scan(step, (h0.T if transposed else h0, c0), x_proj, unroll=unroll)
+    return (hs[-1], c, hs), (hs, cs, gates)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -99,22 +107,54 @@ def _weight_grad(h_prev: Array, dz: Array, dtype: Any, out_dtype: Any) -> Array:
     return matmul(h_prev.reshape(-1, hidden).T, dz.reshape(-1, gates), dtype, out_dtype)
 
 
+def recurrent_product(h: Array, w_h: Array, dtype: Any, out_dtype: Any, transposed: bool) -> Array:
+    """``h @ w_h`` ``(N, G*H)``; with ``transposed`` the carry is held as ``h.T`` ``(H, N)`` and
+    contracted on its first axis (same numbers, another kernel; see ``transposed_carry_pays``)."""
+    if not transposed:
+        return matmul(h, w_h, dtype, out_dtype)
+    if dtype is not None:
+        h, w_h = h.astype(dtype), w_h.astype(dtype)
+    product = jax.lax.dot_general(h, w_h, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    return product.astype(out_dtype)
+
+
+def transposed_carry_pays(batch: int, hidden: int, gates: int) -> bool:
+    """Whether the forward loop should hold its carry transposed when it runs on CPU.
+
+    XLA's CPU backend (jax 0.10) hands the per-step product ``h @ W_h`` to YNNPACK, which is slow
+    at a contraction of 128 into ``gates*128`` columns for 64-128 rows; the transposed contraction
+    (``h.T`` contracted on axis 0) goes to XLA's Eigen kernels instead, 1.2-1.5x faster per step
+    there (LSTM and GRU). At other shapes neither layout wins consistently, and at H=256 or N=256
+    the row-major one is faster. ``python benchmarks/layout.py`` measures both on your machine.
+    """
+    return hidden == 128 and 64 <= batch <= 128 and gates >= 3
+
+
 # --- GRU (reset gate after the recurrent product, as PyTorch and cuDNN) --------------------------
 
 def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll):
+    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll)
+    if not transposed_carry_pays(h0.shape[0], w_h.shape[0], 3):
+        return scan(w_h, b_h, x_proj, h0, transposed=False)
+    return jax.lax.platform_dependent(w_h, b_h, x_proj, h0, cpu=functools.partial(scan, transposed=True),
+                                      default=functools.partial(scan, transposed=False))
+
+
+def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, transposed):
     out = x_proj.dtype
 
-    def step(h, xp):
-        u = matmul(h, w_h, dtype, out) + b_h
+    def step(carry, xp):
+        h_prev, h = carry  # h_prev: h, or h.T when transposed
+        u = recurrent_product(h_prev, w_h, dtype, out, transposed) + b_h
         a_r, a_z, a_n = jnp.split(xp, 3, axis=-1)
         u_r, u_z, u_n = jnp.split(u, 3, axis=-1)
         r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
         n = jnp.tanh(a_n + r * u_n)
         h_new = (1.0 - z) * n + z * h
-        return h_new, (h_new, jnp.concatenate([r, z, n, u_n], axis=-1))
+        return (h_new.T if transposed else h_new, h_new), (h_new, jnp.concatenate([r, z, n, u_n], axis=-1))
 
-    h, (hs, saved) = jax.lax.scan(step, h0, x_proj, unroll=unroll)
-    return (h, hs), (hs, saved)
+    _, (hs, saved) = jax.lax.scan(step, (h0.T if transposed else h0, h0), x_proj, unroll=unroll)
+    return (hs[-1], hs), (hs, saved)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
