@@ -33,10 +33,7 @@ Array = jax.Array
 
 def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll):
     scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll)
-    if not transposed_carry_pays(h0.shape[0], w_h.shape[0], 4):
-        return scan(w_h, x_proj, h0, c0, transposed=False)
-    return jax.lax.platform_dependent(w_h, x_proj, h0, c0, cpu=functools.partial(scan, transposed=True),
-                                      default=functools.partial(scan, transposed=False))
+    return _by_layout(scan, transposed_carry_pays(h0.shape[0], w_h.shape[0], 4), w_h, x_proj, h0, c0)
 
 
 def _lstm_scan(w_h, x_proj, h0, c0, *, dtype, unroll, transposed):
@@ -107,6 +104,14 @@ def _weight_grad(h_prev: Array, dz: Array, dtype: Any, out_dtype: Any) -> Array:
     return matmul(h_prev.reshape(-1, hidden).T, dz.reshape(-1, gates), dtype, out_dtype)
 
 
+def _by_layout(scan, pays: bool, *arrays):
+    """``scan(*arrays, transposed=...)``: transposed where it ``pays`` and the program runs on CPU."""
+    if not pays:
+        return scan(*arrays, transposed=False)
+    return jax.lax.platform_dependent(*arrays, cpu=functools.partial(scan, transposed=True),
+                                      default=functools.partial(scan, transposed=False))
+
+
 def recurrent_product(h: Array, w_h: Array, dtype: Any, out_dtype: Any, transposed: bool) -> Array:
     """``h @ w_h`` ``(N, G*H)``; with ``transposed`` the carry is held as ``h.T`` ``(H, N)`` and
     contracted on its first axis (same numbers, another kernel; see ``transposed_carry_pays``)."""
@@ -134,10 +139,7 @@ def transposed_carry_pays(batch: int, hidden: int, gates: int) -> bool:
 
 def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll):
     scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll)
-    if not transposed_carry_pays(h0.shape[0], w_h.shape[0], 3):
-        return scan(w_h, b_h, x_proj, h0, transposed=False)
-    return jax.lax.platform_dependent(w_h, b_h, x_proj, h0, cpu=functools.partial(scan, transposed=True),
-                                      default=functools.partial(scan, transposed=False))
+    return _by_layout(scan, transposed_carry_pays(h0.shape[0], w_h.shape[0], 3), w_h, b_h, x_proj, h0)
 
 
 def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, transposed):
