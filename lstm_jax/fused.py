@@ -49,8 +49,8 @@ def _lstm_scan(w_h, x_proj, h0, c0, *, dtype, unroll, transposed):
         h = o * jnp.tanh(c)
         return (h.T if transposed else h, c), (h, c, s)
 
-    (_, c), (hs, cs, gates) = jax.lax.scan(step, (h0.T if transposed else h0, c0), x_proj, unroll=unroll)
-    return (hs[-1], c, hs), (hs, cs, gates)
+    (h, c), (hs, cs, gates) = jax.lax.scan(step, (h0.T if transposed else h0, c0), x_proj, unroll=unroll)
+    return (h.T if transposed else h, c, hs), (hs, cs, gates)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -155,8 +155,8 @@ def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, transposed):
         h_new = (1.0 - z) * n + z * h
         return (h_new.T if transposed else h_new, h_new), (h_new, jnp.concatenate([r, z, n, u_n], axis=-1))
 
-    _, (hs, saved) = jax.lax.scan(step, (h0.T if transposed else h0, h0), x_proj, unroll=unroll)
-    return (hs[-1], hs), (hs, saved)
+    (_, h), (hs, saved) = jax.lax.scan(step, (h0.T if transposed else h0, h0), x_proj, unroll=unroll)
+    return (h, hs), (hs, saved)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
