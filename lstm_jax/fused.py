@@ -11,7 +11,9 @@ matmuls.
 ``fused_lstm(w_h, x_proj, h0, c0, dtype, unroll)``, ``fused_gru(w_h, b_h, x_proj, h0, dtype, unroll)``
 and ``fused_rnn(w_h, x_proj, h0, activation, dtype, unroll)`` take the hoisted input projection
 ``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` / ``(h_T, ys)``. ``scan_cell``
-uses them when ``impl='fused'`` (or ``'auto'``) applies.
+uses them when ``impl='fused'`` (or ``'auto'``) applies. On CPU, at the shapes where
+``transposed_carry_pays``, the LSTM and GRU forward loops hold the carry transposed (a faster
+XLA:CPU kernel for the same product; GPU and TPU keep the row-major loop).
 """
 
 from __future__ import annotations
