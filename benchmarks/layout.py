@@ -17,44 +17,41 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lstm_jax.fused import recurrent_product, transposed_carry_pays  # noqa: E402
+from speed import Case, measure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS, ROUNDS = 200, 5
 
 
 def loop(transposed: bool):
-    """``STEPS`` dependent steps: product, tanh, the first ``hidden`` columns back as the carry."""
+    """``n`` dependent steps: product, tanh, the first ``hidden`` columns back as the carry."""
 
-    def step(_, h, w):
+    def step(h, w):
         out = jnp.tanh(recurrent_product(h, w, None, jnp.float32, transposed))[:, : w.shape[0]]
         return out.T if transposed else out
 
-    return jax.jit(lambda h, w: jax.lax.fori_loop(0, STEPS, lambda i, h: step(i, h, w), h))
+    return jax.jit(lambda h, w, n: jax.lax.fori_loop(0, n, lambda i, h: step(h, w), h))
 
 
 def time_both(batch: int, hidden: int, gates: int) -> tuple[float, float]:
-    """Median microseconds per step, row-major and transposed, taking turns."""
+    """Median microseconds per step, row-major and transposed, taking turns (``speed.measure``)."""
     w = 0.05 * jax.random.normal(jax.random.key(0), (hidden, gates * hidden))
     h = jax.random.normal(jax.random.key(1), (batch, hidden))
-    runs = [(loop(False), h), (loop(True), h.T)]
-    for f, h0 in runs:
-        f(h0, w).block_until_ready()
-    times = [[], []]
-    for _ in range(ROUNDS):
-        for k, (f, h0) in enumerate(runs):
-            t0 = time.perf_counter()
-            f(h0, w).block_until_ready()
-            times[k].append((time.perf_counter() - t0) / STEPS * 1e6)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    cases = {}
+    for transposed, h0 in ((False, h), (True, h.T)):
+        f = loop(transposed)
+        run = lambda n, f=f, h0=h0: f(h0, w, n).block_until_ready()
+        run(STEPS)  # compile and warm up
+        cases[transposed] = Case(run, 0.0)
+    seconds = measure(cases, ROUNDS, STEPS)
+    return seconds[False] * 1e6, seconds[True] * 1e6
 
 
 def main():

@@ -117,10 +117,7 @@ def lstm_jax_step(cell: str, hidden: int, layers: int, impl: str, dtype: str = "
     tx = optax.rmsprop(1e-3)
 
     def loss(p, x, y):
-        p = model.fold_embedding(p)
-        _, ys = model.stack.apply(p["rnn"], x, impl=impl, unroll=unroll, remat=remat)
-        logits = ys @ p["head"]["kernel"] + p["head"]["bias"]
-        return cross_entropy(logits, y)
+        return cross_entropy(model.apply(p, None, x, impl=impl, unroll=unroll, remat=remat)[1], y)
 
     return rmsprop_step(loss, tx), (params, tx.init(params))
 

@@ -83,13 +83,15 @@ class CharLM:
         return self.stack.initial_carry(batch_shape)
 
     def apply(self, params: dict, carry: Any, tokens: Array, *, dropout_key: Array | None = None,
-              remat: bool = False) -> tuple[Any, Array]:
-        """Tokens ``(*batch, T)`` int -> ``(carry, logits (*batch, T, V) float32)``."""
+              remat: bool = False, impl: str = "auto", unroll: int | bool = 1) -> tuple[Any, Array]:
+        """Tokens ``(*batch, T)`` int -> ``(carry, logits (*batch, T, V) float32)``; ``remat``,
+        ``impl`` and ``unroll`` as in ``scan_cell``."""
         params = self.fold_embedding(params)
         # Time-major through the stack and the head, so the head is one 2-D matmul: XLA:CPU
         # differentiates a product over (*batch, T) rows up to 1.5x slower.
         carry, ys = self.stack.apply(params["rnn"], jnp.moveaxis(tokens, -1, 0), initial_carry=carry,
-                                     time_major=True, dropout_key=dropout_key, remat=remat)
+                                     time_major=True, dropout_key=dropout_key, remat=remat, impl=impl,
+                                     unroll=unroll)
         head = params["head"]
         logits = matmul(ys.reshape(-1, ys.shape[-1]), head["kernel"], DTYPES[self.config.dtype], jnp.float32)
         return carry, jnp.moveaxis((logits + head["bias"]).reshape(*ys.shape[:-1], -1), 0, -2)

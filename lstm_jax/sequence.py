@@ -138,7 +138,7 @@ def scan_cell(
 def _auto_fuses(cell: Cell, batch_shape: tuple) -> bool:
     """``impl='auto'``: the fused layer, except for a GRU the transposed carry does not speed up."""
     batch = math.prod(batch_shape)
-    return not isinstance(cell, GRUCell) or transposed_carry_pays(batch, cell.hidden_size, 3)
+    return not isinstance(cell, GRUCell) or transposed_carry_pays(batch, cell.hidden_size, cell.num_gates)
 
 
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
