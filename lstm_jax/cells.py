@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lstm_jax.errors import ConfigError
+from lstm_jax.products import matmul
 
 __all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "RNNCell", "Cell", "make_cell"]
 
@@ -52,13 +53,6 @@ class LSTMCarry(NamedTuple):
 glorot_uniform: Initializer = jax.nn.initializers.glorot_uniform()
 orthogonal: Initializer = jax.nn.initializers.orthogonal()
 zeros: Initializer = jax.nn.initializers.zeros
-
-
-def matmul(x: Array, w: Array, dtype: Any, out_dtype: Any) -> Array:
-    """``x @ w`` computed in ``dtype`` (None: promoted), accumulated and returned in ``out_dtype``."""
-    if dtype is not None:
-        x, w = x.astype(dtype), w.astype(dtype)
-    return jnp.matmul(x, w, preferred_element_type=out_dtype).astype(out_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.cells import ACTIVATIONS, matmul
+from lstm_jax.cells import ACTIVATIONS
+from lstm_jax.products import matmul, weight_gradient
 
 __all__ = ["fused_lstm", "fused_gru", "fused_rnn"]
 
@@ -88,7 +89,7 @@ def _fused_lstm_bwd(dtype, unroll, residuals, cotangents):
         return (matmul(dz, w_t, dtype, dz.dtype), dc * f_t), dz
 
     (dh0, dc0), dzs = jax.lax.scan(step, (dh_t, dc_t), (dys, dc_dh, coef, f), reverse=True, unroll=unroll)
-    dw_h = _weight_grad(_previous(h0, hs), dzs, dtype, w_h.dtype)
+    dw_h = weight_gradient(_previous(h0, hs), dzs, dtype, w_h.dtype)
     return dw_h, dzs, dh0, dc0
 
 
@@ -98,12 +99,6 @@ fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
 def _previous(x0: Array, xs: Array) -> Array:
     """The value before each step: ``[x0, xs[0], ..., xs[T-2]]``."""
     return jnp.concatenate([x0[None], xs[:-1]], axis=0)
-
-
-def _weight_grad(h_prev: Array, dz: Array, dtype: Any, out_dtype: Any) -> Array:
-    """``sum_t h_prev[t].T @ dz[t]`` as one matmul over all steps and sequences."""
-    hidden, gates = h_prev.shape[-1], dz.shape[-1]
-    return matmul(h_prev.reshape(-1, hidden).T, dz.reshape(-1, gates), dtype, out_dtype)
 
 
 def _by_layout(scan, pays: bool, *arrays):
@@ -196,7 +191,7 @@ def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
 
     dh0, dhs = jax.lax.scan(step, dh_t, (dys, coef_u, z), reverse=True, unroll=unroll)
     dus = flat(coef_u * tile(dhs))
-    dw_h = _weight_grad(h_prev, dus, dtype, w_h.dtype)
+    dw_h = weight_gradient(h_prev, dus, dtype, w_h.dtype)
     return dw_h, dus.sum(axis=(0, 1)), flat(coef_x * tile(dhs)), dh0
 
 
@@ -239,7 +234,7 @@ def _fused_rnn_bwd(activation, dtype, unroll, residuals, cotangents):
         return matmul(da, w_t, dtype, da.dtype), da
 
     dh0, das = jax.lax.scan(step, dh_t, (dys, slope), reverse=True, unroll=unroll)
-    return _weight_grad(_previous(h0, hs), das, dtype, w_h.dtype), das, dh0
+    return weight_gradient(_previous(h0, hs), das, dtype, w_h.dtype), das, dh0
 
 
 fused_rnn.defvjp(_fused_rnn_fwd, _fused_rnn_bwd)

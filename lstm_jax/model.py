@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lstm_jax.cells import make_cell, matmul
+from lstm_jax.cells import make_cell
+from lstm_jax.products import matmul
 from lstm_jax.errors import ConfigError
 from lstm_jax.sequence import RecurrentStack
 
