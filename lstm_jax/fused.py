@@ -58,7 +58,10 @@ def _lstm_scan(w_h, x_proj, h0, c0, *, dtype, unroll, saves, transposed):
         i, f, s_g, o = jnp.split(s, 4, axis=-1)
         c = f * c_prev + i * (2.0 * s_g - 1.0)
         h = o * jnp.tanh(c)
-        saved = {None: (), "factors": _lstm_backward_factors(s, c_prev, c), "states": (c, s)}[saves]
+        if saves == "factors":
+            saved = _lstm_backward_factors(s, c_prev, c)
+        else:
+            saved = (c, s) if saves == "states" else ()
         return (h.T if transposed else h, c), (h, saved)
 
     (h, c), (hs, saved) = jax.lax.scan(step, (h0.T if transposed else h0, c0), x_proj, unroll=unroll)
