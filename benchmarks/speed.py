@@ -293,8 +293,6 @@ def main():
                         "lstm_jax, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
                         "lstm_jax autodiff scan (10 steps/dispatch)":
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
-            if cell == "gru":  # impl="auto" (the Trainer) runs the GRU fused only at H=128 (transposed carry):
-                builders["lstm_jax fused (10 steps/dispatch)"] = lambda: case_lstm_jax(cell, b, t, h, layers, "fused", per_dispatch=10)
             if name == "seed" or backend != "cpu":  # bf16 matmuls are slower than f32 on this CPU
                 builders["lstm_jax bf16 (10 steps/dispatch)"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16", per_dispatch=10)
             builders["flax nn.RNN"] = lambda: case_flax(cell, b, t, h, layers)

@@ -152,12 +152,15 @@ def transposed_carry_pays(batch: int, hidden: int, gates: int) -> bool:
 
 # --- GRU (reset gate after the recurrent product, as PyTorch and cuDNN) --------------------------
 
-def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll):
-    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll)
-    return _by_layout(scan, transposed_carry_pays(h0.shape[0], w_h.shape[0], 3), w_h, b_h, x_proj, h0)
+def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, differentiated=False):
+    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 3)
+    saves = ("factors" if pays else "states") if differentiated else None  # as in _lstm_forward
+    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=saves)
+    return _by_layout(scan, pays, w_h, b_h, x_proj, h0)
 
 
-def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, transposed):
+def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, saves, transposed):
+    """The forward loop; ``saves`` None, ``'factors'`` or ``'states'`` (see ``_lstm_forward``)."""
     out = x_proj.dtype
 
     def step(carry, xp):
@@ -168,10 +171,24 @@ def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, transposed):
         r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
         n = jnp.tanh(a_n + r * u_n)
         h_new = (1.0 - z) * n + z * h
-        return (h_new.T if transposed else h_new, h_new), (h_new, jnp.concatenate([r, z, n, u_n], axis=-1))
+        if saves == "factors":
+            saved = _gru_backward_factors(r, z, n, u_n, h)
+        else:
+            saved = jnp.concatenate([r, z, n, u_n], axis=-1) if saves == "states" else ()
+        return (h_new.T if transposed else h_new, h_new), (h_new, saved)
 
     (_, h), (hs, saved) = jax.lax.scan(step, (h0.T if transposed else h0, h0), x_proj, unroll=unroll)
     return (h, hs), (hs, saved)
+
+
+def _gru_backward_factors(r, z, n, u_n, h_prev):
+    """Every GRU gate gradient is ``dh`` times a factor known from the forward pass: recurrent-side
+    ``du = dh * coef_u`` (gates r, z, n on axis -2), input-side the same but ``da_n = dh * d_n``
+    for the last gate; ``dh_prev = dh * z + du @ W_h.T``. Returns ``(coef_u, d_n, z)``."""
+    d_n = (1.0 - z) * (1.0 - n * n)
+    d_r = d_n * u_n * r * (1.0 - r)
+    d_z = (h_prev - n) * z * (1.0 - z)
+    return jnp.stack([d_r, d_z, d_n * r], axis=-2), d_n, z
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -181,7 +198,7 @@ def fused_gru(w_h: Array, b_h: Array, x_proj: Array, h0: Array, dtype: Any = Non
 
 
 def _fused_gru_fwd(w_h, b_h, x_proj, h0, dtype, unroll):
-    outputs, (hs, saved) = _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll)
+    outputs, (hs, saved) = _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, differentiated=True)
     return outputs, (w_h, h0, hs, saved)
 
 
@@ -189,14 +206,9 @@ def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
     w_h, h0, hs, saved = residuals
     dh_t, dys = cotangents
     h_prev = _previous(h0, hs)
-    r, z, n, u_n = jnp.split(saved, 4, axis=-1)
-    # Every gate gradient is dh times a factor known from the forward pass:
-    # input-side [da_r, da_z, da_n] = dh * coef_x, recurrent-side du = dh * coef_u.
-    da_n = (1.0 - z) * (1.0 - n * n)
-    da_r = da_n * u_n * r * (1.0 - r)
-    da_z = (h_prev - n) * z * (1.0 - z)
-    coef_x = jnp.stack([da_r, da_z, da_n], axis=-2)
-    coef_u = jnp.stack([da_r, da_z, da_n * r], axis=-2)
+    if not isinstance(saved, tuple):  # gates and u_n: the factors in one pass over all steps
+        saved = _gru_backward_factors(*jnp.split(saved, 4, axis=-1), h_prev)
+    coef_u, d_n, z = saved
     w_t = w_h.T
     tile = lambda dh: dh[..., None, :]
     flat = lambda a: a.reshape(a.shape[:-2] + (-1,))
@@ -210,7 +222,8 @@ def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
     dh0, dhs = jax.lax.scan(step, dh_t, (dys, coef_u, z), reverse=True, unroll=unroll)
     dus = flat(coef_u * tile(dhs))
     dw_h = weight_gradient(h_prev, dus, dtype, w_h.dtype)
-    return dw_h, dus.sum(axis=(0, 1)), flat(coef_x * tile(dhs)), dh0
+    dxs = jnp.concatenate([dus[..., : 2 * dhs.shape[-1]], d_n * dhs], axis=-1)
+    return dw_h, dus.sum(axis=(0, 1)), dxs, dh0
 
 
 fused_gru.defvjp(_fused_gru_fwd, _fused_gru_bwd)

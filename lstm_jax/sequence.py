@@ -7,7 +7,6 @@ the scan; the scanned body does only the fused recurrent matmul and the gate ari
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 
 from lstm_jax.cells import Cell, GRUCell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.errors import ConfigError
-from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn, transposed_carry_pays
+from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
 
 __all__ = ["scan_cell", "reverse_padded", "RecurrentStack"]
 
@@ -87,9 +86,9 @@ def scan_cell(
       impl: ``'scan'`` differentiates the scanned step automatically; ``'fused'`` uses the
         hand-written backward pass of ``lstm_jax.fused`` (LSTM, RNN, and GRU with ``reset_after``;
         no ``seq_lengths`` or ``remat``), which computes the recurrent-kernel gradient
-        as one matmul after the backward loop; ``'auto'`` picks ``'fused'`` where it applies,
-        except for the GRU where its transposed carry does not pay (there the autodiff scan
-        measured 0-8% faster on CPU; see ``lstm_jax.fused.transposed_carry_pays``, benchmarks/).
+        as one matmul after the backward loop; ``'auto'`` picks ``'fused'`` where it applies
+        (as fast as the autodiff scan or faster at every shape measured on CPU, up to 1.7x;
+        benchmarks/).
 
     Returns:
       ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
@@ -112,7 +111,7 @@ def scan_cell(
             f"Use impl='scan' or 'auto'.")
     if impl not in ("auto", "scan", "fused"):
         raise ConfigError(f"impl must be 'auto', 'scan' or 'fused', got {impl!r}.")
-    if fusable and (impl == "fused" or (impl == "auto" and _auto_fuses(cell, batch_shape))):
+    if fusable and impl in ("fused", "auto"):
         carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse, unroll)
         return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
 
@@ -133,12 +132,6 @@ def scan_cell(
     if reverse and seq_lengths is not None:
         ys = reverse_padded(ys, seq_lengths)
     return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
-
-
-def _auto_fuses(cell: Cell, batch_shape: tuple) -> bool:
-    """``impl='auto'``: the fused layer, except for a GRU the transposed carry does not speed up."""
-    batch = math.prod(batch_shape)
-    return not isinstance(cell, GRUCell) or transposed_carry_pays(batch, cell.hidden_size, cell.num_gates)
 
 
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,

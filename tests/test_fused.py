@@ -62,7 +62,7 @@ def test_transposed_carry_gives_the_same_numbers_and_is_used_on_cpu(kind, gates)
         run = lambda t: fused._lstm_scan(w_h, x_proj, h0, jnp.cos(h0), dtype=None, unroll=1, saves="factors", transposed=t)
     else:
         b_h = jax.random.normal(keys[3], (gates * hidden,))
-        run = lambda t: fused._gru_scan(w_h, b_h, x_proj, h0, dtype=None, unroll=1, transposed=t)
+        run = lambda t: fused._gru_scan(w_h, b_h, x_proj, h0, dtype=None, unroll=1, saves="factors", transposed=t)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), run(True), run(False))
     assert fused.transposed_carry_pays(n, hidden, gates) and not fused.transposed_carry_pays(256, hidden, gates)
     cell = LSTMCell(hidden) if kind == "lstm" else GRUCell(hidden)
