@@ -13,7 +13,9 @@ and ``fused_rnn(w_h, x_proj, h0, activation, dtype, unroll)`` take the hoisted i
 ``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` / ``(h_T, ys)``. ``scan_cell``
 uses them when ``impl='fused'`` (or ``'auto'``) applies. On CPU, at the shapes where
 ``transposed_carry_pays``, the LSTM and GRU forward loops hold the carry transposed (a faster
-XLA:CPU kernel for the same product; GPU and TPU keep the row-major loop).
+XLA:CPU kernel for the same product; GPU and TPU keep the row-major loop). At those small steps
+the forward loop also computes the backward pass's gradient-independent factors while the gates
+are in cache; at larger ones the backward pass computes them in one vectorised pass.
 """
 
 from __future__ import annotations
