@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lstm_jax.cells import ACTIVATIONS
-from lstm_jax.products import matmul, weight_gradient
+from lstm_jax.products import in_dtype, matmul, transposed_product, weight_gradient
 
 __all__ = ["fused_lstm", "fused_gru", "fused_rnn"]
 
@@ -38,18 +38,12 @@ Array = jax.Array
 
 def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, differentiated=False):
     pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 4)
-    # What the loop saves for the backward pass: at small steps (where the transposed carry pays
-    # on CPU) the backward factors, computed by each step while its gates are in cache (seed: 4-5%
-    # faster train step); otherwise the cell states and gates, from which the backward pass
-    # computes the factors in one vectorised pass (faster at H=256 and 512, where elementwise
-    # work inside the loop runs on one core).
-    saves = ("factors" if pays else "states") if differentiated else None
-    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll, saves=saves)
+    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll, saves=_saves(pays, differentiated))
     return _by_layout(scan, pays, w_h, x_proj, h0, c0)
 
 
 def _lstm_scan(w_h, x_proj, h0, c0, *, dtype, unroll, saves, transposed):
-    """The forward loop; ``saves`` None, ``'factors'`` or ``'states'`` (see ``_lstm_forward``)."""
+    """The forward loop; ``saves`` None, ``'factors'`` or ``'states'`` (see ``_saves``)."""
     out, hidden = x_proj.dtype, h0.shape[-1]
     # One sigmoid over all four gates: tanh(z) = 2 * sigmoid(2 z) - 1 for the candidate g.
     scale = jnp.repeat(jnp.array([1.0, 1.0, 2.0, 1.0], out), hidden)
@@ -121,6 +115,17 @@ def _previous(x0: Array, xs: Array) -> Array:
     return jnp.concatenate([x0[None], xs[:-1]], axis=0)
 
 
+def _saves(small_steps: bool, differentiated: bool) -> str | None:
+    """What a forward loop saves for the backward pass: nothing when not differentiated; at small
+    steps (where the transposed carry pays on CPU) the backward factors, computed by each step
+    while its gates are in cache (seed: 3-5% faster train step); otherwise the states and gates,
+    from which the backward pass computes the factors in one vectorised pass (faster at H=256 and
+    512, where elementwise work inside the loop runs on one core)."""
+    if not differentiated:
+        return None
+    return "factors" if small_steps else "states"
+
+
 def _by_layout(scan, pays: bool, *arrays):
     """``scan(*arrays, transposed=...)``: transposed where it ``pays`` and the program runs on CPU."""
     if not pays:
@@ -134,10 +139,7 @@ def recurrent_product(h: Array, w_h: Array, dtype: Any, out_dtype: Any, transpos
     contracted on its first axis (same numbers, another kernel; see ``transposed_carry_pays``)."""
     if not transposed:
         return matmul(h, w_h, dtype, out_dtype)
-    if dtype is not None:
-        h, w_h = h.astype(dtype), w_h.astype(dtype)
-    product = jax.lax.dot_general(h, w_h, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
-    return product.astype(out_dtype)
+    return transposed_product(*in_dtype(dtype, h, w_h), out_dtype)
 
 
 def transposed_carry_pays(batch: int, hidden: int, gates: int) -> bool:
@@ -156,13 +158,12 @@ def transposed_carry_pays(batch: int, hidden: int, gates: int) -> bool:
 
 def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, differentiated=False):
     pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 3)
-    saves = ("factors" if pays else "states") if differentiated else None  # as in _lstm_forward
-    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=saves)
+    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=_saves(pays, differentiated))
     return _by_layout(scan, pays, w_h, b_h, x_proj, h0)
 
 
 def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, saves, transposed):
-    """The forward loop; ``saves`` None, ``'factors'`` or ``'states'`` (see ``_lstm_forward``)."""
+    """The forward loop; ``saves`` None, ``'factors'`` or ``'states'`` (see ``_saves``)."""
     out = x_proj.dtype
 
     def step(carry, xp):
