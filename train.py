@@ -4,6 +4,9 @@
     python train.py --preset keras               # the lesson's exact set-up (LSTM(128), one-hot, 40-char windows)
     python train.py --corpus my_texts/ --run-dir runs/mine --epochs 20
     python train.py --run-dir runs/char-lstm --epochs 8     # resumes the run in that folder
+    python train.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one line per host
+
+Training is data parallel over every device of every process (``--devices N`` for fewer).
 
 After every epoch: validation bits-per-character over the held-out addresses, samples at
 several temperatures, an orbax checkpoint, a line of metrics.jsonl and bpc.png in the run folder.
@@ -15,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
+from lstm_jax import parallel
 from lstm_jax.checkpoint import Checkpointer, read_run_config, write_run_config
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.errors import CheckpointError, LstmJaxError, NonFiniteLossError
@@ -34,6 +39,7 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
 FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
+RUN_KEYS = ("run_dir", "resume", "devices", "coordinator", "num_processes", "process_id", "peer_timeout")
 DEFAULTS = dict(
     cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
@@ -74,12 +80,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--sample-length", type=int, help="characters per sample after each epoch [400]")
     add("--temperatures", type=float, nargs="+", help="sampling temperatures [0.2 0.5 1.0 1.2]")
     add("--eval-streams", type=int, help="parallel streams for validation [16]")
+    add("--devices", type=int, help="use the first N devices of this process [all]")
+    add("--coordinator", help="HOST:PORT of process 0, for a run of several processes (hosts)")
+    add("--num-processes", type=int, help="processes in the run [JAX's environment, else 1]")
+    add("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    add("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a lost process stops the run [30]")
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     """Flags over the saved run's config (resuming) over the preset over the defaults."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("run_dir", "resume")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in RUN_KEYS}
     preset = PRESETS.get(given.get("preset") or (saved or {}).get("preset"), {})
     config = {**DEFAULTS, **preset, **(saved or {}), **given}
     if saved:
@@ -109,6 +120,7 @@ def save_plot(run_dir: Path, rows: list[dict]) -> None:
 
 
 def print_samples(model, params, vocab, train_ids, config, key) -> None:
+    params = jax.device_get(params)  # replicated: this process's copy, sampled on its default device
     start = int(jax.random.randint(key, (), 0, len(train_ids) - 41))
     prime = train_ids[start : start + 40]
     temps = config["temperatures"]
@@ -118,38 +130,56 @@ def print_samples(model, params, vocab, train_ids, config, key) -> None:
         print(f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n")
 
 
+def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
+    """Join a multi-process run when asked to (flags or JAX's environment variables)."""
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if all(f is None for f in flags) and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return None
+    if args.num_processes == 1:
+        return None
+    parallel.initialize(*flags)
+    return parallel.PeerWatchdog(timeout=args.peer_timeout)
+
+
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
+    main_process = parallel.is_main_process()
+    say = print if main_process else (lambda *a, **k: None)
     saved = read_run_config(run_dir) if (run_dir / "config.json").exists() else None
     if args.resume and saved is None:
         raise CheckpointError(f"--resume was given but {run_dir} holds no run; drop --resume to start one.")
     config = resolve_config(args, saved)
+    mesh = parallel.data_mesh(args.devices)
+    parallel.check_divisible(config["batch_size"], mesh)
     corpus = load_corpus(config["corpus"])
-    print(f"corpus: {corpus.source}, {corpus.num_chars:,} characters")
+    say(f"corpus: {corpus.source}, {corpus.num_chars:,} characters")
     train_text, val_text = split_documents(corpus, config["val_from_year"])
     vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.from_text(train_text, val_text)
     train_ids = vocab.encode(train_text, what="corpus (checked against the run's vocabulary)")
     val_ids = vocab.encode(val_text, what="corpus (checked against the run's vocabulary)")
-    print(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}")
+    say(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}; "
+        f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
 
     model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
-    trainer = Trainer(model, TrainConfig(**{k: config[k] for k in TRAIN_KEYS}), train_ids, config["epochs"])
+    trainer = Trainer(model, TrainConfig(**{k: config[k] for k in TRAIN_KEYS}), train_ids, config["epochs"], mesh)
     spe = trainer.steps_per_epoch
     ckpt = Checkpointer(run_dir, keep=config["keep"])
-    state = trainer.init_state()
-    if saved and ckpt.steps():
-        state, meta = ckpt.restore(state)
-        print(f"resumed {run_dir} at step {int(state.step)} (epoch {int(state.step) // spe})")
-    write_run_config(run_dir, {**config, "vocab": vocab.chars, "model": dataclasses.asdict(model.config)})
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    rows = [r for r in rows if r["step"] <= int(state.step)]  # drop lines from after the checkpoint
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     try:
+        state = trainer.init_state()
+        if saved and ckpt.steps():
+            state, meta = ckpt.restore(trainer.abstract_state())
+            say(f"resumed {run_dir} at step {int(state.step)} (epoch {int(state.step) // spe})")
+        parallel.barrier("lstm_jax: every process has read the run folder")
+        metrics_path = run_dir / "metrics.jsonl"
+        rows = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        rows = [r for r in rows if r["step"] <= int(state.step)]  # drop lines from after the checkpoint
+        if main_process:
+            write_run_config(run_dir, {**config, "vocab": vocab.chars, "model": dataclasses.asdict(model.config)})
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         while int(state.step) < spe * config["epochs"]:
             epoch = int(state.step) // spe + 1
             bar = tqdm(total=spe, initial=int(state.step) % spe, desc=f"epoch {epoch}/{config['epochs']}",
-                       unit="step", dynamic_ncols=True)
+                       unit="step", dynamic_ncols=True, disable=not main_process)
             chars_per_step = config["batch_size"] * (config["seq_len"] if config["preset"] == "lm" else 1)
             t0 = time.perf_counter()
 
@@ -164,20 +194,23 @@ def run(args: argparse.Namespace) -> int:
             state, losses = trainer.train_epoch(state, on_chunk)
             bar.close()
             seconds = time.perf_counter() - t0
-            val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"])
+            val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
             row = dict(epoch=epoch, step=int(state.step), train_bpc=float(nats_to_bpc(losses.mean())),
                        val_bpc=val_bpc, chars_per_s=len(losses) * chars_per_step / seconds, epoch_s=seconds)
-            print(f"epoch {epoch}: train bpc {row['train_bpc']:.3f}, validation bpc {val_bpc:.3f}, "
-                  f"{row['chars_per_s']:,.0f} chars/s")
-            print_samples(model, state.params, vocab, train_ids, config, jax.random.fold_in(state.key, 10_000 + epoch))
+            say(f"epoch {epoch}: train bpc {row['train_bpc']:.3f}, validation bpc {val_bpc:.3f}, "
+                f"{row['chars_per_s']:,.0f} chars/s")
+            if main_process:
+                key = jax.random.fold_in(jax.device_get(state.key), 10_000 + epoch)
+                print_samples(model, state.params, vocab, train_ids, config, key)
             ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
             rows.append(row)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_plot(run_dir, rows)
-        print(f"done: {config['epochs']} epochs in {run_dir} (best validation bpc "
-              f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "
-              f"sample with: python sample.py --checkpoint {run_dir}")
+            if main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                save_plot(run_dir, rows)
+        say(f"done: {config['epochs']} epochs in {run_dir} (best validation bpc "
+            f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "
+            f"sample with: python sample.py --checkpoint {run_dir}")
     finally:
         ckpt.close()
     return 0
@@ -186,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     args = parse_args(argv)
+    watchdog = None
     try:
+        watchdog = start_processes(args)
         return run(args)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -197,6 +232,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the last complete checkpoint is kept; run the same command to resume.", file=sys.stderr)
         return 130
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
 
 
 if __name__ == "__main__":

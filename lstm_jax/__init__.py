@@ -9,6 +9,8 @@ The library layers, each importing only from the ones above it:
 * ``model`` — ``CharLM``, the character language model.
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
 * ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``generate``, ``Checkpointer``.
+* ``parallel`` — the data-parallel mesh over every device of every process (``data_mesh``,
+  ``shard_batch``, ``replicate``, ``initialize``).
 """
 
 from lstm_jax.cells import GRUCell, LSTMCarry, LSTMCell, RNNCell, make_cell
@@ -27,6 +29,7 @@ from lstm_jax.data import Corpus, Document, Vocabulary, load_corpus, split_docum
 from lstm_jax.training import Trainer, TrainConfig, TrainState, evaluate_bpc, make_optimizer
 from lstm_jax.sampling import generate, generate_stream
 from lstm_jax.checkpoint import Checkpointer, load_run
+from lstm_jax import parallel
 
 __version__ = "0.1.0"
 
@@ -40,7 +43,7 @@ __all__ = [
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer",
-    "generate", "generate_stream", "Checkpointer", "load_run",
+    "generate", "generate_stream", "Checkpointer", "load_run", "parallel",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]

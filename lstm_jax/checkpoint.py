@@ -60,13 +60,19 @@ def read_run_config(run_dir: Path) -> dict:
 class Checkpointer:
     """Save and restore ``TrainState`` pytrees with orbax; keeps the last ``keep`` and the best."""
 
-    def __init__(self, run_dir: Path | str, keep: int = 3, async_save: bool = True):
+    def __init__(self, run_dir: Path | str, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.run_dir = Path(run_dir).absolute()
-        opts = dict(enable_async_checkpointing=async_save, create=True)
-        self.latest = ocp.CheckpointManager(self.run_dir / "checkpoints",
-                                            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
-        self.best = ocp.CheckpointManager(self.run_dir / "best", options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m["val_bpc"], best_mode="min", **opts))
+
+        def options(prefix: str, **kw) -> ocp.CheckpointManagerOptions:
+            # Each manager its own barrier names: both save the same step in a multi-process run.
+            return ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+                cleanup_tmp_directories=not read_only,  # a reader must not remove a writer's tmp folder
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix), **kw)
+
+        self.latest = ocp.CheckpointManager(self.run_dir / "checkpoints", options=options("latest", max_to_keep=keep))
+        self.best = ocp.CheckpointManager(self.run_dir / "best", options=options(
+            "best", max_to_keep=1, best_fn=lambda m: m["val_bpc"], best_mode="min"))
         self._best_bpc: float | None = None  # read from disk once, then tracked in memory
 
     def steps(self, which: str = "latest") -> list[int]:
@@ -136,7 +142,7 @@ def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, 
     params = model.init(jax.random.PRNGKey(0))
     target = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0),
                         model.initial_carry((train.batch_size,)))
-    ckpt = Checkpointer(run_dir, async_save=False)
+    ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
     try:
         state, meta = ckpt.restore(target, which)
     finally:

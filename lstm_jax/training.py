@@ -11,6 +11,13 @@ Two ways to cut the corpus into batches, both gathered on the device from one in
 ``run_chunk`` runs ``num_steps`` train steps inside one jitted ``lax.scan``; the host sees only
 the chunk's losses. The train step is a pure function of ``(state, step)``; everything a bitwise
 resume needs is in ``TrainState``.
+
+Devices: the trainer runs on a ``jax.sharding.Mesh`` with one ``data`` axis (``lstm_jax.parallel``;
+default: every device of every process). The lm streams, the carried state and every batch are
+split over it along the batch axis, so each device holds and trains on its own streams; params and
+optimizer state are replicated, and XLA all-reduces the gradients. The same program runs on one
+device, and gives the same losses to float32 rounding on any number of them: the batch, the
+dropout masks (partitionable threefry) and the data order do not depend on the device count.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import Mesh
+
+from lstm_jax import parallel
 from lstm_jax.errors import ConfigError, CorpusError, NonFiniteLossError
 from lstm_jax.model import CharLM, cross_entropy, nats_to_bpc
 
@@ -81,21 +91,30 @@ def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, sche
 
 
 class Trainer:
-    """Holds the model, optimiser and device-resident training text; compiles the chunk once."""
+    """Holds the model, optimiser and device-resident training text; compiles the chunk once.
 
-    def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1):
+    ``mesh`` (default ``parallel.data_mesh()``: every device) must divide ``batch_size``. With
+    several processes every process passes the whole ``train_ids``; each device receives only
+    its own streams.
+    """
+
+    def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1,
+                 mesh: Mesh | None = None):
         self.model, self.config = model, config
+        self.mesh = parallel.data_mesh() if mesh is None else mesh
         b, t = config.batch_size, config.seq_len
+        parallel.check_divisible(b, self.mesh)
         n = len(train_ids)
         if config.preset == "lm":
             stream_len = n // b
             self.steps_per_epoch = (stream_len - 1) // t
-            self.data = jnp.asarray(np.asarray(train_ids[: b * stream_len], np.int32).reshape(b, stream_len))
+            streams = np.asarray(train_ids[: b * stream_len], np.int32).reshape(b, stream_len)
+            self.data = parallel.shard_host_array(streams, self.mesh) if self.steps_per_epoch >= 1 else None
             self.num_windows = 0
-        else:
+        else:  # random windows: every device needs the whole text, and only its own windows are cut
             self.num_windows = max((n - t - 1) // config.window_step + 1, 0)
             self.steps_per_epoch = self.num_windows // b
-            self.data = jnp.asarray(np.asarray(train_ids, np.int32))
+            self.data = parallel.replicate(np.asarray(train_ids, np.int32), self.mesh)
         if self.steps_per_epoch < 1:
             raise CorpusError(
                 f"The training text has {n} characters, too short for one batch of {b} x {t + 1}; "
@@ -103,13 +122,24 @@ class Trainer:
             )
         total = self.steps_per_epoch * epochs  # the length of a cosine schedule
         self.tx = make_optimizer(config.optimizer, config.learning_rate, config.clip_norm, config.lr_schedule, total)
+        rep, split = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+        self.state_sharding = TrainState(rep, rep, rep, rep, split)  # a pytree prefix of TrainState
         # The corpus is an argument, not a closed-over constant: XLA would otherwise fold the whole
         # text into the compiled program (slow to compile, a copy per chunk length).
-        self._chunk = jax.jit(self._run_chunk, static_argnames="num_steps", donate_argnums=0)
+        self._chunk = jax.jit(self._run_chunk, static_argnames="num_steps", donate_argnums=0,
+                              out_shardings=(self.state_sharding, rep))
 
     def init_state(self, key: Array | None = None) -> TrainState:
-        """A fresh state; built under jit so that every leaf is its own (donatable) buffer."""
-        return jax.jit(self._fresh_state)(jax.random.PRNGKey(self.config.seed) if key is None else key)
+        """A fresh state, laid out on the mesh; built under jit so that every leaf is its own
+        (donatable) buffer. The same in every process (same seed)."""
+        key = jax.random.PRNGKey(self.config.seed) if key is None else key
+        return jax.jit(self._fresh_state, out_shardings=self.state_sharding)(np.asarray(key))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state on this mesh: the restore target."""
+        shapes = jax.eval_shape(self._fresh_state, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            jax.tree.broadcast(self.state_sharding, shapes))
 
     def _fresh_state(self, key: Array) -> TrainState:
         params = self.model.init(jax.random.fold_in(key, 0))
@@ -124,7 +154,7 @@ class Trainer:
             return window[:, :-1], window[:, 1:]
         b = self.config.batch_size
         idx = jax.lax.dynamic_slice_in_dim(order, (step % self.steps_per_epoch) * b, b)
-        starts = idx * self.config.window_step
+        starts = jax.lax.with_sharding_constraint(idx * self.config.window_step, parallel.batch_sharding(self.mesh))
         windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, t + 1))(starts)
         return windows[:, :-1], windows[:, -1]
 
@@ -200,9 +230,15 @@ def _eval_nll(model: CharLM, params, tokens: Array, targets: Array, weights: Arr
     return sums.sum()
 
 
-def evaluate_bpc(model: CharLM, params, ids: np.ndarray, streams: int = 16, chunk_len: int = 256) -> float:
+def evaluate_bpc(model: CharLM, params, ids: np.ndarray, streams: int = 16, chunk_len: int = 256,
+                 mesh: Mesh | None = None) -> float:
     """Bits per character over the whole of ``ids``: every character after the first is scored
-    once, with the state carried through ``streams`` contiguous parts of the text."""
+    once, with the state carried through ``streams`` contiguous parts of the text.
+
+    With ``mesh`` the streams are split over its devices (padded with empty streams to a multiple
+    of the device count, so the result does not depend on it); ``params`` then live on the mesh
+    (replicated, as the ``Trainer`` keeps them). Every process of a multi-process run calls it.
+    """
     ids = np.asarray(ids, np.int32)
     n = len(ids) - 1
     if n < 1:
@@ -210,8 +246,12 @@ def evaluate_bpc(model: CharLM, params, ids: np.ndarray, streams: int = 16, chun
     streams = max(1, min(streams, n))
     length = -(-n // streams)
     length = -(-length // chunk_len) * chunk_len
-    pad = streams * length - n
-    grid = lambda a: jnp.asarray(np.pad(a, (0, pad)).reshape(streams, length))
+    rows = streams if mesh is None else -(-streams // mesh.size) * mesh.size
+    pad = rows * length - n
+    if mesh is None:
+        grid = lambda a: jnp.asarray(np.pad(a, (0, pad)).reshape(rows, length))
+    else:
+        grid = lambda a: parallel.shard_host_array(np.pad(a, (0, pad)).reshape(rows, length), mesh)
     weights = grid(np.ones(n, np.float32))
     total = _eval_nll(model, params, grid(ids[:-1]), grid(ids[1:]), weights, chunk_len)
     return float(nats_to_bpc(total / n))

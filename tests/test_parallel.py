@@ -1,0 +1,177 @@
+"""Data parallelism for real: forced host devices and jax.distributed processes, in subprocesses.
+
+The pytest process itself has one CPU device; the workers (tests/parallel_worker.py and
+train.py) force 2 or 4 with XLA_FLAGS before JAX starts, and the two-process runs talk over
+gloo on 127.0.0.1.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import parallel_worker
+from lstm_jax.checkpoint import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "parallel_worker.py"
+COMBOS = [("lstm", "lm"), ("gru", "lm"), ("lstm", "keras"), ("gru", "keras")]
+STEPS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_with_devices(n: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def worker(tmp_path: Path, devices: int, jobs: list, processes: int = 1) -> dict:
+    out = tmp_path / f"result-{devices}x{processes}-{time.monotonic_ns()}.json"
+    config = {"devices": devices, "jobs": jobs, "out": str(out)}
+    if processes == 1:
+        subprocess.run([sys.executable, str(WORKER), json.dumps(config)], check=True, cwd=ROOT, timeout=300)
+    else:
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps({**config, "distributed": {
+            "coordinator": f"127.0.0.1:{port}", "num_processes": processes, "process_id": i}})], cwd=ROOT,
+            stdout=subprocess.DEVNULL) for i in range(processes)]
+        assert [p.wait(timeout=300) for p in procs] == [0] * processes
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """Every combination on this process's single device, and a checkpoint after 12 steps."""
+    tmp = tmp_path_factory.mktemp("one")
+    jobs = [{"cell": c, "preset": p, "steps": STEPS} for c, p in COMBOS]
+    jobs.append({"cell": "lstm", "preset": "lm", "steps": STEPS, "save": str(tmp / "ckpt1"), "save_at": 12})
+    assert jax.device_count() == 1
+    return tmp, parallel_worker.run_jobs(jobs)
+
+
+@pytest.fixture(scope="module")
+def four_devices(one_device, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("four")
+    jobs = [{"cell": c, "preset": p, "steps": STEPS} for c, p in COMBOS]
+    jobs.append({"cell": "lstm", "preset": "lm", "steps": STEPS, "save": str(tmp / "ckpt4"), "save_at": 12})
+    jobs.append({"cell": "lstm", "preset": "lm", "steps": STEPS, "restore": str(one_device[0] / "ckpt1")})
+    return tmp, worker(tmp, 4, jobs)
+
+
+def test_four_devices_give_the_losses_of_one(one_device, four_devices):
+    one, four = one_device[1], four_devices[1]
+    assert four["devices"] == 4
+    for (cell, preset), a, b in zip(COMBOS, one["jobs"], four["jobs"]):
+        assert len(a["losses"]) == STEPS
+        np.testing.assert_allclose(b["losses"], a["losses"], atol=1e-5, err_msg=f"{cell} {preset}")
+        assert abs(a["val_bpc"] - b["val_bpc"]) < 1e-5
+        np.testing.assert_allclose(b["params"][0], a["params"][0], atol=1e-5)
+    # each device holds its own rows of the carried state (8 streams / 4 devices), not a copy
+    assert four["jobs"][0]["carry_spec"] == "P('data',)"
+    assert four["jobs"][0]["carry_shard_rows"] == [2, 2, 2, 2]
+
+
+def test_checkpoints_move_between_topologies(one_device, four_devices, tmp_path):
+    uninterrupted = one_device[1]["jobs"][0]["losses"]
+    # saved on 1 device, continued on 4
+    np.testing.assert_allclose(four_devices[1]["jobs"][5]["losses"], uninterrupted[12:], atol=1e-5)
+    # saved on 4 devices, continued on 2 and on 1 (this process)
+    ckpt4 = str(four_devices[0] / "ckpt4")
+    job = {"cell": "lstm", "preset": "lm", "steps": STEPS, "restore": ckpt4}
+    two = worker(tmp_path, 2, [job])
+    np.testing.assert_allclose(two["jobs"][0]["losses"], uninterrupted[12:], atol=1e-5)
+    here = parallel_worker.run_jobs([job])
+    np.testing.assert_allclose(here["jobs"][0]["losses"], uninterrupted[12:], atol=1e-5)
+
+
+def test_two_processes_give_the_losses_of_one_process(one_device, tmp_path):
+    jobs = [{"cell": c, "preset": p, "steps": STEPS} for c, p in COMBOS[:3]]
+    two = worker(tmp_path, 2, jobs, processes=2)
+    assert (two["devices"], two["processes"]) == (4, 2)
+    for a, b in zip(one_device[1]["jobs"], two["jobs"]):
+        np.testing.assert_allclose(b["losses"], a["losses"], atol=1e-5)
+        assert abs(a["val_bpc"] - b["val_bpc"]) < 1e-5
+
+
+# --- train.py ------------------------------------------------------------------------------------
+
+TINY = ["--hidden-size", "16", "--num-layers", "2", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",
+        "--sample-length", "30", "--eval-streams", "2", "--dropout", "0.1", "--lr-schedule", "constant"]
+
+
+def train_cmd(run: Path, corpus: Path, epochs: int, *extra) -> list:
+    return [sys.executable, str(ROOT / "train.py"), "--corpus", str(corpus), "--run-dir", str(run),
+            "--epochs", str(epochs), *TINY, *map(str, extra)]
+
+
+def start_pair(run: Path, corpus: Path, epochs: int, port: int) -> list:
+    return [subprocess.Popen(train_cmd(run, corpus, epochs, "--coordinator", f"127.0.0.1:{port}",
+                                       "--num-processes", 2, "--process-id", i, "--peer-timeout", 10),
+                             cwd=ROOT, env=env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+
+
+def test_train_py_on_two_processes_equals_four_devices_and_survives_a_lost_process(text_corpus, tmp_path):
+    four, pair, killed = tmp_path / "four", tmp_path / "pair", tmp_path / "killed"
+    subprocess.run(train_cmd(four, text_corpus, 3), cwd=ROOT, env=env_with_devices(4), check=True,
+                   capture_output=True, timeout=300)
+    procs = start_pair(pair, text_corpus, 3, free_port())
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows(pair)] == [1, 2, 3]  # written once, by process 0
+    for a, b in zip(rows(four), rows(pair)):  # 66 steps: float32 rounding of the all-reduce adds up
+        assert abs(a["train_bpc"] - b["train_bpc"]) < 1e-4 and abs(a["val_bpc"] - b["val_bpc"]) < 1e-4
+    assert "epoch 3: train bpc" in outs[0][0] and "epoch" not in outs[1][0] and "temperature" not in outs[1][0]
+    _, p_four, _, _ = load_run(four)  # a 4-device and a 2-process checkpoint both restore on this 1 device
+    _, p_pair, _, _ = load_run(pair)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p_four, p_pair)
+
+    # SIGKILL process 1 after the first checkpoint: process 0 stops with one clear line, in bounded time
+    procs = start_pair(killed, text_corpus, 400, free_port())
+    deadline = time.time() + 120
+    done = lambda: [p for p in (killed / "checkpoints").glob("*") if p.name.isdigit()]  # not *.orbax-checkpoint-tmp
+    while time.time() < deadline and not ((killed / "checkpoints").is_dir() and done()):
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate()
+    assert procs[0].returncode != 0 and time.time() - killed_at < 120
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of 2 stopped responding") and "rerun the same commands" in last, err[-3000:]
+    saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved
+    # the same two commands resume from the last complete checkpoint and finish; the numbers
+    # equal the uninterrupted two-process run's exactly (same topology)
+    procs = start_pair(killed, text_corpus, 3, free_port())
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert f"resumed {killed} at step {saved[-1]}" in outs[0][0] or saved[-1] >= 3 * rows(pair)[0]["step"]
+    _, p_killed, _, _ = load_run(killed)
+    if saved[-1] < 3 * rows(pair)[0]["step"]:
+        assert [(r["train_bpc"], r["val_bpc"]) for r in rows(killed)] == [
+            (r["train_bpc"], r["val_bpc"]) for r in rows(pair)]
+        jax.tree.map(np.testing.assert_array_equal, p_killed, p_pair)
+
+
+def test_batch_size_the_devices_do_not_divide_gets_one_line(text_corpus, tmp_path):
+    run = tmp_path / "run"
+    cmd = train_cmd(run, text_corpus, 1) + ["--batch-size", "6"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_with_devices(4), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert err.splitlines() == [err] and "--batch-size 6 does not split evenly over 4 devices" in err, err
+    assert not run.exists()
