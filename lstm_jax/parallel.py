@@ -1,27 +1,27 @@
 """Data parallelism over every device of every host: one mesh, one ``data`` axis.
 
 The model is small next to its activations, so the whole library scales out the simple way:
-parameters and optimizer state are replicated, each device holds its own slice of the batch (its
-own text streams), and XLA inserts the gradient all-reduce when a jitted step whose inputs carry
-these shardings takes a mean over the batch. The same jitted step runs on 1 device, N devices or P
+parameters and optimizer state are replicated (``NamedSharding`` with ``P()``), each device holds
+its own slice of the batch (``P('data')``: its own text streams and carried state), and the
+gradient is one all-reduce per step. The same jitted step runs on 1 device, N devices or P
 processes; nothing in ``cells``, ``sequence`` or ``fused`` knows about devices.
 
-For your own training loop::
+For your own training loop (``value_and_grad`` runs the loss on each device's rows and averages
+the gradients with one all-reduce)::
 
-    import jax, jax.numpy as jnp, numpy as np
-    from lstm_jax import CharLM, CharLMConfig, parallel
+    import jax, numpy as np
+    from lstm_jax import CharLM, CharLMConfig, cross_entropy, parallel
 
     mesh = parallel.data_mesh()                       # every device (of every process)
     model = CharLM(CharLMConfig(vocab_size=60, hidden_size=64, num_layers=1))
     params = parallel.replicate(model.init(jax.random.key(0)), mesh)
     tokens = parallel.shard_batch(np.zeros((8, 33), np.int32), mesh)   # this process's rows
 
-    @jax.jit
-    def loss_fn(params, tokens):
+    def loss_fn(params, tokens):                      # the mean over the rows it is given
         _, logits = model.apply(params, None, tokens[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+        return cross_entropy(logits, tokens[:, 1:])
 
-    grads = jax.grad(loss_fn)(params, tokens)          # all-reduced by XLA, replicated
+    loss, grads = jax.jit(parallel.value_and_grad(loss_fn, mesh))(params, tokens)
 
 Several processes (hosts) call :func:`initialize` first, each with its ``process_id``; then
 ``data_mesh()`` spans all their devices and ``shard_batch`` takes each process's own rows.
@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lstm_jax.errors import ConfigError
 
 __all__ = ["DATA_AXIS", "data_mesh", "batch_sharding", "replicated", "replicate", "shard_batch",
-           "shard_host_array", "check_divisible", "initialize", "is_main_process", "barrier", "PeerWatchdog"]
+           "shard_host_array", "check_divisible", "value_and_grad", "initialize", "is_main_process", "barrier", "PeerWatchdog"]
 
 DATA_AXIS = "data"
 
@@ -105,6 +105,37 @@ def shard_host_array(host: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
     """A global array split along ``axis`` from a host array that every process holds whole:
     each device receives only its own slice (the corpus streams)."""
     return jax.make_array_from_callback(host.shape, batch_sharding(mesh, axis), lambda idx: host[idx])
+
+
+def value_and_grad(loss_fn: Callable, mesh: Mesh, *, has_aux: bool = False) -> Callable:
+    """``jax.value_and_grad(loss_fn)``, data parallel over ``mesh``: ``f(params, *batch)``.
+
+    ``params`` (any pytree) are replicated; every leaf of every ``batch`` argument is split along
+    its first axis. Each device runs ``loss_fn`` on its own rows, as the single-device program,
+    and one all-reduce averages the losses and gradients (``loss_fn`` must return the mean over
+    its rows; every device holds as many). With ``has_aux`` the aux output (e.g. the carried
+    state, batch-first) stays split. Use it inside ``jax.jit``.
+
+    Why not only shard the inputs and let XLA partition the whole step: a reshape that merges
+    time with a split batch axis (``CharLM``'s head, the weight gradients) makes XLA gather the
+    batch onto every device; here every such reshape is local to a device.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
+
+    def local(params, *batch):
+        value, grads = grad_fn(params, *batch)
+        value = (mean(value[0]), value[1]) if has_aux else mean(value)
+        return value, mean(grads)
+
+    def data_parallel(params, *batch):
+        split = P(DATA_AXIS)
+        # check_vma=False: custom VJPs (the fused layers) return per-device gradients of replicated
+        # weights, which the pmean makes replicated again.
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + (split,) * len(batch),
+                             out_specs=((P(), split) if has_aux else P(), P()), check_vma=False)(params, *batch)
+
+    return data_parallel
 
 
 def is_main_process() -> bool:

@@ -171,6 +171,10 @@ class RecurrentStack:
 
     Dropout (rate ``dropout``) is applied to the outputs of every layer but the last, with one
     mask per sequence drawn outside the scan from ``dropout_key``; without a key there is none.
+    ``dropout_key`` is one key for the whole batch, or one key per sequence (a key array of the
+    batch's shape, e.g. ``jax.random.split(key, batch)``): then each sequence's masks depend on its
+    own key only, so a batch split over devices draws the same masks as the whole batch on one
+    (``lstm_jax.parallel``).
     """
 
     cell: Cell
@@ -230,8 +234,7 @@ class RecurrentStack:
             )
         x = jnp.moveaxis(inputs, _time_axis(self.cell, inputs.ndim, time_major), 0)
         kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat, impl=impl)
-        keys = (jax.random.split(dropout_key, self.num_layers)
-                if dropout_key is not None and self.dropout > 0 else None)
+        drop, masks = dropout_key is not None and self.dropout > 0, None
         carries = []
         for layer in range(self.num_layers):
             cell = self.layer_cell(layer)
@@ -245,7 +248,24 @@ class RecurrentStack:
             else:
                 c, x = scan_cell(cell, params[layer], x, initial_carry=c0, **kw)
                 carries.append(c)
-            if keys is not None and layer < self.num_layers - 1:
-                keep = jax.random.bernoulli(keys[layer], 1.0 - self.dropout, x.shape[1:])
-                x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+            if drop and layer < self.num_layers - 1:
+                if masks is None:  # all layers' masks at once, shaped like a layer's output (*batch, F)
+                    masks = _dropout_masks(dropout_key, self.num_layers - 1, 1.0 - self.dropout, x.shape[1:])
+                x = jnp.where(masks[layer], x / (1.0 - self.dropout), jnp.zeros_like(x))
         return carries, (x if time_major else jnp.moveaxis(x, 0, -2))
+
+
+def _dropout_masks(key: Array, count: int, keep: float, shape: tuple[int, ...]) -> Array:
+    """``count`` keep-masks of ``shape`` (``(*batch, features)``): from one key, or from one key
+    per sequence when ``key`` has the batch's shape (raw ``uint32[..., 2]`` keys or typed keys)."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    key_batch = key.shape if typed else key.shape[:-1]
+    if key_batch == ():
+        return jax.random.bernoulli(key, keep, (count, *shape))
+    if key_batch != shape[:-1]:
+        raise ConfigError(f"dropout_key must be one key or one key per sequence (batch shape {shape[:-1]}), "
+                          f"got keys for batch shape {key_batch}; pass jax.random.split(key, batch_size).")
+    one = lambda k: jax.random.bernoulli(k, keep, (count, shape[-1]))
+    for _ in key_batch:
+        one = jax.vmap(one)
+    return jnp.moveaxis(one(key), -2, 0)  # (*batch, count, F) -> (count, *batch, F)

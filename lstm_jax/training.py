@@ -17,7 +17,7 @@ default: every device of every process). The lm streams, the carried state and e
 split over it along the batch axis, so each device holds and trains on its own streams; params and
 optimizer state are replicated, and XLA all-reduces the gradients. The same program runs on one
 device, and gives the same losses to float32 rounding on any number of them: the batch, the
-dropout masks (partitionable threefry) and the data order do not depend on the device count.
+dropout masks (one key per sequence) and the data order do not depend on the device count.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class Trainer:
             )
         total = self.steps_per_epoch * epochs  # the length of a cosine schedule
         self.tx = make_optimizer(config.optimizer, config.learning_rate, config.clip_norm, config.lr_schedule, total)
+        # every device runs the single-device loss on its rows; one all-reduce of the gradients
+        self._value_and_grad = parallel.value_and_grad(self._loss, self.mesh, has_aux=True)
         rep, split = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.state_sharding = TrainState(rep, rep, rep, rep, split)  # a pytree prefix of TrainState
         # The corpus is an argument, not a closed-over constant: XLA would otherwise fold the whole
@@ -148,27 +150,30 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------
     def _batch(self, data: Array, step: Array, order: Array | None) -> tuple[Array, Array]:
-        t = self.config.seq_len
-        if self.config.preset == "lm":
+        """This step's inputs and targets, split over the mesh: each device cuts its own rows."""
+        t, split = self.config.seq_len, parallel.batch_sharding(self.mesh)
+        if self.config.preset == "lm":  # streams are split already; the slice keeps them so
             window = jax.lax.dynamic_slice_in_dim(data, (step % self.steps_per_epoch) * t, t + 1, axis=1)
             return window[:, :-1], window[:, 1:]
         b = self.config.batch_size
         idx = jax.lax.dynamic_slice_in_dim(order, (step % self.steps_per_epoch) * b, b)
-        starts = jax.lax.with_sharding_constraint(idx * self.config.window_step, parallel.batch_sharding(self.mesh))
+        starts = jax.lax.with_sharding_constraint(idx * self.config.window_step, split)
         windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, t + 1))(starts)
         return windows[:, :-1], windows[:, -1]
 
-    def _loss(self, params, carry, x, y, key):
-        carry, logits = self.model.apply(params, carry, x, dropout_key=key)
+    def _loss(self, params, carry, x, y, keys):
+        carry, logits = self.model.apply(params, carry, x, dropout_key=keys)
         if self.config.preset == "keras":
             return cross_entropy(logits[:, -1], y), carry
         return cross_entropy(logits, y), carry
 
     def _train_step(self, state: TrainState, data: Array, order: Array | None) -> tuple[TrainState, Array]:
+        b = self.config.batch_size
         x, y = self._batch(data, state.step, order)
-        carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((self.config.batch_size,))
-        key = jax.random.fold_in(state.key, state.step) if self.model.config.dropout > 0 else None
-        (loss, carry), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, carry, x, y, key)
+        carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((b,))
+        # one dropout key per sequence: the masks do not depend on how the batch is split
+        keys = jax.random.split(jax.random.fold_in(state.key, state.step), b) if self.model.config.dropout > 0 else None
+        (loss, carry), grads = self._value_and_grad(state.params, carry, x, y, keys)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         carry = jax.lax.stop_gradient(carry)

@@ -175,3 +175,24 @@ def test_batch_size_the_devices_do_not_divide_gets_one_line(text_corpus, tmp_pat
     err = proc.stderr.strip()
     assert err.splitlines() == [err] and "--batch-size 6 does not split evenly over 4 devices" in err, err
     assert not run.exists()
+
+
+def test_library_value_and_grad_on_four_devices_equals_one_device(tmp_path):
+    """The parallel module's own example, run on 4 forced devices, against jax.value_and_grad on one."""
+    import lstm_jax.parallel as parallel_module
+
+    example = parallel_module.__doc__.split("::\n", 1)[1].split("\nSeveral processes", 1)[0]
+    code = "\n".join(line[4:] for line in example.splitlines())
+    code += ("\nimport json, sys\nassert jax.device_count() == 4 and grads['head']['kernel'].sharding.is_fully_replicated\n"
+             "tokens = np.random.default_rng(1).integers(0, 60, (8, 33)).astype(np.int32)\n"
+             "params = model.init(jax.random.key(0))\n"
+             "loss, grads = jax.jit(parallel.value_and_grad(loss_fn, mesh))(parallel.replicate(params, mesh), "
+             "parallel.shard_batch(tokens, mesh))\n"
+             "ref_loss, ref_grads = jax.value_and_grad(loss_fn)(params, tokens)\n"
+             "diff = max(float(abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))\n"
+             "print(json.dumps([float(loss), float(ref_loss), diff]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_with_devices(4), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loss, ref_loss, diff = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(loss - ref_loss) < 1e-6 and diff < 1e-6 and ref_loss > 3.0

@@ -1,0 +1,56 @@
+"""What a benchmark ran on: CPU model, cores, the instruction-set flags that decide matmul speed,
+accelerators, library versions; and a short tag for result file names (results from different
+CPUs live side by side)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return match.group(1).strip() if match else platform.machine()
+
+
+def cpu_flags() -> dict[str, bool]:
+    try:
+        flags = set(re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        flags = set()
+    return {f: f in flags for f in FLAGS}
+
+
+def describe() -> dict:
+    import jax
+
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), flags=cpu_flags(), jax=jax.__version__,
+                backend=jax.default_backend(), devices=[str(d) for d in jax.devices()])
+    try:
+        import jaxlib
+
+        info["jaxlib"] = jaxlib.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def cpu_tag() -> str:
+    """e.g. 'intel-avx512-amx', 'amd-avx2': the CPU family, as it bears on speed."""
+    model, flags = cpu_model().lower(), cpu_flags()
+    vendor = "intel" if "intel" in model else "amd" if "amd" in model else platform.machine()
+    isa = "avx512" if flags["avx512f"] else "avx2" if flags["avx2"] else "base"
+    return f"{vendor}-{isa}" + ("-amx" if flags["amx_bf16"] else "")
+
+
+def describe_line(info: dict) -> str:
+    have = ", ".join(f for f, on in info["flags"].items() if on) or "none of " + ", ".join(FLAGS)
+    return f"{info['cpu']}, {info['cores']} cores ({have}); jax {info['jax']}, backend {info['backend']}"
