@@ -14,7 +14,7 @@ import jax
 
 from lstm_jax.checkpoint import load_run
 from lstm_jax.errors import ConfigError, LstmJaxError
-from lstm_jax.sampling import check_sampling_args, generate_stream
+from lstm_jax.sampling import default_max_bytes, check_sampling_args, generate, generate_stream
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,19 +43,25 @@ def main(argv=None) -> int:
         model, params, vocab, _ = load_run(args.checkpoint, args.which if args.which in ("latest", "best") else int(args.which))
         prime = vocab.encode(args.prime, drop_unknown=args.drop_unknown, what="prime text")
         key = jax.random.PRNGKey(args.seed)
-        stream = generate_stream(model, params, prime, temps, args.length, key, top_k=args.top_k,
-                                 top_p=args.top_p, chunk=64 if len(temps) == 1 else None)
-        if len(temps) == 1:  # stream a single sample to the terminal as it is produced
+        if len(temps) == 1:  # stream a single sample to the terminal as it is produced, any length
             sys.stdout.write(vocab.decode(prime))
-            for chunk in stream:
+            for chunk in generate_stream(model, params, prime, temps, args.length, key, top_k=args.top_k,
+                                         top_p=args.top_p, chunk=64):
                 sys.stdout.write(vocab.decode(chunk[0]))
                 sys.stdout.flush()
             sys.stdout.write("\n")
             sys.stdout.flush()
         else:
-            rows = next(stream)
+            if 4 * len(temps) * args.length > default_max_bytes():
+                raise ConfigError(f"--length {args.length} for {len(temps)} samples does not fit in memory; "
+                                  "ask for one sample (one --temperature, --num-samples 1) to stream it.")
+            rows = generate(model, params, prime, temps, args.length, key, top_k=args.top_k, top_p=args.top_p)
             for t, row in zip(temps, rows):
                 print(f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n")
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
     except LstmJaxError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

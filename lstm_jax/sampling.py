@@ -2,11 +2,15 @@
 
 All samples are one batch: row ``i`` uses ``temperatures[i]`` (0 means greedy), so several
 temperatures cost one scan. ``top_k`` and ``top_p`` (nucleus) filter the distribution first.
+
+Step ``i`` draws with ``jax.random.fold_in(key, i)``, so the characters do not depend on how the
+output is cut into scans, and a stream of any length runs in memory bounded by its chunk.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -16,10 +20,10 @@ import numpy as np
 from lstm_jax.errors import ConfigError
 from lstm_jax.model import CharLM
 
-__all__ = ["generate", "generate_stream", "check_sampling_args"]
+__all__ = ["generate", "generate_stream", "check_sampling_args", "default_max_bytes"]
 
 Array = jax.Array
-MAX_SCAN_STEPS = 8192
+MAX_SCAN_STEPS = 8192  # steps per scan: bounds the pre-drawn noise, steps x samples x vocab
 
 
 def check_sampling_args(temperatures: Sequence[float], length: int, top_k: int = 0, top_p: float = 1.0) -> None:
@@ -27,7 +31,8 @@ def check_sampling_args(temperatures: Sequence[float], length: int, top_k: int =
     if bad:
         raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {bad[0]}; pass e.g. 0.5.")
     if not temperatures:
-        raise ConfigError("Give at least one --temperature, e.g. 0.5.")
+        raise ConfigError("No samples were asked for: give at least one --temperature (e.g. 0.5) and "
+                          "--num-samples >= 1.")
     if length <= 0:
         raise ConfigError(f"--length must be a positive number of characters, got {length}.")
     if top_k < 0:
@@ -85,27 +90,50 @@ def _sample_scan(model: CharLM, params, carry, logits, step_keys, temperatures, 
 
 def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequence[float], length: int,
                     key: Array, *, top_k: int = 0, top_p: float = 1.0, chunk: int | None = None) -> Iterator[np.ndarray]:
-    """Yield ``(num_samples, n)`` token chunks; ``chunk=None`` generates everything in one scan
-    (in scans of at most ``MAX_SCAN_STEPS`` steps; the tokens are the same whatever the chunking).
+    """Yield ``(num_samples, n)`` token chunks, ``length`` tokens per row in all, ``n <= chunk``
+    (default ``MAX_SCAN_STEPS``); the tokens are the same whatever the chunking.
 
     ``prime_ids`` (at least one id) is run through the model in one pass; row ``i`` samples at
-    ``temperatures[i]``.
+    ``temperatures[i]``. Memory is bounded by the chunk, whatever ``length``.
     """
     check_sampling_args(list(temperatures), length, top_k, top_p)
     if len(prime_ids) == 0:
         raise ConfigError("The prime text is empty after encoding; pass --prime with at least one known character.")
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"chunk must be a positive number of steps, got {chunk}.")
     temps = jnp.asarray(temperatures, jnp.float32)
     prime = jnp.broadcast_to(jnp.asarray(prime_ids, jnp.int32), (len(temperatures), len(prime_ids)))
     carry, logits = _prime(model, params, prime)
-    step_keys = jax.random.split(key, length)  # the same samples whatever the chunking
-    chunk = min(chunk or length, MAX_SCAN_STEPS)  # bounds the pre-drawn noise: steps x samples x vocab
+    chunk = min(chunk or MAX_SCAN_STEPS, MAX_SCAN_STEPS, length)
     for start in range(0, length, chunk):
-        carry, logits, tokens = _sample_scan(model, params, carry, logits, step_keys[start : start + chunk],
-                                             temps, top_k, float(top_p))
+        n = min(chunk, length - start)
+        step_keys = _step_keys(key, start, n)
+        carry, logits, tokens = _sample_scan(model, params, carry, logits, step_keys, temps, top_k, float(top_p))
         yield np.asarray(tokens)
 
 
+@functools.partial(jax.jit, static_argnames="n")
+def _step_keys(key: Array, start: int, n: int) -> Array:
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n, dtype=jnp.uint32))
+
+
 def generate(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequence[float], length: int,
-             key: Array, *, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """``(len(temperatures), length)`` generated token ids, from one jitted scan."""
-    return next(generate_stream(model, params, prime_ids, temperatures, length, key, top_k=top_k, top_p=top_p))
+             key: Array, *, top_k: int = 0, top_p: float = 1.0, max_bytes: int | None = None) -> np.ndarray:
+    """``(len(temperatures), length)`` generated token ids (int32), in scans of at most
+    ``MAX_SCAN_STEPS`` steps. An output larger than ``max_bytes`` (default: half the machine's
+    memory) is refused: use ``generate_stream`` for it."""
+    limit = default_max_bytes() if max_bytes is None else max_bytes
+    size = 4 * len(temperatures) * max(length, 0)
+    if size > limit:
+        raise ConfigError(f"length={length} for {len(temperatures)} sample(s) needs {size / 2**30:.1f} GiB "
+                          f"(limit {limit / 2**30:.1f} GiB); stream it with generate_stream, or ask for fewer characters.")
+    chunks = list(generate_stream(model, params, prime_ids, temperatures, length, key, top_k=top_k, top_p=top_p))
+    return np.concatenate(chunks, axis=1)
+
+
+def default_max_bytes() -> int:
+    """Half the machine's physical memory: the largest output ``generate`` returns in one piece."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 2**33

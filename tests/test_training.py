@@ -150,7 +150,7 @@ def test_sampling_equals_categorical_draws_step_by_step():
     out = generate(model, params, prime, temps, 25, key)
     carry, logits = model.apply(params, model.initial_carry((2,)), np.tile(prime, (2, 1)))
     logits, expected = logits[:, -1], []
-    for step_key in jax.random.split(key, 25):
+    for step_key in [jax.random.fold_in(key, i) for i in range(25)]:
         token = jax.random.categorical(step_key, logits / jnp.array(temps)[:, None], axis=-1)
         expected.append(np.asarray(token))
         carry, logits = model.apply(params, carry, token[:, None])
