@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from lstm_jax.checkpoint import load_run
+from lstm_jax.checkpoint import silence_background_errors, load_run
 from lstm_jax.errors import ConfigError, LstmJaxError
 from lstm_jax.sampling import default_max_bytes, check_sampling_args, generate, generate_stream
 
@@ -34,13 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
+    silence_background_errors()
     args = parse_args(argv)
     try:
         temps = [t for t in args.temperature for _ in range(args.num_samples)]
         check_sampling_args(temps, args.length, args.top_k, args.top_p)
         if args.which not in ("latest", "best") and not args.which.isdigit():
             raise ConfigError(f"--which must be 'latest', 'best' or a step number, got {args.which!r}.")
-        model, params, vocab, _ = load_run(args.checkpoint, args.which if args.which in ("latest", "best") else int(args.which))
+        model, params, vocab, meta = load_run(args.checkpoint, args.which if args.which in ("latest", "best") else int(args.which))
+        for note in meta["restore_notes"]:
+            print(f"warning: {note}", file=sys.stderr)
         prime = vocab.encode(args.prime, drop_unknown=args.drop_unknown, what="prime text")
         key = jax.random.PRNGKey(args.seed)
         if len(temps) == 1:  # stream a single sample to the terminal as it is produced, any length

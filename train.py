@@ -27,7 +27,7 @@ import jax
 from tqdm import tqdm
 
 from lstm_jax import parallel
-from lstm_jax.checkpoint import Checkpointer, read_run_config, write_run_config
+from lstm_jax.checkpoint import silence_background_errors, Checkpointer, read_run_config, write_run_config
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.errors import CheckpointError, LstmJaxError, NonFiniteLossError
 from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc
@@ -166,10 +166,17 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Checkpointer(run_dir, keep=config["keep"])
     try:
         state = trainer.init_state()
-        if saved and ckpt.steps():
+        if saved and (ckpt.steps() or ckpt.steps("best")):
             state, meta = ckpt.restore(trainer.abstract_state())
+            for note in ckpt.notes:
+                say(f"warning: {note}", file=sys.stderr)
             say(f"resumed {run_dir} at step {int(state.step)} (epoch {int(state.step) // spe})")
         parallel.barrier("lstm_jax: every process has read the run folder")
+        if ckpt.damaged:  # kept for inspection under damaged/, out of the way of the coming saves
+            for path in ckpt.quarantine() if main_process else []:
+                say(f"warning: moved the damaged checkpoint to {path}", file=sys.stderr)
+            parallel.barrier("lstm_jax: damaged checkpoints moved")
+            ckpt.reload()
         metrics_path = run_dir / "metrics.jsonl"
         rows = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
         rows = [r for r in rows if r["step"] <= int(state.step)]  # drop lines from after the checkpoint
@@ -218,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
+    silence_background_errors()
     args = parse_args(argv)
     watchdog = None
     try:

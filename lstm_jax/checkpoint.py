@@ -13,14 +13,21 @@ target built on the current machine, so a checkpoint written on a GPU restores o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import hashlib
 import json
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lstm_jax.data import Vocabulary
@@ -31,6 +38,7 @@ from lstm_jax.training import TrainConfig, TrainState, make_optimizer
 __all__ = ["Checkpointer", "read_run_config", "write_run_config", "load_run", "CONFIG_FILE"]
 
 CONFIG_FILE = "config.json"
+SEAL_FILE = "lstm_jax_sha256.json"  # in each checkpoint folder: the SHA-256 of each of its files
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:
@@ -61,7 +69,7 @@ class Checkpointer:
     """Save and restore ``TrainState`` pytrees with orbax; keeps the last ``keep`` and the best."""
 
     def __init__(self, run_dir: Path | str, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.run_dir = Path(run_dir).absolute()
+        self.run_dir, self.read_only = Path(run_dir).absolute(), read_only
 
         def options(prefix: str, **kw) -> ocp.CheckpointManagerOptions:
             # Each manager its own barrier names: both save the same step in a multi-process run.
@@ -70,10 +78,14 @@ class Checkpointer:
                 cleanup_tmp_directories=not read_only,  # a reader must not remove a writer's tmp folder
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix), **kw)
 
-        self.latest = ocp.CheckpointManager(self.run_dir / "checkpoints", options=options("latest", max_to_keep=keep))
+        handlers = lambda: dict(state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+        self.latest = ocp.CheckpointManager(self.run_dir / "checkpoints", options=options("latest", max_to_keep=keep),
+                                            item_handlers=handlers())
         self.best = ocp.CheckpointManager(self.run_dir / "best", options=options(
-            "best", max_to_keep=1, best_fn=lambda m: m["val_bpc"], best_mode="min"))
+            "best", max_to_keep=1, best_fn=lambda m: m["val_bpc"], best_mode="min"), item_handlers=handlers())
         self._best_bpc: float | None = None  # read from disk once, then tracked in memory
+        self.damaged: list[Path] = []  # checkpoints the last restore found damaged and skipped
+        self.notes: list[str] = []  # one line for each, and the step used instead, for the user
 
     def steps(self, which: str = "latest") -> list[int]:
         return list(self._manager(which).all_steps())
@@ -82,7 +94,10 @@ class Checkpointer:
         return self.best if which == "best" else self.latest
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save ``state`` (async) and ``meta`` (JSON); also as best if ``meta['val_bpc']`` improved."""
+        """Save ``state`` (async) and ``meta`` (JSON, with the state's fingerprint); also as best
+        if ``meta['val_bpc']`` improved. Every process of a multi-process run calls it."""
+        self.seal()
+        meta = {**meta, "fingerprint": fingerprint(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.latest.save(step, args=args, force=True)
         if "val_bpc" in meta and meta["val_bpc"] < self.best_bpc():
@@ -90,51 +105,218 @@ class Checkpointer:
             self._best_bpc = meta["val_bpc"]
 
     def best_bpc(self) -> float:
-        """The best validation bpc saved so far (infinity when there is none)."""
+        """The best validation bpc saved so far (infinity when there is none or it is unreadable)."""
         if self._best_bpc is None:
+            self._best_bpc = float("inf")
             step = self.best.best_step()
-            self._best_bpc = float("inf") if step is None else self.best.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["val_bpc"]
+            if step is not None:
+                try:
+                    self._best_bpc = self.best.restore(step, args=ocp.args.Composite(
+                        meta=ocp.args.JsonRestore()))["meta"]["val_bpc"]
+                except Exception:  # damaged: the next good epoch replaces it
+                    pass
         return self._best_bpc
 
+    def _candidates(self, which: str | int) -> list[tuple[str, ocp.CheckpointManager, int]]:
+        """Where to look, in order: the newest first ('latest': the kept checkpoints and best/,
+        which a kill between the two saves can leave one step ahead), best/ first ('best'), or
+        exactly one step."""
+        latest = [("checkpoints", self.latest, s) for s in self.latest.all_steps()]
+        best = [("best", self.best, s) for s in self.best.all_steps()]
+        if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+            found = [c for c in latest + best if c[2] == int(which)][:1]
+            if not found:
+                steps = sorted({c[2] for c in latest + best})
+                raise CheckpointError(f"{self.run_dir} has no checkpoint at step {which}; available: {steps}.")
+            return found
+        newest = sorted(latest + best, key=lambda c: (-c[2], c[0] == "best"))
+        return (best + [c for c in newest if c[0] != "best"]) if which == "best" else newest
+
     def restore(self, abstract_state: Any, which: str | int = "latest") -> tuple[Any, dict]:
-        """Restore ``(state, meta)``: ``which`` is 'latest', 'best' or a step of the last ones."""
-        manager = self._manager(which if isinstance(which, str) else "latest")
-        steps = manager.all_steps()
-        if not steps:
-            raise CheckpointError(f"{self.run_dir} holds no complete checkpoint; train first (python train.py --run-dir {self.run_dir}).")
-        if which == "best":
-            step = manager.best_step()
-        elif which == "latest":
-            step = manager.latest_step()
-        else:
-            step = int(which)
-            if step not in steps:
-                raise CheckpointError(f"{self.run_dir} has no checkpoint at step {step}; available: {sorted(steps)}.")
+        """Restore ``(state, meta)``: ``which`` is 'latest', 'best' or a step number.
+
+        A checkpoint that cannot be read, or whose numbers differ from the fingerprint saved with
+        them, is damaged: it is skipped for the next newest (for 'latest' and 'best'), and
+        ``self.notes`` says so. A checkpoint of another model shape raises ``CheckpointError``.
+        """
+        self.damaged, self.notes = [], []
+        candidates = self._candidates(which)
+        if not candidates:
+            raise CheckpointError(f"{self.run_dir} holds no complete checkpoint; train first "
+                                  f"(python train.py --run-dir {self.run_dir}).")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        try:
-            out = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"The checkpoint at step {step} in {self.run_dir} does not match this model "
-                f"({str(err).splitlines()[0][:200]}); use the run's own config or a new --run-dir."
-            ) from None
-        return out["state"], out["meta"]
+        for folder, manager, step in candidates:
+            path = self.run_dir / folder / str(step)
+            broken = _check_seal(path)  # before orbax reads anything: a failed read leaves noise behind
+            if broken:
+                self._skip(path, ValueError(broken))
+                continue
+            try:
+                saved_shapes = _shapes(manager.item_metadata(step)["state"])
+            except Exception as err:
+                self._skip(path, err)
+                continue
+            if saved_shapes != _shapes(target):
+                raise CheckpointError(
+                    f"The checkpoint at step {step} in {self.run_dir} holds arrays of other shapes than this "
+                    f"model's ({len(saved_shapes)} vs {len(_shapes(target))} arrays); the run's config.json "
+                    f"does not match its checkpoints: restore config.json or use a new --run-dir.")
+            try:
+                with _quiet_background_errors():
+                    out = manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                saved = out["meta"].get("fingerprint")
+                if saved is not None and saved != fingerprint(out["state"]):
+                    raise ValueError("its numbers differ from the fingerprint saved with them")
+            except Exception as err:
+                self._skip(path, err)
+                continue
+            if self.damaged:
+                self.notes.append(f"using the newest intact checkpoint instead: step {step} ({folder}/{step}).")
+            return out["state"], out["meta"]
+        tried = ", ".join(f"{folder}/{step}" for folder, _, step in candidates)
+        raise CheckpointError(f"Every checkpoint in {self.run_dir} is damaged ({tried}); restore the folder "
+                              f"from a copy or start a new --run-dir.")
+
+    def _skip(self, path: Path, err: Exception) -> None:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        self.damaged.append(path)
+        self.notes.append(f"checkpoint {path} is damaged ({first}); skipping it.")
+
+    def quarantine(self) -> list[Path]:
+        """Move the damaged checkpoints the last restore skipped to ``<run>/damaged/`` (kept for
+        inspection, out of the way of new saves at the same steps); returns the new paths."""
+        moved = []
+        for path in self.damaged:
+            dest = self.run_dir / "damaged" / f"{path.parent.name}-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if path.exists():
+                dest.parent.mkdir(exist_ok=True)
+                os.replace(path, dest)
+                moved.append(dest)
+        self.reload()
+        return moved
+
+    def reload(self) -> None:
+        """Re-read the folders (after another process changed them)."""
+        self.latest.reload()
+        self.best.reload()
+        self._best_bpc = None
 
     def wait(self) -> None:
         """Block until async saves are on disk."""
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
 
-    def close(self) -> None:
+    def seal(self) -> None:
+        """Write the SHA-256 of every file of each finished checkpoint that has none yet (process 0
+        only), so that a restore finds damage before orbax reads a byte. Runs before each save and
+        on close; a checkpoint finished just before a kill stays unsealed and is checked by its
+        fingerprint alone."""
         self.wait()
+        if jax.process_index() != 0 or self.read_only:
+            return
+        for folder, manager in (("checkpoints", self.latest), ("best", self.best)):
+            for step in manager.all_steps():
+                path = self.run_dir / folder / str(step)
+                if path.is_dir() and not (path / SEAL_FILE).exists():
+                    _write_seal(path)
+
+    def close(self) -> None:
+        self.seal()
         self.latest.close()
         self.best.close()
 
 
+@contextlib.contextmanager
+def _quiet_background_errors():
+    """Silence what a failed restore leaves behind: orbax reads arrays in coroutines, and when one
+    read fails the others' exceptions surface later, on garbage collection, as "Exception ignored
+    in <coroutine ...>" tracebacks. The failure itself reaches the caller as the raised error."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
+def silence_background_errors() -> None:
+    """For command-line scripts: after a failed restore, tensorstore's outstanding reads finish
+    on orbax's closed event loop and print "RuntimeError: Event loop is closed" tracebacks from
+    background threads. Hide exactly those; every other exception prints as usual."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+            default(kind, value, tb)
+
+    sys.excepthook = hook
+    previous = threading.excepthook
+    threading.excepthook = lambda args: None if (
+        isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value)) else previous(args)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_seal(path: Path) -> None:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != SEAL_FILE)
+    seal = {str(p.relative_to(path)): _sha256(p) for p in files}
+    tmp = path / (SEAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(seal, indent=1))
+    os.replace(tmp, path / SEAL_FILE)
+
+
+def _check_seal(path: Path) -> str | None:
+    """What is wrong with a sealed checkpoint folder's files, or None (also when it has no seal)."""
+    seal_path = path / SEAL_FILE
+    if not seal_path.is_file():
+        return None
+    try:
+        seal = json.loads(seal_path.read_text())
+    except (OSError, ValueError):
+        return f"its checksum file {SEAL_FILE} is unreadable"
+    for name, digest in seal.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def fingerprint(state: Any) -> list[int]:
+    """One uint32 per array of ``state``: a position-weighted sum of its bits, mod 2**32. Any
+    changed value changes it; the same on any number of devices (integer sums are exact)."""
+    return [int(v) for v in np.asarray(_fingerprint(state))]
+
+
+@jax.jit
+def _fingerprint(state: Any) -> jax.Array:
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+        weights = jnp.arange(x.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        return jnp.sum(bits.reshape(-1) * weights, dtype=jnp.uint32)
+
+    return jnp.stack([one(x) for x in jax.tree.leaves(state)] or [jnp.uint32(0)])
+
+
+def _shapes(tree: Any) -> list[tuple]:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sorted((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
 def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, Any, Vocabulary, dict]:
-    """``(model, params, vocabulary, meta)`` of a run folder, restored onto this machine's devices."""
+    """``(model, params, vocabulary, meta)`` of a run folder, restored onto this machine's devices.
+
+    Damaged checkpoints are skipped for the newest intact one; ``meta['restore_notes']`` then
+    says which were skipped and which step was used."""
     config = read_run_config(Path(run_dir))
     model = CharLM(CharLMConfig(**config["model"]))
     train = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig) if f.name in config})
@@ -147,4 +329,4 @@ def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, 
         state, meta = ckpt.restore(target, which)
     finally:
         ckpt.close()
-    return model, state.params, Vocabulary(config["vocab"]), meta
+    return model, state.params, Vocabulary(config["vocab"]), {**meta, "restore_notes": ckpt.notes}
