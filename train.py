@@ -27,7 +27,7 @@ import jax
 from tqdm import tqdm
 
 from lstm_jax import parallel
-from lstm_jax.checkpoint import silence_background_errors, Checkpointer, read_run_config, write_run_config
+from lstm_jax.checkpoint import silence_background_errors, Checkpointer, RunLock, read_run_config, write_run_config
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.errors import CheckpointError, LstmJaxError, NonFiniteLossError
 from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc
@@ -163,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
     trainer = Trainer(model, TrainConfig(**{k: config[k] for k in TRAIN_KEYS}), train_ids, config["epochs"], mesh)
     spe = trainer.steps_per_epoch
+    lock = RunLock(run_dir).acquire() if main_process else None  # one trainer per folder
+    if lock is not None and lock.took_over:
+        say(f"warning: took over the lock of {run_dir} from {lock.took_over}, which ended without releasing it.",
+            file=sys.stderr)
     ckpt = Checkpointer(run_dir, keep=config["keep"])
     try:
         state = trainer.init_state()
@@ -220,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
             f"sample with: python sample.py --checkpoint {run_dir}")
     finally:
         ckpt.close()
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -35,7 +35,7 @@ from lstm_jax.errors import CheckpointError
 from lstm_jax.model import CharLM, CharLMConfig
 from lstm_jax.training import TrainConfig, TrainState, make_optimizer
 
-__all__ = ["Checkpointer", "read_run_config", "write_run_config", "load_run", "CONFIG_FILE"]
+__all__ = ["Checkpointer", "RunLock", "read_run_config", "write_run_config", "load_run", "CONFIG_FILE"]
 
 CONFIG_FILE = "config.json"
 SEAL_FILE = "lstm_jax_sha256.json"  # in each checkpoint folder: the SHA-256 of each of its files
@@ -255,6 +255,55 @@ def silence_background_errors() -> None:
     previous = threading.excepthook
     threading.excepthook = lambda args: None if (
         isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value)) else previous(args)
+
+
+class RunLock:
+    """One trainer per run folder: an exclusive ``flock`` on ``<run>/lstm_jax.lock``, which holds
+    the holder's PID and host. The kernel drops the lock when its process dies, however it dies,
+    so a lock left by a killed run is taken over (``took_over`` then names the dead holder). The
+    processes of one multi-process run share the folder: only process 0 takes the lock. Readers
+    (``sample.py``) never take it.
+    """
+
+    FILE = "lstm_jax.lock"
+
+    def __init__(self, run_dir: Path | str):
+        self.path = Path(run_dir) / self.FILE
+        self.took_over: str | None = None
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(f"{self.path.parent} is being trained by {holder}; wait for it to finish, stop it, "
+                                  f"or pass another --run-dir (sample.py can read the folder meanwhile).") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        self.took_over = previous or None  # written by a holder that died without releasing
+        me = f"PID {os.getpid()} on host {socket.gethostname()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty file: released cleanly
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _sha256(path: Path) -> str:

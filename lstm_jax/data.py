@@ -8,6 +8,7 @@ path: a text file, or a folder whose ``*.txt`` files (recursively, sorted) are t
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import logging
 import re
@@ -46,8 +47,25 @@ class Corpus:
         return sum(len(d.text) for d in self.documents)
 
 
+BOMS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _bom_encoding(data: bytes) -> str | None:
+    return next((enc for bom, enc in BOMS if data.startswith(bom)), None)
+
+
 def decode_bytes(data: bytes) -> str:
-    """UTF-8 when the bytes are valid UTF-8, else Latin-1 (every byte is a character: never fails)."""
+    """Text with a byte-order mark (UTF-8, UTF-16 or UTF-32, as Windows tools write) in its
+    encoding; else UTF-8 when the bytes are valid UTF-8, else Latin-1 (every byte is a character)."""
+    encoding = _bom_encoding(data)
+    if encoding:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -55,6 +73,12 @@ def decode_bytes(data: bytes) -> str:
 
 
 def _check_text(name: str, data: bytes) -> None:
+    if _bom_encoding(data):  # NUL bytes are part of UTF-16/32: look at the characters instead
+        sample = decode_bytes(data[:65536 * 4])[:65536]
+        controls = sum(ord(c) < 32 and c not in "\t\n\x0c\r" for c in sample)
+        if controls > 0.01 * max(len(sample), 1):
+            raise CorpusError(f"Corpus file {name} looks binary (control characters); pass a plain-text file or folder.")
+        return
     sample = data[:65536]
     controls = sum(b < 32 and b not in (9, 10, 12, 13) for b in sample)
     if b"\x00" in sample or controls > 0.01 * max(len(sample), 1):

@@ -210,3 +210,60 @@ def test_a_config_that_disagrees_with_its_checkpoints_gets_exactly_one_line(pris
             proc = _cli(script, *args)
             assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
             assert "does not match its checkpoints" in proc.stderr and "strict" not in proc.stderr
+
+
+# --- leftovers, locks, odd text ------------------------------------------------------------------
+
+def test_leftovers_of_a_kill_are_cleaned_and_best_never_runs_ahead(pristine_run, tmp_path):
+    run, steps = pristine_run
+    run = _copy(run, tmp_path)
+    # a kill during a best/ save leaves its temporary folder; a kill between the two saves can
+    # leave best/ one step ahead of checkpoints/
+    (run / "best" / f"{steps[-1] + 5}.orbax-checkpoint-tmp").mkdir()
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / str(steps[-1]))
+    proc = _cli("train.py", "--run-dir", run, "--epochs", 4)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed {run} at step {steps[-1]}" in proc.stdout  # from best/, the newest complete state
+    assert not [p for p in (run / "best").iterdir() if "tmp" in p.name]
+    latest = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(int(p.name) <= latest for p in (run / "best").iterdir())
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(text_corpus, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["--corpus", text_corpus, "--run-dir", run, "--epochs", 400, *TINY]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "checkpoints").is_dir() and
+                                              any(p.name.isdigit() for p in (run / "checkpoints").iterdir())):
+            time.sleep(0.05)
+        second = _cli("train.py", *args)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"is being trained by PID {first.pid} on host" in second.stderr
+        reader = _cli("sample.py", "--checkpoint", run, "--length", 10)  # reading while training is fine
+        assert reader.returncode == 0, reader.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    again = _cli("train.py", "--run-dir", run, "--epochs", 1 + json.loads(
+        (run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"took over the lock of {run} from PID {first.pid}" in again.stderr
+    assert (run / "lstm_jax.lock").read_text() == ""  # released on a clean exit
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_text_with_a_byte_order_mark_is_read_as_text(tmp_path, encoding):
+    from lstm_jax.data import load_corpus
+
+    text = "The state of our Union is strong \u2014 caf\u00e9.\r\n" * 20
+    data = text.encode(encoding) if encoding != "utf-16-be" else b"\xfe\xff" + text.encode("utf-16-be")
+    (tmp_path / "speech.txt").write_bytes(data)
+    assert load_corpus(str(tmp_path / "speech.txt")).documents[0].text == text
