@@ -32,14 +32,21 @@ def _time_axis(cell: Cell, ndim: int, time_major: bool) -> int:
     return 0 if time_major else ndim - min_ndim
 
 
-def _check_lengths(seq_lengths: Array, batch_shape: tuple[int, ...]) -> Array:
+def _check_lengths(seq_lengths: Array, batch_shape: tuple[int, ...], steps: int) -> Array:
+    """Lengths as int32 in ``[0, steps]``: concrete lengths outside it raise ``ConfigError``;
+    traced ones (under ``jit``) are clipped into it, so a bad length can never make NaNs."""
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != batch_shape or not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
         raise ConfigError(
             f"seq_lengths must be integers of shape {batch_shape} (one length per sequence in the "
             f"batch), got {seq_lengths.dtype} of shape {seq_lengths.shape}."
         )
-    return seq_lengths
+    if not isinstance(seq_lengths, jax.core.Tracer) and seq_lengths.size:
+        lo, hi = int(seq_lengths.min()), int(seq_lengths.max())
+        if lo < 0 or hi > steps:
+            raise ConfigError(f"seq_lengths must lie in [0, {steps}] (the sequences' time steps), got values "
+                              f"from {lo} to {hi}; clip them or pad the inputs to the longest sequence.")
+    return jnp.clip(seq_lengths, 0, steps).astype(jnp.int32)
 
 
 def reverse_padded(x: Array, seq_lengths: Array) -> Array:
@@ -77,7 +84,9 @@ def scan_cell(
       initial_carry: the carry at the first step (default: zeros).
       seq_lengths: ``(*batch,)`` valid lengths of right-padded sequences. The carry stops at each
         sequence's last valid step and that carry is returned; outputs past the end are zero.
-        With ``reverse`` only the valid part of each sequence is reversed.
+        With ``reverse`` only the valid part of each sequence is reversed. Lengths must lie in
+        ``[0, T]``: concrete ones outside raise ``ConfigError``, traced ones (under ``jit``) are
+        clipped into it.
       time_major: whether time is the leading axis of ``inputs`` and outputs.
       reverse: run from the last step to the first (outputs stay in input order).
       unroll: passed to ``lax.scan``.
@@ -97,13 +106,15 @@ def scan_cell(
     x = jnp.moveaxis(inputs, t_axis, 0)
     batch_shape = x.shape[1 : x.ndim if cell.token_inputs else x.ndim - 1]
     if seq_lengths is not None:
-        seq_lengths = _check_lengths(seq_lengths, batch_shape)
+        seq_lengths = _check_lengths(seq_lengths, batch_shape, x.shape[0])
         if reverse:
             x = reverse_padded(x, seq_lengths)
     x_proj = cell.input_projection(params, x)
     carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
     fusable = (isinstance(cell, (LSTMCell, RNNCell)) or (isinstance(cell, GRUCell) and cell.reset_after)) and (
         seq_lengths is None and not remat)
+    empty = x.shape[0] == 0 or 0 in batch_shape  # no steps or no sequences: the scan handles it
+    impl = "scan" if empty and fusable else impl
     if impl == "fused" and not fusable:
         raise ConfigError(
             f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths "
