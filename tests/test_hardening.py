@@ -267,3 +267,19 @@ def test_text_with_a_byte_order_mark_is_read_as_text(tmp_path, encoding):
     data = text.encode(encoding) if encoding != "utf-16-be" else b"\xfe\xff" + text.encode("utf-16-be")
     (tmp_path / "speech.txt").write_bytes(data)
     assert load_corpus(str(tmp_path / "speech.txt")).documents[0].text == text
+
+
+def test_sample_py_streams_a_huge_length_at_once_and_stops_cleanly_on_ctrl_c(pristine_run):
+    import signal
+    import time
+
+    run, _ = pristine_run
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(run), "--length",
+                             str(10**9), "--prime", "The"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = time.time()
+    first = proc.stdout.read(200)  # characters arrive while the rest is still being generated
+    waited = time.time() - started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert len(first) == 200 and first.startswith(b"The") and waited < 60
+    assert proc.returncode == 130 and err.decode().strip() == "interrupted.", err.decode()[-2000:]
