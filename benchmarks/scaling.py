@@ -11,7 +11,7 @@ slow spell of a shared machine hits all alike. A subprocess builds the real ``Tr
 program (the all-reduce ops of the scanned step). Forced host devices share the same cores, so on
 CPU the numbers are the cost of sharding where no compute is added; on real devices the script
 reports scaling efficiency, ``t(1) / (N * t(N))`` at a fixed global batch.
-Writes ``benchmarks/results/scaling-<backend>-<cpu>.{json,md}``.
+Writes ``benchmarks/results/scaling-<backend>[-<cpu>]-<config>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
     out = dict(machine=info, config=dict(name=args.config, cell=args.cell, batch=b, seq_len=t, hidden=h,
                                          layers=layers, chunk=args.chunk, rounds=args.rounds, repeats=args.repeats),
                forced_host_devices=on_cpu, rows=rows)
-    tag = f"scaling-{info['backend']}" + (f"-{machine.cpu_tag()}" if on_cpu else "")
+    tag = f"scaling-{info['backend']}" + (f"-{machine.cpu_tag()}" if on_cpu else "") + f"-{args.config}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"{tag}.md").write_text(markdown(out) + "\n")

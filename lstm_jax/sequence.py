@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lstm_jax.cells import Cell, GRUCell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.errors import ConfigError
@@ -42,7 +43,8 @@ def _check_lengths(seq_lengths: Array, batch_shape: tuple[int, ...], steps: int)
             f"batch), got {seq_lengths.dtype} of shape {seq_lengths.shape}."
         )
     if not isinstance(seq_lengths, jax.core.Tracer) and seq_lengths.size:
-        lo, hi = int(seq_lengths.min()), int(seq_lengths.max())
+        concrete = np.asarray(seq_lengths)  # numpy: no traced min/max when a constant enters jit
+        lo, hi = int(concrete.min()), int(concrete.max())
         if lo < 0 or hi > steps:
             raise ConfigError(f"seq_lengths must lie in [0, {steps}] (the sequences' time steps), got values "
                               f"from {lo} to {hi}; clip them or pad the inputs to the longest sequence.")
@@ -59,6 +61,14 @@ def reverse_padded(x: Array, seq_lengths: Array) -> Array:
     idx = jnp.where(t < seq_lengths, seq_lengths - 1 - t, t)
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
     return jnp.take_along_axis(x, idx, axis=0)
+
+
+def reverse_in_time(x: Array, time_axis: int, seq_lengths: Array | None = None) -> Array:
+    """``x`` reversed along ``time_axis``, within each sequence's valid part when ``seq_lengths``
+    is given (padding stays in place); its own inverse."""
+    if seq_lengths is None:
+        return jnp.flip(x, time_axis)
+    return jnp.moveaxis(reverse_padded(jnp.moveaxis(x, time_axis, 0), jnp.asarray(seq_lengths)), 0, time_axis)
 
 
 def scan_cell(
