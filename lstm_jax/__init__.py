@@ -10,7 +10,10 @@ The library layers, each importing only from the ones above it:
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
 * ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``generate``, ``Checkpointer``.
 * ``parallel`` — the data-parallel mesh over every device of every process (``data_mesh``,
-  ``shard_batch``, ``replicate``, ``initialize``).
+  ``shard_batch``, ``replicate``, ``value_and_grad``, ``initialize``).
+
+Imported on demand, not here: ``lstm_jax.nnx`` and ``lstm_jax.linen`` (the layers as Flax
+modules), so that ``import lstm_jax`` works with any Flax version.
 """
 
 from lstm_jax.cells import GRUCell, LSTMCarry, LSTMCell, RNNCell, make_cell
