@@ -2,7 +2,7 @@
 
 The library layers, each importing only from the ones above it:
 
-* ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``: ``init``, ``initial_carry``, ``apply``.
+* ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``, ``LeakyRNNCell``: ``init``, ``initial_carry``, ``apply``.
 * ``sequence`` / ``fused`` — ``scan_cell`` and ``RecurrentStack`` over ``lax.scan``; the
   custom-VJP layers ``fused_lstm``, ``fused_gru`` and ``fused_rnn``.
 * ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
@@ -16,7 +16,7 @@ Imported on demand, not here: ``lstm_jax.nnx`` and ``lstm_jax.linen`` (the layer
 modules), so that ``import lstm_jax`` works with any Flax version.
 """
 
-from lstm_jax.cells import GRUCell, LSTMCarry, LSTMCell, RNNCell, make_cell
+from lstm_jax.cells import GRUCell, LeakyRNNCell, LSTMCarry, LSTMCell, RNNCell, make_cell
 from lstm_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # cells and sequences
-    "LSTMCell", "GRUCell", "RNNCell", "LSTMCarry", "make_cell",
+    "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
     "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn",
     # weight import
     "from_torch", "from_flax_lstm", "from_flax_gru",

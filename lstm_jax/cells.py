@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from lstm_jax.errors import ConfigError
 from lstm_jax.products import matmul
 
-__all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "RNNCell", "Cell", "make_cell"]
+__all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "Cell", "make_cell"]
 
 Array = jax.Array
 Params = dict
@@ -281,12 +281,45 @@ class RNNCell(_FusedCell):
         return h, h
 
 
-Cell = Union[LSTMCell, GRUCell, RNNCell]
-CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
+@dataclasses.dataclass(frozen=True)
+class LeakyRNNCell(_FusedCell):
+    r"""Leaky-integrator recurrent cell: a plain RNN whose state moves only part of the way::
+
+        h' = (1 - alpha) * h + alpha * activation(x @ W_i + h @ W_h + b)      # output y = h'
+
+    ``alpha`` in ``(0, 1]`` (``alpha=1`` is ``RNNCell``). The leak is the lesson's remedy between
+    the plain RNN and gates: the Jacobian ``dh'/dh = (1 - alpha) I + alpha * diag(act') W_h``
+    keeps a ``1 - alpha`` share of the identity, so gradients shrink far slower over long spans
+    than ``diag(act') W_h`` alone, at the price of a fixed, input-independent time scale (an LSTM
+    learns its forget gate per step). Parameters and initialisers as ``RNNCell``; carry ``h``
+    ``(*batch, H)``. PyTorch has no equivalent module, so there is no weight import.
+    """
+
+    alpha: float = 0.1
+    activation: str = "tanh"
+    num_gates = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError(f"LeakyRNNCell: alpha must be in (0, 1] (1 = plain RNN), got {self.alpha!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"LeakyRNNCell: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
+            )
+
+    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+        target = ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry))
+        h = carry + self.alpha * (target - carry)
+        return h, h
+
+
+Cell = Union[LSTMCell, GRUCell, RNNCell, LeakyRNNCell]
+CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell, "leaky_rnn": LeakyRNNCell}
 
 
 def make_cell(kind: str, hidden_size: int, **options: Any) -> Cell:
-    """Build a cell by name (``'lstm'``, ``'gru'`` or ``'rnn'``), checking every option.
+    """Build a cell by name (``'lstm'``, ``'gru'``, ``'rnn'`` or ``'leaky_rnn'``), checking every option.
 
     Unknown names or options raise ``ConfigError`` listing the valid ones, e.g.
     ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)``.

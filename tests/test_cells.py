@@ -297,3 +297,32 @@ def test_unknown_cell_options_are_clear_errors():
     with pytest.raises(ConfigError, match="hidden_size"):
         LSTMCell(0)
     assert make_cell("gru", 8, reset_after=False) == GRUCell(8, reset_after=False)
+
+
+def test_leaky_rnn_cell_equals_a_hand_computation_and_runs_in_every_path():
+    from lstm_jax import LeakyRNNCell, RecurrentStack, make_cell, scan_cell
+
+    cell = make_cell("leaky_rnn", 4, alpha=0.3)
+    assert isinstance(cell, LeakyRNNCell)
+    params = cell.init(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3))
+    w_i, w_h, b = (np.asarray(params[k], np.float64) for k in ("input_kernel", "recurrent_kernel", "bias"))
+    h, expected = np.zeros((2, 4)), []
+    for t in range(5):
+        h = 0.7 * h + 0.3 * np.tanh(np.asarray(x[:, t], np.float64) @ w_i + h @ w_h + b)
+        expected.append(h)
+    for impl in ("auto", "scan"):
+        carry, ys = scan_cell(cell, params, x, impl=impl)
+        np.testing.assert_allclose(ys, np.stack(expected, 1), atol=1e-5)
+        np.testing.assert_allclose(carry, expected[-1], atol=1e-5)
+    with pytest.raises(ConfigError, match="impl='fused'"):
+        scan_cell(cell, params, x, impl="fused")
+    one = make_cell("leaky_rnn", 4, alpha=1.0)  # alpha = 1 is the plain RNN
+    np.testing.assert_allclose(scan_cell(one, params, x)[1],
+                               scan_cell(make_cell("rnn", 4), params, x)[1], atol=1e-6)
+    _, ys = RecurrentStack(cell, num_layers=2, bidirectional=True).apply(
+        RecurrentStack(cell, num_layers=2, bidirectional=True).init(jax.random.PRNGKey(2), 3), x)
+    assert ys.shape == (2, 5, 8)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="alpha must be in"):
+            make_cell("leaky_rnn", 4, alpha=bad)

@@ -1,0 +1,66 @@
+"""The lesson's claims as tests: the RNN gradient bound, the LSTM cell-state path, the adding data."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import adding  # noqa: E402
+from lstm_jax import LSTMCarry, LSTMCell, RNNCell, scan_cell  # noqa: E402
+
+
+def _run_from(cell, params, h, xs):
+    return scan_cell(cell, params, xs, initial_carry=h)[0]
+
+
+@pytest.mark.parametrize("sigma", [0.9, 1.0, 1.1])
+def test_tanh_rnn_jacobian_is_bounded_by_sigma_max_to_the_distance(sigma):
+    """||dh_T/dh_t|| <= sigma_max(W)^(T-t), because tanh' <= 1; reached at h = 0 with zero inputs."""
+    cell = RNNCell(8)
+    params = cell.init(jax.random.PRNGKey(0), 3)
+    w = params["recurrent_kernel"]
+    params = {**params, "recurrent_kernel": w * sigma / jnp.linalg.norm(w, 2)}
+    xs = jax.random.normal(jax.random.PRNGKey(1), (30, 3))
+    h0 = jax.random.normal(jax.random.PRNGKey(2), (8,)) * 0.5
+    for distance in (1, 5, 15, 30):
+        jac = jax.jacobian(lambda h: _run_from(cell, params, h, xs[-distance:]))(h0)
+        assert np.linalg.norm(jac, 2) <= sigma**distance * (1 + 1e-5)
+        tight = jax.jacobian(lambda h: _run_from(cell, params, h, jnp.zeros((distance, 3))))(jnp.zeros(8))
+        zero_bias = np.allclose(params["bias"], 0)
+        assert zero_bias and abs(np.linalg.norm(tight, 2) / sigma**distance - 1) < 1e-4
+
+
+def test_lstm_cell_state_path_is_the_product_of_forget_gates():
+    """With the recurrent weights at zero the only path from c_t to c_T is the cell state:
+    dc_T/dc_t = diag(prod of f), and the forget bias sets its size."""
+    for forget_bias, expected_100 in ((0.0, 1e-30), (1.0, 2e-14), (2.0, 3e-6)):
+        cell = LSTMCell(4, forget_bias=forget_bias, recurrent_kernel_init=lambda k, s, d: jnp.zeros(s, d),
+                        kernel_init=lambda k, s, d: jnp.zeros(s, d))
+        params = cell.init(jax.random.PRNGKey(0), 2)
+        xs = jax.random.normal(jax.random.PRNGKey(1), (100, 2))
+        c_of = lambda c: _run_from(cell, params, LSTMCarry(jnp.zeros(4), c), xs).c
+        jac = jax.jacobian(c_of)(jnp.ones(4))
+        f = jax.nn.sigmoid(forget_bias)
+        np.testing.assert_allclose(jac, np.eye(4) * f**100, rtol=1e-3)
+        assert 0.2 < f**100 / expected_100 < 5  # the issue's orders of magnitude
+
+
+def test_adding_problem_batches_mark_one_value_in_each_half():
+    x, y = adding.adding_batch(jax.random.PRNGKey(0), 256, 50)
+    marks = np.asarray(x[..., 1])
+    assert (marks[:, :25].sum(1) == 1).all() and (marks[:, 25:].sum(1) == 1).all()
+    np.testing.assert_allclose(y, (x[..., 0] * x[..., 1]).sum(1), rtol=1e-6)
+    assert abs(float(jnp.mean((1.0 - y) ** 2)) - 1 / 6) < 0.03  # the baseline MSE
+
+
+def test_adding_trains_all_seeds_in_one_vmapped_program():
+    args = argparse.Namespace(hidden=8, lr=1e-2, clip=1.0, batch=16, steps=100, chunk=50, eval_every=50)
+    result = adding.train("lstm", 10, 2, args)
+    assert len(result["test_mse"]) == 2 and all(np.isfinite(result["test_mse"]))
+    assert result["test_mse"][0] != result["test_mse"][1]  # the seeds really differ
+    assert [c[0] for c in result["curve"]] == [50, 100]
