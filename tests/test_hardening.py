@@ -177,6 +177,8 @@ def test_a_damaged_checkpoint_is_named_and_skipped_for_the_newest_intact_one(pri
     assert warnings[1] == f"warning: using the newest intact checkpoint instead: step {steps[-1]} (best/{steps[-1]}).", warnings
     assert newest.exists()  # the reader touches nothing
 
+    if damage not in ("array data zeroed", "unsealed, array data truncated"):
+        return  # the resume path is the same restore; two kinds (sealed, unsealed) keep the suite short
     # a resume skips it too, moves it aside, and trains on from the intact copy
     proc = _cli("train.py", "--run-dir", run, "--epochs", 4)
     assert proc.returncode == 0, proc.stderr[-2000:]

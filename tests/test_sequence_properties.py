@@ -40,7 +40,7 @@ def loss(carry, ys):
     return (ys * w).sum() + sum(jnp.sin(c).sum() for c in jax.tree.leaves(carry))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cell_name=st.sampled_from(sorted(CELLS)), steps=st.integers(0, 4),
        batch=st.sampled_from([(), (0,), (1,), (3,), (2, 2)]), with_lengths=st.booleans(),
        direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
