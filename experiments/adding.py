@@ -12,7 +12,8 @@ last state, MSE, Adam with global-norm clipping. All seeds of a cell train toget
 
 Cells: tanh RNN, leaky RNN (alpha 0.1), GRU, LSTM (forget bias 1, the default) and LSTM with
 forget bias 0. Reported per cell, span and seed: test MSE at the end (4096 fresh sequences),
-the first step whose test MSE (checked every ``--eval-every`` steps) fell below 0.01, wall time.
+the first step whose test MSE (checked every ``--eval-every`` steps) fell below 0.01, wall time,
+and, after training (seed 0), ``||d prediction / dh_t||`` against the distance T - t.
 Writes experiments/results/adding[-quick].{json,md,png}.
 """
 
@@ -67,11 +68,26 @@ def make_model(name: str, hidden: int):
         h = carry.h if hasattr(carry, "h") else carry
         return (h @ params["out"]["w"] + params["out"]["b"])[..., 0]
 
-    return init, predict
+    def grad_by_distance(params, x):
+        """``||d prediction / dh_t||`` for one sequence ``x (T, 2)``, by distance T - t = 1 ... T."""
+        def prediction(eps):
+            def body(carry, inputs):
+                x_t, e_t = inputs
+                carry = carry._replace(h=carry.h + e_t) if hasattr(carry, "h") else carry + e_t
+                return cell.apply(params["cell"], carry, x_t)[0], None
+
+            carry, _ = jax.lax.scan(body, cell.initial_carry(()), (x, eps))
+            h = carry.h if hasattr(carry, "h") else carry
+            return (h @ params["out"]["w"])[0]
+
+        g = jax.grad(prediction)(jnp.zeros((x.shape[0], hidden)))
+        return jnp.linalg.norm(g, axis=-1)[::-1]
+
+    return init, predict, grad_by_distance
 
 
 def train(name: str, steps_span: int, seeds: int, args) -> dict:
-    init, predict = make_model(name, args.hidden)
+    init, predict, grad_by_distance = make_model(name, args.hidden)
     tx = optax.chain(optax.clip_by_global_norm(args.clip), optax.adam(args.lr))
     loss_fn = lambda p, x, y: jnp.mean((predict(p, x) - y) ** 2)
 
@@ -106,8 +122,12 @@ def train(name: str, steps_span: int, seeds: int, args) -> dict:
                     reached[s] = done
     wall = time.perf_counter() - t0
     final = curve[-1][1]
+    # after training (seed 0): how strongly the prediction depends on the state t steps back
+    seed0 = jax.tree.map(lambda a: a[0], state[0])
+    norms = jax.jit(jax.vmap(grad_by_distance, in_axes=(None, 0)))(seed0, test_x[:16])
+    flow = np.exp(np.mean(np.log(np.maximum(np.asarray(norms, np.float64), 1e-45)), axis=0))
     return {"cell": name, "span": steps_span, "test_mse": final, "steps_to_0.01": reached, "wall_s": wall,
-            "wall_s_per_seed": wall / seeds, "curve": curve}
+            "wall_s_per_seed": wall / seeds, "curve": curve, "trained_grad_by_distance": flow.tolist()}
 
 
 def main():
@@ -157,7 +177,13 @@ def write_report(out: dict, tag: str) -> None:
                      f"{', '.join('-' if s is None else str(s) for s in r['steps_to_0.01'])} | {r['wall_s']:.0f} |")
     (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
     spans = sorted({r["span"] for r in out["runs"]})
-    fig, axes = plt.subplots(1, len(spans), figsize=(5 * len(spans), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(spans), figsize=(5 * len(spans), 8), squeeze=False)
+    for ax, span in zip(axes[1], spans):
+        for i, r in enumerate(x for x in out["runs"] if x["span"] == span):
+            g = np.asarray(r["trained_grad_by_distance"])
+            ax.semilogy(np.arange(1, len(g) + 1), g, color=f"C{i}", label=r["cell"])
+        ax.set(title=f"after training, T = {span}: ||d prediction / dh_t||", xlabel="distance T - t", ylim=(1e-30, 1e3))
+        ax.grid(alpha=0.3, which="both")
     for ax, span in zip(axes[0], spans):
         for i, r in enumerate(x for x in out["runs"] if x["span"] == span):
             steps = [c[0] for c in r["curve"]]
