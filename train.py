@@ -39,7 +39,8 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
 FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
-RUN_KEYS = ("run_dir", "resume", "devices", "coordinator", "num_processes", "process_id", "peer_timeout")
+RUN_KEYS = ("run_dir", "resume", "devices", "coordinator", "num_processes", "process_id", "peer_timeout",
+            "distributed")
 DEFAULTS = dict(
     cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--coordinator", help="HOST:PORT of process 0, for a run of several processes (hosts)")
     add("--num-processes", type=int, help="processes in the run [JAX's environment, else 1]")
     add("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    add("--distributed", action="store_true", help="join a multi-process run that JAX detects itself (TPU pod, SLURM, ...)")
     add("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a lost process stops the run [30]")
     return p.parse_args(argv)
 
@@ -133,7 +135,8 @@ def print_samples(model, params, vocab, train_ids, config, key) -> None:
 def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
     """Join a multi-process run when asked to (flags or JAX's environment variables)."""
     flags = (args.coordinator, args.num_processes, args.process_id)
-    if all(f is None for f in flags) and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    from_env = os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if all(f is None for f in flags) and not (args.distributed or from_env):
         return None
     if args.num_processes == 1:
         return None
