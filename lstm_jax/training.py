@@ -15,9 +15,11 @@ resume needs is in ``TrainState``.
 Devices: the trainer runs on a ``jax.sharding.Mesh`` with one ``data`` axis (``lstm_jax.parallel``;
 default: every device of every process). The lm streams, the carried state and every batch are
 split over it along the batch axis, so each device holds and trains on its own streams; params and
-optimizer state are replicated, and XLA all-reduces the gradients. The same program runs on one
-device, and gives the same losses to float32 rounding on any number of them: the batch, the
-dropout masks (one key per sequence) and the data order do not depend on the device count.
+optimizer state are replicated. The loss and its gradient run through ``parallel.value_and_grad``
+(each device runs the single-device program on its rows, one all-reduce of the gradients), the
+optimizer update on the replicated result. The same program runs on one device, and gives the
+same losses to float32 rounding on any number of them: the batch, the dropout masks (one key per
+sequence) and the data order do not depend on the device count.
 """
 
 from __future__ import annotations
