@@ -145,6 +145,7 @@ class Checkpointer:
             raise CheckpointError(f"{self.run_dir} holds no complete checkpoint; train first "
                                   f"(python train.py --run-dir {self.run_dir}).")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        target_shapes = _shapes(target)
         for folder, manager, step in candidates:
             path = self.run_dir / folder / str(step)
             broken = _check_seal(path)  # before orbax reads anything: a failed read leaves noise behind
@@ -156,10 +157,10 @@ class Checkpointer:
             except Exception as err:
                 self._skip(path, err)
                 continue
-            if saved_shapes != _shapes(target):
+            if saved_shapes != target_shapes:
                 raise CheckpointError(
                     f"The checkpoint at step {step} in {self.run_dir} holds arrays of other shapes than this "
-                    f"model's ({len(saved_shapes)} vs {len(_shapes(target))} arrays); the run's config.json "
+                    f"model's ({len(saved_shapes)} vs {len(target_shapes)} arrays); the run's config.json "
                     f"does not match its checkpoints: restore config.json or use a new --run-dir.")
             try:
                 with _quiet_background_errors():
