@@ -144,19 +144,29 @@ def main():
     p.add_argument("--chunk", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--tag", default=None)
+    p.add_argument("--append", action="store_true",
+                   help="add these runs to the results file (same hyper-parameters), replacing same cell and span")
     args = p.parse_args()
     if args.quick:
         args.spans, args.seeds, args.steps, args.hidden = [50, 100], 2, 1500, 32
     tag = args.tag or ("adding-quick" if args.quick else "adding")
+    hyper = {k: v for k, v in vars(args).items() if k not in ("quick", "append", "spans", "cells")}
     runs = []
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.append and (RESULTS / f"{tag}.json").exists():
+        old = json.loads((RESULTS / f"{tag}.json").read_text())
+        differ = {k: (old["hyper"].get(k), v) for k, v in hyper.items() if old["hyper"].get(k) != v}
+        if differ:
+            p.error(f"--append: these settings differ from {tag}.json (old, new): {differ}; use the same ones or --tag")
+        runs = [r for r in old["runs"] if (r["cell"], r["span"]) not in {(c, s) for c in args.cells for s in args.spans}]
     for span in args.spans:
         for name in args.cells:
             r = train(name, span, args.seeds, args)
             runs.append(r)
             print(f"T={span:4d} {name:20s} test MSE {', '.join(f'{m:.4f}' for m in r['test_mse'])}  "
                   f"steps to 0.01 {r['steps_to_0.01']}  {r['wall_s']:.0f} s", flush=True)
-            out = {"hyper": {k: v for k, v in vars(args).items() if k != "quick"}, "runs": runs}
+            runs.sort(key=lambda r: (r["span"], list(CELLS).index(r["cell"])))
+            out = {"hyper": hyper, "runs": runs}
             (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
     write_report(out, tag)
 

@@ -12,9 +12,17 @@ The library layers, each importing only from the ones above it:
 * ``parallel`` — the data-parallel mesh over every device of every process (``data_mesh``,
   ``shard_batch``, ``replicate``, ``value_and_grad``, ``initialize``).
 
+* ``runtime`` — ``tune_malloc``: on glibc, ``import lstm_jax`` keeps freed memory for reuse, so
+  a jitted step called again does not page-fault its temporaries in afresh
+  (``LSTM_JAX_MALLOC=default`` opts out).
+
 Imported on demand, not here: ``lstm_jax.nnx`` and ``lstm_jax.linen`` (the layers as Flax
 modules), so that ``import lstm_jax`` works with any Flax version.
 """
+
+from lstm_jax import runtime
+
+runtime.tune_malloc()  # before the arrays of this process are allocated; see lstm_jax.runtime
 
 from lstm_jax.cells import GRUCell, LeakyRNNCell, LSTMCarry, LSTMCell, RNNCell, make_cell
 from lstm_jax.errors import (
@@ -46,7 +54,7 @@ __all__ = [
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer",
-    "generate", "generate_stream", "Checkpointer", "load_run", "parallel",
+    "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]
