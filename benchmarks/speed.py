@@ -7,9 +7,13 @@ median of ``--steps`` timed steps after warm-up is reported, with the compile (f
     python benchmarks/speed.py                 # everything, on every backend JAX sees
     python benchmarks/speed.py --quick         # fewer steps and no sweeps
 
-Peers (when installed): PyTorch nn.LSTM/GRU/RNN (CPU threads = cores; cuDNN on GPU), Flax linen
-nn.RNN over OptimizedLSTMCell/GRUCell/SimpleCell, and jax.experimental.rnn (cuDNN) on GPU.
-Writes benchmarks/results/speed-<backend>.json and .md.
+Peers (when installed): PyTorch nn.LSTM/GRU/RNN (CPU threads = cores; cuDNN on GPU) in float32
+and with bf16 autocast, and Flax linen nn.RNN over OptimizedLSTMCell/GRUCell/SimpleCell. The bf16
+rows (lstm_jax's bf16 mode, PyTorch's autocast) run at every size on GPU and on CPUs with bf16
+units (avx512_bf16 or amx_bf16); on a CPU without them the results say so instead (PyTorch's
+autocast ran 10-25x slower than float32 on such a CPU). All of it runs in one process, so the
+allocator setting ``import lstm_jax`` applies (``lstm_jax.runtime``) holds for every peer alike.
+Writes benchmarks/results/speed-<backend>[-<cpu>].{json,md}, the CPU named in the file and its name.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +34,9 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy  # noqa: E402
 from lstm_jax.sampling import generate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 V, E = 92, 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,12 +138,12 @@ def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_di
     return jax_case(step, state, _tokens(b, t), per_dispatch)
 
 
-def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10) -> Case:
+def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32") -> Case:
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
     batches gathered on the device, state donated, losses copied to the host after each chunk."""
     from lstm_jax.training import Trainer, TrainConfig
 
-    model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E))
+    model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E, dtype=dtype))
     ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 8 + 2)).astype(np.int32)
     trainer = Trainer(model, TrainConfig(batch_size=b, seq_len=t, chunk_steps=chunk, learning_rate=1e-3,
                                          lr_schedule="constant", clip_norm=0.0), ids, epochs=10**6)
@@ -285,6 +291,9 @@ def main():
     except ImportError:
         has_torch = False
     peak = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    info = machine.describe()
+    bf16_units = backend != "cpu" or info["flags"]["avx512_bf16"] or info["flags"]["amx_bf16"]
+    no_bf16 = "skipped: this CPU has no bf16 units (avx512_bf16 / amx_bf16), where bf16 runs slower than float32"
     per_round = 10
     for name in args.configs:
         b, t, h, layers = CONFIGS[name]
@@ -293,22 +302,27 @@ def main():
                         "lstm_jax, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
                         "lstm_jax autodiff scan (10 steps/dispatch)":
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
-            if name == "seed" or backend != "cpu":  # bf16 matmuls are slower than f32 on this CPU
-                builders["lstm_jax bf16 (10 steps/dispatch)"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16", per_dispatch=10)
+            if bf16_units:
+                builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16")
+                builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16")
+            else:
+                rows.append(dict(config=name, cell=cell, impl="lstm_jax bf16", error=no_bf16))
             builders["flax nn.RNN"] = lambda: case_flax(cell, b, t, h, layers)
             builders["flax nn.RNN (10 steps/dispatch)"] = lambda: case_flax(cell, b, t, h, layers, per_dispatch=10)
             if has_torch:
                 dev = "cuda" if backend == "gpu" else "cpu"
                 builders[f"torch nn.{cell.upper()}"] = lambda: case_torch(cell, b, t, h, layers, dev)
-                if name == "seed" or backend == "gpu":  # CPU autocast runs 10-25x slower than f32 here
+                if bf16_units:
                     builders[f"torch nn.{cell.upper()} bf16 autocast"] = lambda: case_torch(cell, b, t, h, layers, dev, autocast_bf16=True)
+                else:
+                    rows.append(dict(config=name, cell=cell, impl=f"torch nn.{cell.upper()} bf16 autocast", error=no_bf16))
             cases = {}
             for impl, build in builders.items():
                 try:
                     cases[impl] = build()
                 except RuntimeError as err:  # e.g. PyTorch's CPU bf16 LSTM needs oneDNN bf16 support
                     print(f"{name:8s} {cell:5s} {impl:44s} unavailable: {str(err).splitlines()[0][:100]}", flush=True)
-                    rows.append(dict(config=name, cell=cell, impl=impl, error=str(err).splitlines()[0][:200]))
+                    rows.append(dict(config=name, cell=cell, impl=impl, error="unavailable: " + str(err).splitlines()[0][:200]))
             for impl, step_s in measure(cases, rounds, per_round).items():
                 flops = train_flops(b, t, h, layers, cell)
                 dtype = "bfloat16" if "bf16" in impl else "float32"
@@ -319,7 +333,7 @@ def main():
                 print(f"{name:8s} {cell:5s} {impl:44s} {step_s * 1e3:9.1f} ms {b * t / step_s:10.0f} chars/s "
                       f"compile {compile_s:5.1f} s", flush=True)
     out = dict(backend=backend, devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
-               machine=platform.processor() or platform.machine(), jax=jax.__version__,
+               machine=info, cpu_tag=machine.cpu_tag(), jax=jax.__version__,
                matmul_peak_gflops={k: v / 1e9 for k, v in peak.items()}, rows=rows, sweeps={},
                generation=bench_generation(), command="python benchmarks/speed.py " + " ".join(sys.argv[1:]))
     write(out)  # the table first; the sweeps take a while
@@ -331,8 +345,9 @@ def main():
 
 def write(out: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"speed-{out['backend']}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"speed-{out['backend']}.md").write_text(markdown(out))
+    name = f"speed-{out['backend']}" + (f"-{out['cpu_tag']}" if out["backend"] == "cpu" else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(out))
 
 
 def _chars_per_s(b, t, h, layers=1) -> float:
@@ -362,20 +377,22 @@ def run_sweeps(save=lambda sweeps: None):
 
 
 def markdown(out) -> str:
-    lines = [f"# Train-step speed on {out['backend']} ({out['machine']}, {out['cpus']} CPUs, jax {out['jax']})", "",
+    where = machine.describe_line(out["machine"]) if isinstance(out["machine"], dict) else out["machine"]
+    lines = [f"# Train-step speed on {out['backend']}: {where}", "",
              f"Command: `{out['command']}`. Per implementation, the median over rounds of 10 steps after warm-up; "
              f"the implementations of a row group take turns round by round, so ratios are to peers measured in "
              f"the same rounds. 'n steps/dispatch' runs n train steps in one jitted `lax.scan` (lstm_jax's "
              f"Trainer does this); without it every step is its own jitted call. Large-matmul peak: "
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in out["matmul_peak_gflops"].items()), "",
              "| config | cell | implementation | ms/step | chars/s | compile s | GFLOP/s | % of matmul peak "
-             "| vs torch | vs flax | vs flax 10/dispatch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    peer_names = {"torch": lambda cell: f"torch nn.{cell.upper()}", "flax": lambda cell: "flax nn.RNN",
+             "| vs torch | vs torch bf16 | vs flax | vs flax 10/dispatch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    peer_names = {"torch": lambda cell: f"torch nn.{cell.upper()}",
+                  "torch_bf16": lambda cell: f"torch nn.{cell.upper()} bf16 autocast", "flax": lambda cell: "flax nn.RNN",
                   "flax10": lambda cell: "flax nn.RNN (10 steps/dispatch)"}
     for r in out["rows"]:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | unavailable: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['error'][:110]} | | | | | | | | |")
             continue
         same = {p["impl"]: p for p in out["rows"] if p["config"] == r["config"] and p["cell"] == r["cell"] and "error" not in p}
 
@@ -385,7 +402,7 @@ def markdown(out) -> str:
 
         lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | {r['chars_per_s']:,.0f} | "
                      f"{r['compile_s']:.1f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_peak']:.0f}% | "
-                     f"{ratio('torch')} | {ratio('flax')} | {ratio('flax10')} |")
+                     f"{ratio('torch')} | {ratio('torch_bf16')} | {ratio('flax')} | {ratio('flax10')} |")
     g = out["generation"]
     lines += ["", f"Generation (2x256 LSTM, 4 temperatures x 1000 chars, one batch): lstm_jax "
               f"{g['lstm_jax_chars_per_s']:,.0f} chars/s" + (f", PyTorch per-character loop {g['torch_loop_chars_per_s']:,.0f} "

@@ -12,8 +12,9 @@ matmuls.
 and ``fused_rnn(w_h, x_proj, h0, activation, dtype, unroll)`` take the hoisted input projection
 ``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` / ``(h_T, ys)``. ``scan_cell``
 uses them when ``impl='fused'`` (or ``'auto'``) applies. On CPU, at the shapes where
-``transposed_carry_pays``, the LSTM and GRU forward loops hold the carry transposed (a faster
-XLA:CPU kernel for the same product; GPU and TPU keep the row-major loop). At those small steps
+``lstm_jax.calibrate.transposed_carry_pays`` measured it faster on this machine, the LSTM and GRU
+forward loops hold the carry transposed (another XLA:CPU kernel for the same product; GPU and TPU
+keep the row-major loop). At those small steps
 the forward loop also computes the backward pass's gradient-independent factors while the gates
 are in cache; at larger ones the backward pass computes them in one vectorised pass.
 """
@@ -26,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lstm_jax.calibrate import transposed_carry_pays
 from lstm_jax.cells import ACTIVATIONS
 from lstm_jax.products import in_dtype, matmul, transposed_product, weight_gradient
 
@@ -37,8 +39,8 @@ Array = jax.Array
 # --- LSTM ---------------------------------------------------------------------------------------
 
 def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, differentiated=False):
-    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 4)
-    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll, saves=_saves(pays, differentiated))
+    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 4, dtype)
+    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll, saves=_saves(w_h.shape[0] <= 128, differentiated))
     return _by_layout(scan, pays, w_h, x_proj, h0, c0)
 
 
@@ -117,7 +119,7 @@ def _previous(x0: Array, xs: Array) -> Array:
 
 def _saves(small_steps: bool, differentiated: bool) -> str | None:
     """What a forward loop saves for the backward pass: nothing when not differentiated; at small
-    steps (where the transposed carry pays on CPU) the backward factors, computed by each step
+    steps (up to 128 units) the backward factors, computed by each step
     while its gates are in cache (seed: 3-5% faster train step); otherwise the states and gates,
     from which the backward pass computes the factors in one vectorised pass (faster at H=256 and
     512, where elementwise work inside the loop runs on one core)."""
@@ -136,29 +138,17 @@ def _by_layout(scan, pays: bool, *arrays):
 
 def recurrent_product(h: Array, w_h: Array, dtype: Any, out_dtype: Any, transposed: bool) -> Array:
     """``h @ w_h`` ``(N, G*H)``; with ``transposed`` the carry is held as ``h.T`` ``(H, N)`` and
-    contracted on its first axis (same numbers, another kernel; see ``transposed_carry_pays``)."""
+    contracted on its first axis (same numbers, another kernel; see ``lstm_jax.calibrate``)."""
     if not transposed:
         return matmul(h, w_h, dtype, out_dtype)
     return transposed_product(*in_dtype(dtype, h, w_h), out_dtype)
 
 
-def transposed_carry_pays(batch: int, hidden: int, gates: int) -> bool:
-    """Whether the forward loop should hold its carry transposed when it runs on CPU.
-
-    XLA's CPU backend (jax 0.10) hands the per-step product ``h @ W_h`` to YNNPACK, which is slow
-    at a contraction of 128 into ``gates*128`` columns for 64-128 rows; the transposed contraction
-    (``h.T`` contracted on axis 0) goes to XLA's Eigen kernels instead, 1.2-1.5x faster per step
-    there (LSTM and GRU). At other shapes neither layout wins consistently, and at H=256 or N=256
-    the row-major one is faster. ``python benchmarks/layout.py`` measures both on your machine.
-    """
-    return hidden == 128 and 64 <= batch <= 128 and gates >= 3
-
-
 # --- GRU (reset gate after the recurrent product, as PyTorch and cuDNN) --------------------------
 
 def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, differentiated=False):
-    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 3)
-    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=_saves(pays, differentiated))
+    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 3, dtype)
+    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=_saves(w_h.shape[0] <= 128, differentiated))
     return _by_layout(scan, pays, w_h, b_h, x_proj, h0)
 
 

@@ -51,8 +51,9 @@ def _close_to_float32_rounding(actual, desired):
 
 
 @pytest.mark.parametrize("kind, gates", [("lstm", 4), ("gru", 3)])
-def test_transposed_carry_gives_the_same_numbers_and_is_used_on_cpu(kind, gates):
-    """The CPU layout of the forward loop (carry held as ``h.T``) against the row-major one."""
+def test_transposed_carry_gives_the_same_numbers_and_is_used_when_chosen(kind, gates, monkeypatch):
+    """The CPU layout of the forward loop (carry held as ``h.T``) against the row-major one, and
+    the layer's program following ``LSTM_JAX_LAYOUT`` (the choice ``lstm_jax.calibrate`` makes)."""
     n, hidden, steps = 64, 128, 7
     keys = jax.random.split(KEY, 4)
     w_h = 0.1 * jax.random.normal(keys[0], (hidden, gates * hidden))
@@ -64,10 +65,16 @@ def test_transposed_carry_gives_the_same_numbers_and_is_used_on_cpu(kind, gates)
         b_h = jax.random.normal(keys[3], (gates * hidden,))
         run = lambda t: fused._gru_scan(w_h, b_h, x_proj, h0, dtype=None, unroll=1, saves="factors", transposed=t)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), run(True), run(False))
-    assert fused.transposed_carry_pays(n, hidden, gates) and not fused.transposed_carry_pays(256, hidden, gates)
     cell = LSTMCell(hidden) if kind == "lstm" else GRUCell(hidden)
-    hlo = jax.jit(lambda p, x: scan_cell(cell, p, x)[1]).lower(cell.init(KEY, 3), jnp.ones((n, steps, 3))).as_text()
-    assert ("contracting_dims = [0] x [0]" in hlo) == (jax.default_backend() == "cpu")
+    params, x = cell.init(KEY, 3), jax.random.normal(KEY, (n, steps, 3))
+    outputs = {}
+    for layout in ("transposed", "row-major"):
+        monkeypatch.setenv("LSTM_JAX_LAYOUT", layout)
+        f = jax.jit(lambda p, x: scan_cell(cell, p, x, impl="fused")[1])
+        hlo = f.lower(params, x).as_text()
+        assert ("contracting_dims = [0] x [0]" in hlo) == (layout == "transposed" and jax.default_backend() == "cpu")
+        outputs[layout] = f(params, x)
+    np.testing.assert_allclose(outputs["transposed"], outputs["row-major"], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_stack_matches_scan_stack_under_vmap():
