@@ -64,3 +64,18 @@ def test_adding_trains_all_seeds_in_one_vmapped_program():
     assert len(result["test_mse"]) == 2 and all(np.isfinite(result["test_mse"]))
     assert result["test_mse"][0] != result["test_mse"][1]  # the seeds really differ
     assert [c[0] for c in result["curve"]] == [50, 100]
+
+
+def test_clipping_runs_both_settings_from_the_same_start_in_one_program():
+    import clipping
+
+    args = argparse.Namespace(span=12, seeds=2, steps=40, hidden=8, batch=8, sigma=3.0, lrs=[0.05], momentum=0.9,
+                              clip=0.01, chunk=20)
+    runs = clipping.run(args)["runs"]
+    assert [(r["setting"], r["seed"]) for r in runs] == [("lr 0.05, clip off", 0), ("lr 0.05, clip off", 1),
+                                                         ("lr 0.05, clip 0.01", 0), ("lr 0.05, clip 0.01", 1)]
+    off, on = runs[0], runs[2]
+    # same seed, same first batch: the same gradient before clipping; then the updates differ
+    np.testing.assert_allclose(off["grad_norm_curve"][0], on["grad_norm_curve"][0], rtol=1e-5)
+    assert off["grad_norm_curve"][0] > args.clip and off["loss_curve"][5] != on["loss_curve"][5]
+    assert runs[0]["grad_norm_curve"][0] != runs[1]["grad_norm_curve"][0]  # the seeds really differ
