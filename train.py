@@ -6,7 +6,9 @@
     python train.py --run-dir runs/char-lstm --epochs 8     # resumes the run in that folder
     python train.py --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one line per host
 
-Training is data parallel over every device of every process (``--devices N`` for fewer).
+Training is data parallel over every device of every process (``--devices N`` for fewer). On a
+CPU, one process splits the cores into one device per core and trains on them where a short
+measurement at the first run says that is faster (``--cpu-devices 1`` to keep one device).
 
 After every epoch: validation bits-per-character over the held-out addresses, samples at
 several temperatures, an orbax checkpoint, a line of metrics.jsonl and bpc.png in the run folder.
@@ -29,18 +31,18 @@ from tqdm import tqdm
 from lstm_jax import parallel
 from lstm_jax.checkpoint import silence_background_errors, Checkpointer, RunLock, read_run_config, write_run_config
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
-from lstm_jax.errors import CheckpointError, LstmJaxError, NonFiniteLossError
+from lstm_jax.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc
 from lstm_jax.sampling import generate
-from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_device_count
 
 MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
 FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
-RUN_KEYS = ("run_dir", "resume", "devices", "coordinator", "num_processes", "process_id", "peer_timeout",
-            "distributed")
+RUN_KEYS = ("run_dir", "resume", "devices", "cpu_devices", "coordinator", "num_processes", "process_id",
+            "peer_timeout", "distributed")
 DEFAULTS = dict(
     cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
@@ -82,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--temperatures", type=float, nargs="+", help="sampling temperatures [0.2 0.5 1.0 1.2]")
     add("--eval-streams", type=int, help="parallel streams for validation [16]")
     add("--devices", type=int, help="use the first N devices of this process [all]")
+    add("--cpu-devices", type=int, help="on CPU: split the cores into this many devices for the data-parallel step; "
+                                        "1 = one device [one per core where measured faster, >= 16 rows each]")
     add("--coordinator", help="HOST:PORT of process 0, for a run of several processes (hosts)")
     add("--num-processes", type=int, help="processes in the run [JAX's environment, else 1]")
     add("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
@@ -152,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and saved is None:
         raise CheckpointError(f"--resume was given but {run_dir} holds no run; drop --resume to start one.")
     config = resolve_config(args, saved)
-    mesh = parallel.data_mesh(args.devices)
+    auto = args.devices is None and getattr(args, "cpu_devices_auto", None) and jax.default_backend() == "cpu"
+    mesh = parallel.data_mesh(1 if auto else args.devices)
     parallel.check_divisible(config["batch_size"], mesh)
     corpus = load_corpus(config["corpus"])
     say(f"corpus: {corpus.source}, {corpus.num_chars:,} characters")
@@ -160,11 +165,18 @@ def run(args: argparse.Namespace) -> int:
     vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.from_text(train_text, val_text)
     train_ids = vocab.encode(train_text, what="corpus (checked against the run's vocabulary)")
     val_ids = vocab.encode(val_text, what="corpus (checked against the run's vocabulary)")
+    model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
+    train_config = TrainConfig(**{k: config[k] for k in TRAIN_KEYS})
+    batch = config["batch_size"]
+    most = parallel.largest_divisor_devices(batch, min(jax.local_device_count(), batch // 16)) if auto else 1
+    if most > 1:  # one CPU device per core where that measures faster here (cached per machine and set-up)
+        devices, seconds = fastest_device_count(model, train_config, train_ids, [1, most])
+        mesh = parallel.data_mesh(devices)
+        say("CPU devices: " + ", ".join(f"{n}: {1e3 * s:.1f} ms/step" for n, s in seconds.items())
+            + f" (measured once, cached); training on {devices}")
     say(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}; "
         f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
-
-    model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
-    trainer = Trainer(model, TrainConfig(**{k: config[k] for k in TRAIN_KEYS}), train_ids, config["epochs"], mesh)
+    trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh)
     spe = trainer.steps_per_epoch
     lock = RunLock(run_dir).acquire() if main_process else None  # one trainer per folder
     if lock is not None and lock.took_over:
@@ -239,6 +251,13 @@ def main(argv=None) -> int:
     watchdog = None
     try:
         watchdog = start_processes(args)
+        if args.cpu_devices is not None and args.cpu_devices < 1:
+            raise ConfigError(f"--cpu-devices must be at least 1 (one device per core: leave it out), "
+                              f"got {args.cpu_devices}.")
+        if args.cpu_devices is not None:
+            parallel.cpu_devices_per_core(args.cpu_devices)
+        elif watchdog is None:  # one process: one CPU device per core (used as the batch allows)
+            args.cpu_devices_auto = parallel.cpu_devices_per_core()
         return run(args)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)

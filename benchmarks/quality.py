@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,17 +26,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train as train_script  # noqa: E402  (train.py's defaults are what is measured)
+from lstm_jax import parallel  # noqa: E402
 from lstm_jax.data import Vocabulary, load_corpus, split_documents  # noqa: E402
 from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc  # noqa: E402
-from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc  # noqa: E402
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_device_count  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float) -> list[dict]:
+def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float,
+                 devices: int = 1) -> list[dict]:
     model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
+    mesh = parallel.data_mesh(devices)
     trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
-                      config["epochs"])
+                      config["epochs"], mesh)
     state = trainer.init_state()
     state, _ = trainer.run_chunk(state, trainer.chunk_sizes(0)[0])  # compile (and one chunk) untimed
     state = trainer.init_state()
@@ -49,7 +54,7 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
             train_s += time.perf_counter() - t0
             recent = (recent + list(losses))[-200:]
             if train_s >= next_eval or train_s >= minutes * 60:
-                val = evaluate_bpc(model, state.params, val_ids, 16)
+                val = evaluate_bpc(model, state.params, val_ids, 16, mesh=mesh)
                 curve.append(dict(minutes=train_s / 60, step=int(state.step), train_bpc=float(nats_to_bpc(np.mean(recent))),
                                   val_bpc=val))
                 print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
@@ -129,21 +134,32 @@ def main() -> None:
     p.add_argument("--peer", choices=["none", "torch"], default="none")
     p.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
     args, flags = p.parse_known_args()
-    config = train_script.resolve_config(train_script.parse_args(flags), None)
+    train_args = train_script.parse_args(flags)
+    parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
+    config = train_script.resolve_config(train_args, None)
+    batch = config["batch_size"]
+    most = parallel.largest_divisor_devices(batch, min(jax.local_device_count(), batch // 16))
     corpus = load_corpus(config["corpus"])
     train_text, val_text = split_documents(corpus, config["val_from_year"])
     vocab = Vocabulary.from_text(train_text, val_text)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
-    runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every)}
+    devices = train_args.devices or 1
+    if train_args.devices is None and most > 1:  # as train.py: the device count measured faster here
+        model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in train_script.MODEL_KEYS}))
+        devices, seconds = fastest_device_count(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}),
+                                                train_ids, [1, most])
+        print(f"CPU devices: {seconds}; training on {devices}", flush=True)
+    runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices)}
     if args.peer == "torch":
         runs["torch"] = run_torch(train_ids, val_ids, len(vocab), args.minutes, args.eval_every)
     config_out = {k: config[k] for k in train_script.MODEL_KEYS + train_script.TRAIN_KEYS}
-    out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=platform.processor() or platform.machine(),
-               cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), runs=runs,
+    out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=machine.describe(),
+               cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, runs=runs,
                command="NLTK_DATA=../shared/nltk_data python benchmarks/quality.py " + " ".join(sys.argv[1:]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2))
-    lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget, {os.cpu_count()} CPU cores)", "",
+    lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget; "
+             f"{machine.describe_line(out['machine'])}; lstm_jax on {devices} device(s))", "",
              f"Command: `{out['command']}`", "", f"lstm_jax config: `{json.dumps(config_out)}`", "",
              "| run | minutes | step | train bpc | validation bpc |", "|---|---|---|---|---|"]
     for name, curve in runs.items():

@@ -33,6 +33,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy  # noqa: E402
+from lstm_jax import parallel  # noqa: E402
 from lstm_jax.sampling import generate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,15 +139,18 @@ def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_di
     return jax_case(step, state, _tokens(b, t), per_dispatch)
 
 
-def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32") -> Case:
+def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devices=1) -> Case:
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
-    batches gathered on the device, state donated, losses copied to the host after each chunk."""
+    batches gathered on the device, state donated, losses copied to the host after each chunk;
+    data parallel over the first ``devices`` devices (train.py: one CPU device per core)."""
+    from lstm_jax import parallel
     from lstm_jax.training import Trainer, TrainConfig
 
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E, dtype=dtype))
     ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 8 + 2)).astype(np.int32)
     trainer = Trainer(model, TrainConfig(batch_size=b, seq_len=t, chunk_steps=chunk, learning_rate=1e-3,
-                                         lr_schedule="constant", clip_norm=0.0), ids, epochs=10**6)
+                                         lr_schedule="constant", clip_norm=0.0), ids, epochs=10**6,
+                      mesh=parallel.data_mesh(devices))
     box = [trainer.init_state()]
 
     def run(n: int) -> None:
@@ -276,6 +280,7 @@ def memory_bytes(t, remat) -> int:
 
 
 def main():
+    parallel.cpu_devices_per_core()  # as train.py: one CPU device per core (before JAX starts)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 10 steps per implementation, taking turns")
     ap.add_argument("--quick", action="store_true", help="2 rounds, no sweeps")
@@ -292,6 +297,7 @@ def main():
         has_torch = False
     peak = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
     info = machine.describe()
+    per_core = parallel.largest_divisor_devices  # train.py's default on CPU: one device per core
     bf16_units = backend != "cpu" or info["flags"]["avx512_bf16"] or info["flags"]["amx_bf16"]
     no_bf16 = "skipped: this CPU has no bf16 units (avx512_bf16 / amx_bf16), where bf16 runs slower than float32"
     per_round = 10
@@ -302,6 +308,12 @@ def main():
                         "lstm_jax, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
                         "lstm_jax autodiff scan (10 steps/dispatch)":
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
+            n = per_core(b, min(jax.local_device_count(), b // 16))
+            if backend == "cpu" and n > 1:
+                builders[f"lstm_jax Trainer, {n} CPU devices (train.py)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, devices=n)
+                if bf16_units:
+                    builders[f"lstm_jax bf16 Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(
+                        cell, b, t, h, layers, dtype="bfloat16", devices=n)
             if bf16_units:
                 builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16")
                 builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16")

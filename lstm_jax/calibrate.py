@@ -25,7 +25,6 @@ give the same numbers to float32 rounding (tested), so the choice changes speed 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -33,15 +32,20 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no shared file lock, each process measures for itself
+    fcntl = None
+
 from lstm_jax.products import matmul, transposed_product
 
-__all__ = ["transposed_carry_pays", "measure_layouts", "cache_path", "LAYOUT_ENV", "MARGIN"]
+__all__ = ["transposed_carry_pays", "measure_layouts", "cached", "machine_key", "cache_path", "LAYOUT_ENV", "MARGIN"]
 
 LAYOUT_ENV = "LSTM_JAX_LAYOUT"
 MARGIN = 1.1  # the transposed layout must be this much faster: a choice, not noise
@@ -49,6 +53,8 @@ MIN_FLOPS, MAX_FLOPS = 2 * 2**20, 2 * 2**28
 STEPS, ROUNDS = 100, 5
 _memory: dict[str, bool] = {}
 _lock = threading.Lock()
+_file_lock = threading.RLock()  # guards _holding: whether this process holds the cache's file lock
+_holding = [0]
 
 
 def transposed_carry_pays(batch: int, hidden: int, gates: int, dtype: Any = None) -> bool:
@@ -64,7 +70,7 @@ def transposed_carry_pays(batch: int, hidden: int, gates: int, dtype: Any = None
     if not MIN_FLOPS <= flops <= MAX_FLOPS or jax.default_backend() != "cpu":
         return False
     name = jnp.dtype(dtype or jnp.float32).name
-    key = f"{_cpu_model()}|jax {jax.__version__}|{batch}x{hidden}x{gates}|{name}"
+    key = f"{machine_key()}|{batch}x{hidden}x{gates}|{name}"
     with _lock:
         if key not in _memory:
             _memory[key] = _cached_or_measured(key, batch, hidden, gates, name)
@@ -109,24 +115,54 @@ def cache_path() -> Path:
     return Path(base) / "lstm_jax" / "layouts.json"
 
 
-def _cached_or_measured(key: str, batch: int, hidden: int, gates: int, dtype: str) -> bool:
+def cached(key: str, measure: Callable[[], dict]) -> dict:
+    """The entry stored under ``key`` in the machine's shared cache (``cache_path()``), or
+    ``measure()``'s, stored there first. One process measures while the others wait on the file
+    lock, then read; a measurement that needs another (timing a Trainer traces the layers, which
+    ask for their layout) runs inside the same lock. Without a writable cache directory the
+    process measures for itself."""
     path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others wait, then read
-            entries = _read(path)
-            if key not in entries:
-                row_major, transposed = measure_layouts(batch, hidden, gates, dtype)
-                entries[key] = {"transposed": row_major >= MARGIN * transposed, "row_major_s": row_major,
-                                "transposed_s": transposed}
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(entries, indent=1) + "\n")
-                os.replace(tmp, path)
-            return bool(entries[key]["transposed"])
-    except OSError:  # no writable cache directory: measure for this process only
+    with _file_lock:
+        if _holding[0]:  # nested: this process already holds the file lock
+            return _get_or_measure(path, key, measure)
+        if fcntl is None:
+            return measure()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                _holding[0] += 1
+                try:
+                    return _get_or_measure(path, key, measure)
+                finally:
+                    _holding[0] -= 1
+        except OSError:
+            return measure()
+
+
+def _get_or_measure(path: Path, key: str, measure: Callable[[], dict]) -> dict:
+    entry = _read(path).get(key)
+    if entry is None:
+        entry = measure()
+        entries = _read(path)  # again: a nested measurement may have added entries meanwhile
+        entries[key] = entry
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        os.replace(tmp, path)
+    return entry
+
+
+def machine_key() -> str:
+    """The part of every cache key that names this machine's CPU and JAX."""
+    return f"{_cpu_model()}|jax {jax.__version__}"
+
+
+def _cached_or_measured(key: str, batch: int, hidden: int, gates: int, dtype: str) -> bool:
+    def measure() -> dict:
         row_major, transposed = measure_layouts(batch, hidden, gates, dtype)
-        return row_major >= MARGIN * transposed
+        return {"transposed": row_major >= MARGIN * transposed, "row_major_s": row_major, "transposed_s": transposed}
+
+    return bool(cached(key, measure)["transposed"])
 
 
 def _read(path: Path) -> dict:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +36,11 @@ import optax
 
 from jax.sharding import Mesh
 
-from lstm_jax import parallel
+from lstm_jax import calibrate, parallel
 from lstm_jax.errors import ConfigError, CorpusError, NonFiniteLossError
 from lstm_jax.model import CharLM, cross_entropy, nats_to_bpc
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "make_optimizer", "evaluate_bpc"]
+__all__ = ["TrainConfig", "TrainState", "Trainer", "make_optimizer", "evaluate_bpc", "fastest_device_count"]
 
 Array = jax.Array
 
@@ -219,6 +220,49 @@ class Trainer:
             losses.append(chunk_losses)
             on_chunk(chunk_losses)
         return state, np.concatenate(losses) if losses else np.zeros(0)
+
+
+def fastest_device_count(model: CharLM, config: TrainConfig, train_ids: np.ndarray, counts: Sequence[int],
+                         steps: int = 4, rounds: int = 3) -> tuple[int, dict]:
+    """Which of ``counts`` (numbers of this process's first devices) trains ``model`` fastest here.
+
+    On CPU, one device per core lets each core run a share of the batch, where one program runs a
+    recurrent loop's small per-step products on about one core; whether that pays depends on the
+    CPU and the model (2-core Intel Xeon, Trainer step on 2 devices against 1: 0.57x the time at
+    ``seed``, 0.82x at ``default``, 1.05x at ``large``, whose products already use both cores;
+    ``benchmarks/results/scaling-*``). So this times a ``Trainer`` on each count: one compile,
+    then ``rounds`` rounds of ``steps`` steps, the counts taking turns, the median per step. A
+    larger count must beat the best smaller one by ``calibrate.MARGIN``. The answer is cached per
+    machine, model and training set-up (``lstm_jax.calibrate.cached``), so a resumed or repeated
+    run does not measure again. Returns ``(count, seconds per step by count)``.
+    """
+    counts = sorted(set(counts))
+    if len(counts) == 1:
+        return counts[0], {}
+    key = f"{calibrate.machine_key()}|trainer|{model.config}|{config}|{counts}"
+
+    def measure() -> dict:
+        config_ = dataclasses.replace(config, chunk_steps=steps)
+        runs = {}
+        for n in counts:
+            trainer = Trainer(model, config_, train_ids, epochs=1, mesh=parallel.data_mesh(n))
+            state, _ = trainer.run_chunk(trainer.init_state(), steps)  # compile
+            runs[n] = [trainer, state]
+        times = {n: [] for n in counts}
+        for _ in range(rounds):
+            for n, run in runs.items():
+                t0 = time.perf_counter()
+                run[1], _ = run[0].run_chunk(run[1], steps)
+                times[n].append((time.perf_counter() - t0) / steps)
+        seconds = {str(n): float(np.median(t)) for n, t in times.items()}
+        best = counts[0]
+        for n in counts[1:]:
+            if seconds[str(best)] >= calibrate.MARGIN * seconds[str(n)]:
+                best = n
+        return {"devices": best, "seconds_per_step": seconds}
+
+    entry = calibrate.cached(key, measure)
+    return int(entry["devices"]), {int(k): v for k, v in entry["seconds_per_step"].items()}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk_len"))

@@ -61,3 +61,23 @@ def test_no_measurement_where_the_layout_cannot_matter_or_is_fixed(fresh_cache, 
     monkeypatch.setenv("LSTM_JAX_LAYOUT", "row-major")
     assert calibrate.transposed_carry_pays(64, 128, 4) is False
     assert calls == [] and not path.exists()
+
+
+@cpu_only
+def test_a_measurement_that_needs_another_does_not_deadlock(fresh_cache):
+    """Timing a Trainer traces the fused layers, which ask for their layout inside the first
+    measurement's file lock (this hung train.py once); both answers end up in the file."""
+    import threading
+
+    path, calls = fresh_cache
+    result = {}
+
+    def outer():
+        result["entry"] = calibrate.cached("outer", lambda: {"inner": calibrate.transposed_carry_pays(64, 128, 4)})
+
+    thread = threading.Thread(target=outer, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "calibrate.cached deadlocked on its own file lock"
+    entries = json.loads(path.read_text())
+    assert entries["outer"] == result["entry"] and len(entries) == 2 and len(calls) == 1

@@ -285,3 +285,9 @@ def test_sample_py_streams_a_huge_length_at_once_and_stops_cleanly_on_ctrl_c(pri
     out, err = proc.communicate(timeout=60)
     assert len(first) == 200 and first.startswith(b"The") and waited < 60
     assert proc.returncode == 130 and err.decode().strip() == "interrupted.", err.decode()[-2000:]
+
+
+def test_cpu_devices_below_one_gets_one_line_and_writes_nothing(tmp_path):
+    proc = _cli("train.py", "--cpu-devices", 0, "--run-dir", tmp_path / "run")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--cpu-devices must be at least 1" in proc.stderr and not (tmp_path / "run").exists()

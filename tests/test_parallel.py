@@ -196,3 +196,39 @@ def test_library_value_and_grad_on_four_devices_equals_one_device(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     loss, ref_loss, diff = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(loss - ref_loss) < 1e-6 and diff < 1e-6 and ref_loss > 3.0
+
+
+def test_cpu_devices_per_core_splits_the_cpu_before_jax_starts_and_not_after():
+    code = ("import jax\nfrom lstm_jax import parallel\n"
+            "n = parallel.cpu_devices_per_core(3)\n"
+            "print(n, jax.local_device_count(), parallel.cpu_devices_per_core(2), jax.local_device_count(),"
+            " parallel.largest_divisor_devices(64, 3), parallel.largest_divisor_devices(6, 4))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["3", "3", "None", "3", "2", "3"], out.stderr
+    forced = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env_with_devices(4), "JAX_PLATFORMS": "cpu"},
+                            capture_output=True, text=True, timeout=120)
+    assert forced.stdout.split()[:2] == ["None", "4"], forced.stderr  # XLA_FLAGS wins
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_train_py_splits_the_cpu_where_measured_faster_and_caches_the_answer(tmp_path):
+    """One process on a CPU: train.py times 1 and 2 devices once (a real Trainer each), trains on
+    the faster, and a rerun reads the cached answer; the checkpoint resumes on either count."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(("The state of our union is strong, and we will keep the promises we made. " * 40 + "\n") * 30)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"LSTM_JAX_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--corpus", str(corpus), "--run-dir", str(tmp_path / "run"),
+           "--batch-size", "32", "--seq-len", "20", "--hidden-size", "16", "--num-layers", "1", "--chunk-steps", "5",
+           "--sample-length", "20", "--eval-streams", "2"]
+    first = subprocess.run(cmd + ["--epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (line,) = [l for l in first.stdout.splitlines() if l.startswith("CPU devices: ")]
+    chosen = int(line.rsplit(" ", 1)[1])
+    assert "1: " in line and "2: " in line and chosen in (1, 2), line
+    assert f"{chosen} device(s) in 1 process(es)" in first.stdout
+    (entry,) = [v for k, v in json.loads((tmp_path / "cache" / "layouts.json").read_text()).items() if "|trainer|" in k]
+    assert entry["devices"] == chosen and set(entry["seconds_per_step"]) == {"1", "2"}
+    again = subprocess.run(cmd + ["--epochs", "2", "--cpu-devices", "1"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)  # resumed on one device, whatever the first run used
+    assert again.returncode == 0 and "resumed" in again.stdout and "1 device(s)" in again.stdout, again.stderr[-2000:]
