@@ -7,7 +7,7 @@ depends on the CPU and the shape). This script runs the same measurement,
 ``calibrate.measure_layouts`` (a loop of dependent steps, as in the layer: product, activation,
 carry fed back), over a grid of shapes, so the machines can be compared.
 
-    python benchmarks/layout.py      # about 2 minutes on 2 cores
+    python benchmarks/layout.py      # under a minute on 2 cores
 
 Writes benchmarks/results/layout-<backend>[-<cpu>].{json,md}.
 """
