@@ -83,7 +83,7 @@ def run(args) -> dict:
         def one(state, k):
             params, opt = state
             loss, g = jax.value_and_grad(loss_fn)(params, *adding_batch(k, args.batch, args.span))
-            norm = optax.global_norm(g)
+            norm = optax.tree.norm(g)
             g = jax.tree.map(lambda a: a * jnp.minimum(1.0, clip / (norm + 1e-12)), g)
             updates, opt = tx(lr).update(g, opt, params)
             return (optax.apply_updates(params, updates), opt), (loss, norm)
