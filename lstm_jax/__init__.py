@@ -10,7 +10,7 @@ The library layers, each importing only from the ones above it:
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
 * ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``generate``, ``Checkpointer``.
 * ``parallel`` — the data-parallel mesh over every device of every process (``data_mesh``,
-  ``shard_batch``, ``replicate``, ``value_and_grad``, ``initialize``).
+  ``shard_batch``, ``replicate``, ``value_and_grad``, ``initialize``, ``cpu_devices_per_core``).
 
 * ``runtime`` — ``tune_malloc``: on glibc, ``import lstm_jax`` keeps freed memory for reuse, so
   a jitted step called again does not page-fault its temporaries in afresh
@@ -37,7 +37,7 @@ from lstm_jax.sequence import RecurrentStack, reverse_padded, scan_cell
 from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
 from lstm_jax.data import Corpus, Document, Vocabulary, load_corpus, split_documents
-from lstm_jax.training import Trainer, TrainConfig, TrainState, evaluate_bpc, make_optimizer
+from lstm_jax.training import Trainer, TrainConfig, TrainState, evaluate_bpc, fastest_device_count, make_optimizer
 from lstm_jax.sampling import generate, generate_stream
 from lstm_jax.checkpoint import Checkpointer, load_run
 from lstm_jax import parallel
@@ -53,7 +53,7 @@ __all__ = [
     # the character model, data, training, sampling, checkpoints
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
-    "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer",
+    "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_device_count",
     "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
