@@ -167,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
     val_ids = vocab.encode(val_text, what="corpus (checked against the run's vocabulary)")
     model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
     train_config = TrainConfig(**{k: config[k] for k in TRAIN_KEYS})
-    batch = config["batch_size"]
-    most = parallel.largest_divisor_devices(batch, min(jax.local_device_count(), batch // 16)) if auto else 1
+    most = parallel.devices_for_batch(config["batch_size"]) if auto else 1
     if most > 1:  # one CPU device per core where that measures faster here (cached per machine and set-up)
         devices, seconds = fastest_device_count(model, train_config, train_ids, [1, most])
         mesh = parallel.data_mesh(devices)

@@ -6,26 +6,21 @@ from __future__ import annotations
 
 import os
 import platform
-import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lstm_jax import calibrate  # noqa: E402  (the library reads /proc/cpuinfo for its own cache keys)
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return match.group(1).strip() if match else platform.machine()
+    return calibrate.cpu_model()
 
 
 def cpu_flags() -> dict[str, bool]:
-    try:
-        flags = set(re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
-    except (OSError, AttributeError):
-        flags = set()
+    flags = calibrate.cpu_flags()
     return {f: f in flags for f in FLAGS}
 
 

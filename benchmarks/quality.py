@@ -137,8 +137,7 @@ def main() -> None:
     train_args = train_script.parse_args(flags)
     parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
     config = train_script.resolve_config(train_args, None)
-    batch = config["batch_size"]
-    most = parallel.largest_divisor_devices(batch, min(jax.local_device_count(), batch // 16))
+    most = parallel.devices_for_batch(config["batch_size"])
     corpus = load_corpus(config["corpus"])
     train_text, val_text = split_documents(corpus, config["val_from_year"])
     vocab = Vocabulary.from_text(train_text, val_text)
@@ -166,18 +165,29 @@ def main() -> None:
         lines += [f"| {name} | {r['minutes']:.2f} | {r['step']} | {r['train_bpc']:.3f} | {r['val_bpc']:.3f} |" for r in curve]
     lines += ["", "Best validation bpc: " + ", ".join(f"{k} {min(r['val_bpc'] for r in c):.3f}" for k, c in runs.items() if c)]
     (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    plot(out, RESULTS / f"{args.tag}.png")
+    print("\n".join(lines))
+
+
+def plot(out: dict, path: Path) -> None:
+    """Validation bpc against training minutes, one line per run, the machine in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in runs.items():
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    for name, curve in out["runs"].items():
         ax.plot([r["minutes"] for r in curve], [r["val_bpc"] for r in curve], "o-", label=name)
-    ax.set(xlabel="training minutes", ylabel="validation bits per character", title="state_union, 2002-2006 held out")
+    m = out["machine"]
+    where = (f"{m['cpu']}, {m['cores']} cores ({', '.join(f for f in ('avx2', 'avx512f', 'amx_bf16') if m['flags'][f])})"
+             if isinstance(m, dict) else m)
+    ax.set(xlabel="training minutes", ylabel="validation bits per character",
+           title=f"state_union, 2002-2006 held out\n{where}")
+    ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.tag}.png", dpi=100)
-    print("\n".join(lines))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

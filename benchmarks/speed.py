@@ -143,7 +143,6 @@ def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devi
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
     batches gathered on the device, state donated, losses copied to the host after each chunk;
     data parallel over the first ``devices`` devices (train.py: one CPU device per core)."""
-    from lstm_jax import parallel
     from lstm_jax.training import Trainer, TrainConfig
 
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E, dtype=dtype))
@@ -297,7 +296,6 @@ def main():
         has_torch = False
     peak = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
     info = machine.describe()
-    per_core = parallel.largest_divisor_devices  # train.py's default on CPU: one device per core
     bf16_units = backend != "cpu" or info["flags"]["avx512_bf16"] or info["flags"]["amx_bf16"]
     no_bf16 = "skipped: this CPU has no bf16 units (avx512_bf16 / amx_bf16), where bf16 runs slower than float32"
     per_round = 10
@@ -308,7 +306,7 @@ def main():
                         "lstm_jax, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
                         "lstm_jax autodiff scan (10 steps/dispatch)":
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
-            n = per_core(b, min(jax.local_device_count(), b // 16))
+            n = parallel.devices_for_batch(b)  # train.py's candidate on CPU: one device per core
             if backend == "cpu" and n > 1:
                 builders[f"lstm_jax Trainer, {n} CPU devices (train.py)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, devices=n)
                 if bf16_units:

@@ -43,9 +43,8 @@ try:
 except ImportError:  # not POSIX: no shared file lock, each process measures for itself
     fcntl = None
 
-from lstm_jax.products import matmul, transposed_product
-
-__all__ = ["transposed_carry_pays", "measure_layouts", "cached", "machine_key", "cache_path", "LAYOUT_ENV", "MARGIN"]
+__all__ = ["transposed_carry_pays", "measure_layouts", "cached", "machine_key", "cache_path", "cpu_model", "cpu_flags",
+           "LAYOUT_ENV", "MARGIN"]
 
 LAYOUT_ENV = "LSTM_JAX_LAYOUT"
 MARGIN = 1.1  # the transposed layout must be this much faster: a choice, not noise
@@ -173,15 +172,27 @@ def _read(path: Path) -> dict:
         return {}
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    match = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return match.group(1).strip() if match else platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    match = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return set(match.group(1).split()) if match else set()
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpu_model() -> str:
     """The CPU as it bears on kernel speed: model name, cores, and the vector/matrix units (a
     virtual machine's model name alone can hide the CPU generation)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    units = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & set(flags.group(1).split() if flags else ()))
-    name = model.group(1).strip() if model else platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, {' '.join(units) or 'no avx2'}"
+    units = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
+    return f"{cpu_model()}, {os.cpu_count()} cores, {' '.join(units) or 'no avx2'}"

@@ -41,8 +41,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lstm_jax.errors import ConfigError
 
-__all__ = ["DATA_AXIS", "cpu_devices_per_core", "largest_divisor_devices", "data_mesh", "batch_sharding",
-           "replicated", "replicate", "shard_batch", "shard_host_array", "check_divisible", "value_and_grad",
+__all__ = ["DATA_AXIS", "cpu_devices_per_core", "largest_divisor_devices", "devices_for_batch", "data_mesh",
+           "batch_sharding", "replicated", "replicate", "shard_batch", "shard_host_array", "check_divisible", "value_and_grad",
            "initialize", "is_main_process", "barrier", "PeerWatchdog"]
 
 DATA_AXIS = "data"
@@ -83,6 +83,12 @@ def cpu_devices_per_core(cores: int | None = None) -> int | None:
 def largest_divisor_devices(batch_size: int, available: int) -> int:
     """The most devices, at most ``available``, that split ``batch_size`` rows evenly."""
     return max(d for d in range(1, max(1, available) + 1) if batch_size % d == 0)
+
+
+def devices_for_batch(batch_size: int, min_rows: int = 16) -> int:
+    """The most of this process's devices that split ``batch_size`` rows evenly with at least
+    ``min_rows`` each (a floor so a device's share stays worth a program; not a measured constant)."""
+    return largest_divisor_devices(batch_size, min(jax.local_device_count(), batch_size // min_rows))
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
