@@ -15,6 +15,7 @@ import numpy as np
 
 from lstm_jax.cells import Cell, GRUCell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.errors import ConfigError
+from lstm_jax import onednn
 from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
 
 __all__ = ["scan_cell", "reverse_padded", "RecurrentStack"]
@@ -105,9 +106,11 @@ def scan_cell(
       impl: ``'scan'`` differentiates the scanned step automatically; ``'fused'`` uses the
         hand-written backward pass of ``lstm_jax.fused`` (LSTM, RNN, and GRU with ``reset_after``;
         no ``seq_lengths`` or ``remat``), which computes the recurrent-kernel gradient
-        as one matmul after the backward loop; ``'auto'`` picks ``'fused'`` where it applies
-        (as fast as the autodiff scan or faster at every shape measured on CPU, up to 1.7x;
-        benchmarks/).
+        as one matmul after the backward loop; ``'onednn'`` runs an LSTM layer (same conditions)
+        through oneDNN's RNN primitive on CPU (``lstm_jax.onednn``; other platforms run
+        ``'fused'``); ``'auto'`` picks ``'onednn'`` for an LSTM where it measured faster on this
+        machine, else ``'fused'`` where it applies (as fast as the autodiff scan or faster at
+        every shape measured on CPU, up to 1.7x; benchmarks/).
 
     Returns:
       ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
@@ -119,19 +122,34 @@ def scan_cell(
         seq_lengths = _check_lengths(seq_lengths, batch_shape, x.shape[0])
         if reverse:
             x = reverse_padded(x, seq_lengths)
-    x_proj = cell.input_projection(params, x)
     carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
     fusable = (isinstance(cell, (LSTMCell, RNNCell)) or (isinstance(cell, GRUCell) and cell.reset_after)) and (
         seq_lengths is None and not remat)
     empty = x.shape[0] == 0 or 0 in batch_shape  # no steps or no sequences: the scan handles it
     impl = "scan" if empty and fusable else impl
+    if impl not in ("auto", "scan", "fused", "onednn"):
+        raise ConfigError(f"impl must be 'auto', 'scan', 'fused' or 'onednn', got {impl!r}.")
+    if impl == "onednn" and not (fusable and isinstance(cell, LSTMCell)):
+        raise ConfigError(
+            f"impl='onednn' supports LSTMCell without seq_lengths or remat; got {cell.name}"
+            f"{' with those options' if seq_lengths is not None or remat else ''}. Use impl='fused' or 'auto'.")
     if impl == "fused" and not fusable:
         raise ConfigError(
             f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths "
             f"or remat; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
             f"Use impl='scan' or 'auto'.")
-    if impl not in ("auto", "scan", "fused"):
-        raise ConfigError(f"impl must be 'auto', 'scan' or 'fused', got {impl!r}.")
+    if fusable and isinstance(cell, LSTMCell) and impl in ("onednn", "auto") and not empty:
+        cell.check_inputs(params, x)
+        features = params["input_kernel"].shape[0]
+        rows = int(np.prod(batch_shape))
+        if impl == "onednn" and not onednn.available():
+            raise ConfigError(f"impl='onednn' is not available here: {onednn.unavailable_reason()}. "
+                              f"Use impl='auto' (it falls back to the fused layer).")
+        threads = None if impl == "onednn" else onednn.pays(x.shape[0], rows, features, cell.hidden_size, cell.dtype)
+        if threads != 0:
+            carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, threads)
+            return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+    x_proj = cell.input_projection(params, x)
     if fusable and impl in ("fused", "auto"):
         carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse, unroll)
         return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
@@ -172,6 +190,30 @@ def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape:
         h, ys = fused_gru(params["recurrent_kernel"], params["recurrent_bias"], xp, flat(carry), cell.dtype, unroll)
         carry = h.reshape(*batch_shape, hidden)
     ys = ys[::-1] if reverse else ys
+    return carry, ys.reshape(steps, *batch_shape, hidden)
+
+
+def _run_onednn(cell: LSTMCell, params: dict, x: Array, carry: LSTMCarry, batch_shape: tuple, reverse: bool,
+                unroll: int | bool, threads: int | None):
+    """An LSTM layer through oneDNN on CPU (the fused layer elsewhere): ``x`` time-major
+    ``(T, *batch, F)`` or token ids ``(T, *batch)`` (one-hot, the projection oneDNN runs)."""
+    steps, hidden = x.shape[0], cell.hidden_size
+    xs = x.reshape(steps, -1, *x.shape[1 + len(batch_shape):])
+    xs = xs[::-1] if reverse else xs
+    h0, c0 = carry.h.reshape(-1, hidden), carry.c.reshape(-1, hidden)
+
+    def on_cpu(xs, params, h0, c0):
+        if cell.token_inputs:
+            xs = jax.nn.one_hot(xs, params["input_kernel"].shape[0], dtype=cell.dtype or params["bias"].dtype)
+        return onednn.onednn_lstm(xs, params["input_kernel"], params["recurrent_kernel"], params["bias"], h0, c0,
+                                  cell.dtype, threads)
+
+    def elsewhere(xs, params, h0, c0):
+        return fused_lstm(params["recurrent_kernel"], cell.input_projection(params, xs), h0, c0, cell.dtype, unroll)
+
+    h, c, ys = jax.lax.platform_dependent(xs, params, h0, c0, cpu=on_cpu, default=elsewhere)
+    ys = ys[::-1] if reverse else ys
+    carry = LSTMCarry(h=h.reshape(*batch_shape, hidden), c=c.reshape(*batch_shape, hidden))
     return carry, ys.reshape(steps, *batch_shape, hidden)
 
 

@@ -1,0 +1,293 @@
+// The LSTM layer as one oneDNN RNN primitive (forward training/inference and backward), called
+// from JAX through the XLA FFI. This is the route PyTorch's CPU nn.LSTM takes: oneDNN runs the
+// input projection as one large product, the recurrence with JIT-generated kernels (AMX for bf16
+// where the CPU has it), and the backward pass with the weight gradients batched over time.
+//
+// Conventions (lstm_jax.onednn is the Python side and documents them):
+//   x (T, N, C), w_x (C, 4H), w_h (H, 4H) in the compute dtype (f32 or bf16), gates i, f, g, o
+//   (oneDNN's own order, and ours); b (4H) f32; h0 (N, H) in the compute dtype; c0 (N, H) f32.
+//   Forward returns ys (T, N, H) and h_T (N, H) in the compute dtype, c_T f32, and the workspace
+//   (bytes) the backward pass needs. The backward pass returns f32 gradients.
+// Primitives are created once per (shape, dtype, threads) and cached; executing them is
+// thread-safe (one scratchpad per calling thread), so several CPU devices may call at once.
+
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+using Dt = memory::data_type;
+
+namespace {
+
+dnnl::engine &Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Shape {
+  int64_t T, N, C, H;
+  bool bf16;
+  int64_t threads;
+  auto tie() const { return std::tie(T, N, C, H, bf16, threads); }
+  bool operator<(const Shape &o) const { return tie() < o.tie(); }
+};
+
+struct Layer {
+  dnnl::lstm_forward::primitive_desc train_pd, infer_pd;
+  dnnl::lstm_backward::primitive_desc bwd_pd;
+  dnnl::lstm_forward train, infer;
+  dnnl::lstm_backward bwd;
+};
+
+memory::desc Desc(const memory::dims &dims, Dt dt, Tag tag) { return memory::desc(dims, dt, tag); }
+
+std::unique_ptr<Layer> MakeLayer(const Shape &s) {
+  const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
+  const auto src = Desc({s.T, s.N, s.C}, dt, Tag::tnc), dst = Desc({s.T, s.N, s.H}, dt, Tag::tnc);
+  const auto iter = Desc({1, 1, s.N, s.H}, dt, Tag::ldnc), iter_c = Desc({1, 1, s.N, s.H}, Dt::f32, Tag::ldnc);
+  const auto w_layer = Desc({1, 1, s.C, 4, s.H}, dt, Tag::any), w_iter = Desc({1, 1, s.H, 4, s.H}, dt, Tag::any);
+  const auto bias = Desc({1, 1, 4, s.H}, Dt::f32, Tag::ldgo);
+  // Gradients in f32 (the pure-JAX path's cotangents are f32 too).
+  const auto d_src = Desc({s.T, s.N, s.C}, Dt::f32, Tag::tnc), d_dst = Desc({s.T, s.N, s.H}, Dt::f32, Tag::tnc);
+  const auto d_iter = Desc({1, 1, s.N, s.H}, Dt::f32, Tag::ldnc);
+  const auto d_w_layer = Desc({1, 1, s.C, 4, s.H}, Dt::f32, Tag::any);
+  const auto d_w_iter = Desc({1, 1, s.H, 4, s.H}, Dt::f32, Tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto dir = dnnl::rnn_direction::unidirectional_left2right;
+  auto layer = std::make_unique<Layer>();
+  layer->train_pd = dnnl::lstm_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_training, dir, src,
+                                                       iter, iter_c, w_layer, w_iter, bias, dst, iter, iter_c, attr);
+  layer->infer_pd = dnnl::lstm_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_inference, dir, src,
+                                                       iter, iter_c, w_layer, w_iter, bias, dst, iter, iter_c, attr);
+  layer->bwd_pd = dnnl::lstm_backward::primitive_desc(
+      Engine(), dnnl::prop_kind::backward, dir, src, iter, iter_c, w_layer, w_iter, bias, dst, iter, iter_c, d_src,
+      d_iter, d_iter, d_w_layer, d_w_iter, bias, d_dst, d_iter, d_iter, layer->train_pd, attr);
+  layer->train = dnnl::lstm_forward(layer->train_pd);
+  layer->infer = dnnl::lstm_forward(layer->infer_pd);
+  layer->bwd = dnnl::lstm_backward(layer->bwd_pd);
+  return layer;
+}
+
+Layer &GetLayer(const Shape &s) {
+  static std::mutex mutex;
+  static std::map<Shape, std::unique_ptr<Layer>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto &slot = cache[s];
+  if (!slot) slot = MakeLayer(s);
+  return *slot;
+}
+
+// Per-thread bump allocator for the scratchpad and the weights in the primitive's layout.
+struct Arena {
+  std::vector<uint8_t> bytes;
+  size_t used = 0;
+  void Reserve(size_t n) {
+    used = 0;
+    if (bytes.size() < n) bytes.resize(n);
+  }
+  void *Take(size_t n) {
+    void *p = bytes.data() + used;
+    used += (n + 63) / 64 * 64;
+    return p;
+  }
+};
+
+size_t Rounded(const memory::desc &d) { return (d.get_size() + 63) / 64 * 64; }
+
+// `user` (a plain-layout buffer) as the primitive wants `want`: itself, or a reordered copy.
+memory AsLayout(const memory &user, const memory::desc &want, Arena &arena, dnnl::stream &stream) {
+  if (user.get_desc() == want) return user;
+  memory copy(want, Engine(), arena.Take(want.get_size()));
+  dnnl::reorder(user, copy).execute(stream, const_cast<memory &>(user), copy);
+  return copy;
+}
+
+Shape ShapeOf(const ffi::AnyBuffer &x, const ffi::AnyBuffer &w_h, int64_t threads) {
+  auto xd = x.dimensions();
+  return Shape{xd[0], xd[1], xd[2], w_h.dimensions()[0], x.element_type() == ffi::DataType::BF16, threads};
+}
+
+ffi::Error CheckTypes(const ffi::AnyBuffer &x, const ffi::AnyBuffer &w_x, const ffi::AnyBuffer &w_h,
+                      const ffi::AnyBuffer &h0) {
+  auto t = x.element_type();
+  if (t != ffi::DataType::F32 && t != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("onednn_lstm: x must be float32 or bfloat16");
+  if (w_x.element_type() != t || w_h.element_type() != t || h0.element_type() != t)
+    return ffi::Error::InvalidArgument("onednn_lstm: x, w_x, w_h and h0 must share one dtype");
+  if (x.dimensions().size() != 3 || w_h.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("onednn_lstm: x must be (T, N, C) and w_h (H, 4H)");
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmForward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h, ffi::Buffer<ffi::F32> b,
+                       ffi::AnyBuffer h0, ffi::Buffer<ffi::F32> c0, ffi::Result<ffi::AnyBuffer> ys,
+                       ffi::Result<ffi::AnyBuffer> h_t, ffi::Result<ffi::Buffer<ffi::F32>> c_t,
+                       ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t threads, bool training) {
+  if (auto e = CheckTypes(x, w_x, w_h, h0); e.failure()) return e;
+  try {
+    const Shape s = ShapeOf(x, w_h, threads);
+    const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
+    Layer &layer = GetLayer(s);
+    const auto &pd = training ? layer.train_pd : layer.infer_pd;
+    if (training && workspace->size_bytes() != pd.workspace_desc().get_size())
+      return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
+    omp_set_num_threads(static_cast<int>(threads));
+    dnnl::stream stream(Engine());
+    thread_local Arena arena;
+    arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(pd.scratchpad_desc()));
+    memory u_wl(Desc({1, 1, s.C, 4, s.H}, dt, Tag::ldigo), Engine(), w_x.untyped_data());
+    memory u_wi(Desc({1, 1, s.H, 4, s.H}, dt, Tag::ldigo), Engine(), w_h.untyped_data());
+    memory wl = AsLayout(u_wl, pd.weights_layer_desc(), arena, stream);
+    memory wi = AsLayout(u_wi, pd.weights_iter_desc(), arena, stream);
+    memory scratch(pd.scratchpad_desc(), Engine(), arena.Take(pd.scratchpad_desc().get_size()));
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC_LAYER, memory(pd.src_layer_desc(), Engine(), x.untyped_data())},
+        {DNNL_ARG_SRC_ITER, memory(pd.src_iter_desc(), Engine(), h0.untyped_data())},
+        {DNNL_ARG_SRC_ITER_C, memory(pd.src_iter_c_desc(), Engine(), c0.untyped_data())},
+        {DNNL_ARG_WEIGHTS_LAYER, wl},
+        {DNNL_ARG_WEIGHTS_ITER, wi},
+        {DNNL_ARG_BIAS, memory(pd.bias_desc(), Engine(), b.untyped_data())},
+        {DNNL_ARG_DST_LAYER, memory(pd.dst_layer_desc(), Engine(), ys->untyped_data())},
+        {DNNL_ARG_DST_ITER, memory(pd.dst_iter_desc(), Engine(), h_t->untyped_data())},
+        {DNNL_ARG_DST_ITER_C, memory(pd.dst_iter_c_desc(), Engine(), c_t->untyped_data())},
+        {DNNL_ARG_SCRATCHPAD, scratch},
+    };
+    if (training) args[DNNL_ARG_WORKSPACE] = memory(pd.workspace_desc(), Engine(), workspace->untyped_data());
+    (training ? layer.train : layer.infer).execute(stream, args);
+    stream.wait();
+  } catch (const dnnl::error &e) {
+    return ffi::Error::Internal(std::string("onednn_lstm forward: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h, ffi::Buffer<ffi::F32> b,
+                        ffi::AnyBuffer h0, ffi::Buffer<ffi::F32> c0, ffi::AnyBuffer ys, ffi::AnyBuffer h_t,
+                        ffi::Buffer<ffi::F32> c_t, ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::F32> d_ys,
+                        ffi::Buffer<ffi::F32> d_h_t, ffi::Buffer<ffi::F32> d_c_t,
+                        ffi::Result<ffi::Buffer<ffi::F32>> d_x, ffi::Result<ffi::Buffer<ffi::F32>> d_w_x,
+                        ffi::Result<ffi::Buffer<ffi::F32>> d_w_h, ffi::Result<ffi::Buffer<ffi::F32>> d_b,
+                        ffi::Result<ffi::Buffer<ffi::F32>> d_h0, ffi::Result<ffi::Buffer<ffi::F32>> d_c0,
+                        int64_t threads) {
+  if (auto e = CheckTypes(x, w_x, w_h, h0); e.failure()) return e;
+  try {
+    const Shape s = ShapeOf(x, w_h, threads);
+    const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
+    Layer &layer = GetLayer(s);
+    const auto &pd = layer.bwd_pd;
+    if (workspace.size_bytes() != pd.workspace_desc().get_size())
+      return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
+    omp_set_num_threads(static_cast<int>(threads));
+    dnnl::stream stream(Engine());
+    thread_local Arena arena;
+    const auto &dwl_desc = pd.diff_weights_layer_desc(), &dwi_desc = pd.diff_weights_iter_desc();
+    arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(dwl_desc) +
+                  Rounded(dwi_desc) + Rounded(pd.scratchpad_desc()));
+    memory u_wl(Desc({1, 1, s.C, 4, s.H}, dt, Tag::ldigo), Engine(), w_x.untyped_data());
+    memory u_wi(Desc({1, 1, s.H, 4, s.H}, dt, Tag::ldigo), Engine(), w_h.untyped_data());
+    memory wl = AsLayout(u_wl, pd.weights_layer_desc(), arena, stream);
+    memory wi = AsLayout(u_wi, pd.weights_iter_desc(), arena, stream);
+    // oneDNN accumulates into the weight and bias gradients: start them at zero.
+    memory u_dwl(Desc({1, 1, s.C, 4, s.H}, Dt::f32, Tag::ldigo), Engine(), d_w_x->untyped_data());
+    memory u_dwi(Desc({1, 1, s.H, 4, s.H}, Dt::f32, Tag::ldigo), Engine(), d_w_h->untyped_data());
+    memory dwl = u_dwl.get_desc() == dwl_desc ? u_dwl : memory(dwl_desc, Engine(), arena.Take(dwl_desc.get_size()));
+    memory dwi = u_dwi.get_desc() == dwi_desc ? u_dwi : memory(dwi_desc, Engine(), arena.Take(dwi_desc.get_size()));
+    std::memset(dwl.get_data_handle(), 0, dwl_desc.get_size());
+    std::memset(dwi.get_data_handle(), 0, dwi_desc.get_size());
+    std::memset(d_b->untyped_data(), 0, d_b->size_bytes());
+    memory scratch(pd.scratchpad_desc(), Engine(), arena.Take(pd.scratchpad_desc().get_size()));
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC_LAYER, memory(pd.src_layer_desc(), Engine(), x.untyped_data())},
+        {DNNL_ARG_SRC_ITER, memory(pd.src_iter_desc(), Engine(), h0.untyped_data())},
+        {DNNL_ARG_SRC_ITER_C, memory(pd.src_iter_c_desc(), Engine(), c0.untyped_data())},
+        {DNNL_ARG_WEIGHTS_LAYER, wl},
+        {DNNL_ARG_WEIGHTS_ITER, wi},
+        {DNNL_ARG_BIAS, memory(pd.bias_desc(), Engine(), b.untyped_data())},
+        {DNNL_ARG_DST_LAYER, memory(pd.dst_layer_desc(), Engine(), ys.untyped_data())},
+        {DNNL_ARG_DST_ITER, memory(pd.dst_iter_desc(), Engine(), h_t.untyped_data())},
+        {DNNL_ARG_DST_ITER_C, memory(pd.dst_iter_c_desc(), Engine(), c_t.untyped_data())},
+        {DNNL_ARG_WORKSPACE, memory(pd.workspace_desc(), Engine(), workspace.untyped_data())},
+        {DNNL_ARG_DIFF_DST_LAYER, memory(pd.diff_dst_layer_desc(), Engine(), d_ys.untyped_data())},
+        {DNNL_ARG_DIFF_DST_ITER, memory(pd.diff_dst_iter_desc(), Engine(), d_h_t.untyped_data())},
+        {DNNL_ARG_DIFF_DST_ITER_C, memory(pd.diff_dst_iter_c_desc(), Engine(), d_c_t.untyped_data())},
+        {DNNL_ARG_DIFF_SRC_LAYER, memory(pd.diff_src_layer_desc(), Engine(), d_x->untyped_data())},
+        {DNNL_ARG_DIFF_SRC_ITER, memory(pd.diff_src_iter_desc(), Engine(), d_h0->untyped_data())},
+        {DNNL_ARG_DIFF_SRC_ITER_C, memory(pd.diff_src_iter_c_desc(), Engine(), d_c0->untyped_data())},
+        {DNNL_ARG_DIFF_WEIGHTS_LAYER, dwl},
+        {DNNL_ARG_DIFF_WEIGHTS_ITER, dwi},
+        {DNNL_ARG_DIFF_BIAS, memory(pd.diff_bias_desc(), Engine(), d_b->untyped_data())},
+        {DNNL_ARG_SCRATCHPAD, scratch},
+    };
+    layer.bwd.execute(stream, args);
+    if (dwl != u_dwl) dnnl::reorder(dwl, u_dwl).execute(stream, dwl, u_dwl);
+    if (dwi != u_dwi) dnnl::reorder(dwi, u_dwi).execute(stream, dwi, u_dwi);
+    stream.wait();
+  } catch (const dnnl::error &e) {
+    return ffi::Error::Internal(std::string("onednn_lstm backward: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Bytes of the workspace the training forward pass hands to the backward pass (0 on error).
+extern "C" int64_t lstm_jax_onednn_lstm_workspace_bytes(int64_t T, int64_t N, int64_t C, int64_t H, int bf16,
+                                                        int64_t threads) {
+  try {
+    return static_cast<int64_t>(GetLayer(Shape{T, N, C, H, bf16 != 0, threads}).train_pd.workspace_desc().get_size());
+  } catch (const dnnl::error &) {
+    return 0;
+  }
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxOnednnLstmForward, LstmForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()            // x
+                                  .Arg<ffi::AnyBuffer>()            // w_x
+                                  .Arg<ffi::AnyBuffer>()            // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // b
+                                  .Arg<ffi::AnyBuffer>()            // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // c0
+                                  .Ret<ffi::AnyBuffer>()            // ys
+                                  .Ret<ffi::AnyBuffer>()            // h_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // c_T
+                                  .Ret<ffi::Buffer<ffi::U8>>()      // workspace
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("training"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxOnednnLstmBackward, LstmBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()            // x
+                                  .Arg<ffi::AnyBuffer>()            // w_x
+                                  .Arg<ffi::AnyBuffer>()            // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // b
+                                  .Arg<ffi::AnyBuffer>()            // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // c0
+                                  .Arg<ffi::AnyBuffer>()            // ys
+                                  .Arg<ffi::AnyBuffer>()            // h_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // c_T
+                                  .Arg<ffi::Buffer<ffi::U8>>()      // workspace
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // d_ys
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // d_h_T
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // d_c_T
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // d_x
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // d_w_x
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // d_w_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // d_b
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // d_h0
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // d_c0
+                                  .Attr<int64_t>("threads"));

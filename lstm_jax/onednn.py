@@ -1,0 +1,256 @@
+"""The LSTM layer through oneDNN's RNN primitive on CPU, as PyTorch's CPU ``nn.LSTM`` runs it.
+
+XLA:CPU compiles the LSTM as a loop of small products (``lstm_jax.fused``). PyTorch hands the
+whole layer to oneDNN, whose RNN primitive runs the input projection as one large product, the
+recurrence with kernels generated for the CPU at hand (AMX tiles for bf16 where the CPU has
+them) and the backward pass with the weight gradients batched over time. ``onednn_lstm`` calls
+that primitive from JAX through the XLA FFI (``lstm_jax/csrc/onednn_lstm.cc``), with a
+``jax.custom_vjp`` whose backward pass is oneDNN's too.
+
+It is optional: ``pip install`` builds the extension where a compiler and the ``onednn-cpu-gomp``
+wheel are present (Linux x86-64), and ``available()`` says whether it loaded. Without it, and on
+GPU or TPU, the layers run the pure-JAX path with the same numbers (tested to float32 rounding,
+and to bf16 rounding in bf16). ``scan_cell(impl='auto')`` takes it only where it measured faster
+on this machine (``lstm_jax.calibrate``); ``impl='onednn'`` asks for it; ``LSTM_JAX_ONEDNN=0``
+turns it off.
+
+Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between
+steps is held in bf16 (oneDNN's convention; the pure-JAX path keeps it in float32 and rounds only
+the products' inputs), and gradients come back in float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import importlib.metadata
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lstm_jax import calibrate
+
+__all__ = ["available", "unavailable_reason", "supports", "pays", "measure", "cores_per_device", "onednn_lstm",
+           "ENV"]
+
+ENV = "LSTM_JAX_ONEDNN"  # 0: never; 1: wherever supported, unmeasured; unset/auto: where measured faster
+MIN_FLOPS = 2**26  # a layer's training pass below this: not measured, the fused loop is kept
+ROUNDS = 5
+_FORWARD, _BACKWARD = "lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"
+_state: dict[str, Any] = {}
+_decided: dict[str, bool] = {}
+_decide_lock = threading.RLock()
+
+
+def _libdnnl() -> Path | None:
+    """``libdnnl.so.3`` from the ``onednn-cpu-gomp`` wheel (installed under ``<prefix>/lib``)."""
+    try:
+        dist = importlib.metadata.distribution("onednn-cpu-gomp")
+        for f in dist.files or ():
+            if f.name == "libdnnl.so.3":
+                return Path(dist.locate_file(f)).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    hits = glob.glob(os.path.join(sys.prefix, "lib", "libdnnl.so.3"))
+    return Path(hits[0]) if hits else None
+
+
+def _load() -> ctypes.CDLL | None:
+    if "lib" in _state:
+        return _state["lib"]
+    _state["lib"], reason = None, None
+    if os.environ.get(ENV, "1") == "0":
+        reason = f"{ENV}=0"
+    elif not sys.platform.startswith("linux"):
+        reason = "oneDNN's extension is built on Linux only"
+    else:
+        ext = sorted(Path(__file__).parent.glob("_onednn_lstm*.so"))
+        dnnl = _libdnnl()
+        if not ext:
+            reason = "the extension was not built (pip install needs g++ and the onednn-cpu-gomp wheels)"
+        elif dnnl is None:
+            reason = "libdnnl.so.3 not found: pip install onednn-cpu-gomp==2023.2.0"
+        else:
+            try:
+                ctypes.CDLL(str(dnnl), mode=ctypes.RTLD_GLOBAL)
+                lib = ctypes.CDLL(str(ext[0]))
+                lib.lstm_jax_onednn_lstm_workspace_bytes.restype = ctypes.c_int64
+                lib.lstm_jax_onednn_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int,
+                                                                                           ctypes.c_int64]
+                jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.LstmJaxOnednnLstmForward), platform="cpu")
+                jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.LstmJaxOnednnLstmBackward),
+                                            platform="cpu")
+                _state["lib"] = lib
+            except (OSError, AttributeError) as e:
+                reason = f"loading {ext[0].name} failed: {e}"
+    _state["reason"] = reason
+    return _state["lib"]
+
+
+def available() -> bool:
+    """Whether the oneDNN LSTM can run here (the extension built and loaded, not turned off)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False, in words (None when it is True)."""
+    _load()
+    return _state.get("reason")
+
+
+def cores_per_device() -> int:
+    """This process's cores shared by the devices of the ``shard_map`` being traced (one core
+    each with ``lstm_jax.parallel.value_and_grad`` on per-core CPU devices): the most oneDNN
+    threads one call may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    mesh = jax.sharding.get_abstract_mesh()
+    return max(1, cores // (1 if mesh.empty else mesh.size))
+
+
+def supports(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) -> bool:
+    """Whether oneDNN on this CPU implements the layer's training pass (bf16 needs AVX-512)."""
+    lib = _load()
+    if lib is None:
+        return False
+    bf16 = int(_compute_dtype(dtype) == jnp.bfloat16)
+    return lib.lstm_jax_onednn_lstm_workspace_bytes(steps, batch, features, hidden, bf16, 1) > 0
+
+
+def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) -> int:
+    """How ``scan_cell(impl='auto')`` should run this LSTM layer: 0 for the fused pure-JAX layer,
+    else the number of oneDNN threads per call.
+
+    oneDNN is taken where it is available, supports the shape, and its training pass (forward and
+    backward) measured at least ``calibrate.MARGIN`` faster than the fused layer's, with the
+    faster of 1 thread and ``cores_per_device()`` threads. Both are measured because neither
+    always wins: on a 2-core Intel Xeon with AMX, 2 threads ran the float32 layer at ``large``
+    1.7x faster than 1 thread, and the bf16 layer (AMX) 1.1x slower. Measured once per (CPU, jax
+    version, shape, dtype, cores), cached like the carry layout (``lstm_jax.calibrate.cached``).
+    Layers under ``MIN_FLOPS`` keep the fused loop unmeasured. ``LSTM_JAX_ONEDNN=1`` takes oneDNN
+    wherever supported, unmeasured, with ``cores_per_device()`` threads; ``=0`` never.
+    """
+    mode = os.environ.get(ENV, "auto").strip()
+    if mode == "0" or not supports(steps, batch, features, hidden, dtype):
+        return 0
+    cores = cores_per_device()
+    if mode == "1":
+        return cores
+    if 6 * steps * batch * 4 * hidden * (features + hidden) < MIN_FLOPS:
+        return 0
+    name = jnp.dtype(_compute_dtype(dtype)).name
+    key = f"{calibrate.machine_key()}|onednn-lstm|{steps}x{batch}x{features}x{hidden}|{name}|{cores} cores"
+    with _decide_lock:  # re-entrant: the measurement traces the fused layer, which asks for its layout
+        if key not in _decided:
+            def timed() -> dict:
+                seconds = measure(steps, batch, features, hidden, dtype, sorted({1, cores}))
+                best = min((t, k) for k, t in seconds.items() if k != "fused")
+                threads = best[1] if seconds["fused"] >= calibrate.MARGIN * best[0] else 0
+                return {"threads": threads, "seconds": {str(k): t for k, t in seconds.items()}}
+
+            _decided[key] = int(calibrate.cached(key, timed).get("threads", 0))
+        return _decided[key]
+
+
+def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = None,
+            threads: tuple[int, ...] | list[int] = (1,)) -> dict:
+    """Median seconds of one LSTM layer's training pass (forward and backward): ``'fused'`` (the
+    pure-JAX layer) and oneDNN's with each count in ``threads``, taking turns on the CPU."""
+    from lstm_jax.fused import fused_lstm
+    from lstm_jax.products import matmul
+
+    cpu = jax.devices("cpu")[0]
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
+              ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
+    zeros = np.zeros((batch, hidden), np.float32)
+
+    def fused(x, w_x, w_h, b):
+        x_proj = matmul(x, w_x, dtype, jnp.float32) + b
+        return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, dtype, 1)[2])
+
+    def through_onednn(x, w_x, w_h, b, threads):
+        return jnp.sum(onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])
+
+    candidates = {"fused": fused, **{k: functools.partial(through_onednn, threads=k) for k in threads}}
+    with jax.ensure_compile_time_eval(), jax.default_device(cpu):
+        args = [jax.device_put(a, cpu) for a in arrays]
+        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))) for k, f in candidates.items()}
+        for run in runs.values():
+            jax.block_until_ready(run(*args))  # compile
+        times = {k: [] for k in runs}
+        for _ in range(ROUNDS):
+            for k, run in runs.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(*args))
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(t)) for k, t in times.items()}
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+        return jnp.float32
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return jnp.bfloat16
+    raise ValueError(f"onednn_lstm: dtype must be None, float32 or bfloat16, got {dtype}.")
+
+
+def _forward(x, w_x, w_h, b, h0, c0, dtype, threads, training):
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"onednn_lstm is not available: {unavailable_reason()}.")
+    dt = _compute_dtype(dtype)
+    (steps, batch, features), hidden = x.shape, w_h.shape[0]
+    threads = threads or cores_per_device()
+    ws = lib.lstm_jax_onednn_lstm_workspace_bytes(steps, batch, features, hidden, int(dt == jnp.bfloat16),
+                                                    threads) if training else 1
+    out = (jax.ShapeDtypeStruct((steps, batch, hidden), dt), jax.ShapeDtypeStruct((batch, hidden), dt),
+           jax.ShapeDtypeStruct((batch, hidden), jnp.float32), jax.ShapeDtypeStruct((ws,), jnp.uint8))
+    args = (x.astype(dt), w_x.astype(dt), w_h.astype(dt), b.astype(jnp.float32), h0.astype(dt),
+            c0.astype(jnp.float32))
+    ys, h, c, workspace = jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(
+        *args, threads=np.int64(threads), training=training)
+    return (ys, h, c), (args, (ys, h, c, workspace), threads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def onednn_lstm(x, w_x, w_h, b, h0, c0, dtype: Any = None, threads: int | None = None):
+    """One LSTM layer over time-major ``x`` ``(T, N, C)``: returns ``(h_T, c_T, ys)``.
+
+    ``w_x (C, 4H)``, ``w_h (H, 4H)``, ``b (4H,)`` with gates ``i, f, g, o`` (``LSTMCell``'s
+    params), ``h0`` and ``c0`` ``(N, H)``. ``dtype`` is the compute dtype of the products (None or
+    float32; bfloat16 for mixed precision); ``threads`` oneDNN's threads per call (None:
+    ``cores_per_device()``). Outputs are in ``h0.dtype``; CPU only.
+    """
+    (ys, h, c), _ = _forward(x, w_x, w_h, b, h0, c0, dtype, threads, training=False)
+    out = h0.dtype
+    return h.astype(out), c.astype(c0.dtype), ys.astype(out)
+
+
+def _onednn_lstm_fwd(x, w_x, w_h, b, h0, c0, dtype, threads):
+    (ys, h, c), (args, outputs, _) = _forward(x, w_x, w_h, b, h0, c0, dtype, threads, training=True)
+    residuals = (args, outputs)
+    dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (x, w_x, w_h, b, h0, c0))  # residuals must be arrays
+    return (h.astype(h0.dtype), c.astype(c0.dtype), ys.astype(h0.dtype)), (residuals, dtypes)
+
+
+def _onednn_lstm_bwd(dtype, threads, saved, cotangents):
+    (args, outputs), dtypes = saved
+    d_h, d_c, d_ys = (jnp.asarray(g, jnp.float32) for g in cotangents)
+    (steps, batch, features), hidden = args[0].shape, args[2].shape[0]
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    out = (f32(steps, batch, features), f32(features, 4 * hidden), f32(hidden, 4 * hidden), f32(4 * hidden),
+           f32(batch, hidden), f32(batch, hidden))
+    grads = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")(
+        *args, *outputs, d_ys, d_h, d_c, threads=np.int64(threads or cores_per_device()))
+    return tuple(g.astype(d.dtype) for g, d in zip(grads, dtypes))
+
+
+onednn_lstm.defvjp(_onednn_lstm_fwd, _onednn_lstm_bwd)

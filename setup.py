@@ -1,0 +1,49 @@
+"""Builds the optional oneDNN LSTM extension (``lstm_jax/csrc/onednn_lstm.cc``) during ``pip install``.
+
+Everything else is in pyproject.toml. The extension needs a C++ compiler, jaxlib's XLA FFI headers
+and the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (build requirements on Linux
+x86-64). If any is missing the build prints one line and the install goes on: ``lstm_jax`` then
+runs its pure-JAX layers (``lstm_jax.onednn.available()`` is False and says why).
+"""
+
+import importlib.metadata
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _wheel_dir(dist: str, filename: str) -> str:
+    """The folder holding ``filename`` among the files installed by the wheel ``dist``."""
+    for f in importlib.metadata.distribution(dist).files or ():
+        if f.name == filename:
+            return str(Path(importlib.metadata.distribution(dist).locate_file(f)).resolve().parent)
+    raise FileNotFoundError(f"{filename} is not in the {dist} wheel")
+
+
+class OptionalBuildExt(build_ext):
+    def build_extension(self, ext):
+        try:
+            import jaxlib
+
+            ext.include_dirs += [str(Path(jaxlib.__file__).parent / "include"),
+                                 str(Path(_wheel_dir("onednn-devel-cpu-gomp", "dnnl.hpp")).parent)]
+            ext.library_dirs += [_wheel_dir("onednn-cpu-gomp", "libdnnl.so.3")]
+            super().build_extension(ext)
+        except Exception as e:  # optional: never fail the install over it
+            print(f"lstm_jax: the oneDNN extension was not built ({type(e).__name__}: {e}); "
+                  f"the pure-JAX layers will be used.")
+
+
+setup(
+    ext_modules=[Extension(
+        "lstm_jax._onednn_lstm",
+        sources=["lstm_jax/csrc/onednn_lstm.cc"],
+        language="c++",
+        extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-Wno-attributes",
+                            "-Wno-return-type"],
+        extra_link_args=["-fopenmp", "-l:libdnnl.so.3"],
+        optional=True,
+    )],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

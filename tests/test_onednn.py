@@ -1,0 +1,198 @@
+"""The oneDNN LSTM layer (lstm_jax.onednn) against the pure-JAX layers: values, gradients, the
+model and Trainer, several devices, the measured choice, and what a wrong request gets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lstm_jax import CharLM, CharLMConfig, ConfigError, GRUCell, LSTMCarry, LSTMCell, onednn, scan_cell
+from lstm_jax.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.model import cross_entropy
+from lstm_jax.training import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = jax.random.key(0)
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN extension: {onednn.unavailable_reason()}")
+
+
+def _perturbed(cell, input_size):
+    params = cell.init(KEY, input_size)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def _close(actual, desired, tol):
+    scale = max(1.0, float(np.abs(desired).max()))
+    np.testing.assert_allclose(actual, desired, rtol=tol, atol=tol * scale)
+
+
+@needs_onednn
+@pytest.mark.parametrize("tokens", [False, True], ids=["features", "tokens"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(None, 2e-5), (jnp.bfloat16, 3e-2)], ids=["f32", "bf16"])
+def test_onednn_matches_the_fused_layer_values_and_gradients(tokens, reverse, dtype, tol):
+    if dtype is not None and not onednn.supports(9, 6, 11, 32, dtype):
+        pytest.skip("oneDNN has no bf16 LSTM on this CPU")
+    cell = LSTMCell(32, dtype=dtype, token_inputs=tokens)
+    params = _perturbed(cell, 11)
+    batch = (3, 2)  # two batch axes: flattened for oneDNN and restored
+    x = jax.random.randint(KEY, (*batch, 9), 0, 11) if tokens else jax.random.normal(KEY, (*batch, 9, 11))
+    carry0 = LSTMCarry(*(0.5 * jax.random.normal(k, (*batch, 32)) for k in jax.random.split(KEY)))
+
+    def loss(params, carry0, impl):
+        carry, ys = scan_cell(cell, params, x, initial_carry=carry0, reverse=reverse, impl=impl)
+        weights = jnp.cos(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
+        return jnp.sum(ys * weights) + jnp.sum(jnp.sin(carry.h)) + jnp.sum(carry.c ** 2)
+
+    v_o, g_o = jax.jit(jax.value_and_grad(lambda p, c: loss(p, c, "onednn"), argnums=(0, 1)))(params, carry0)
+    v_f, g_f = jax.jit(jax.value_and_grad(lambda p, c: loss(p, c, "fused"), argnums=(0, 1)))(params, carry0)
+    _close(v_o, v_f, tol)
+    jax.tree.map(lambda a, b: _close(a, b, tol), g_o, g_f)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_o))
+    # The program really contains the custom call (and the fused one does not).
+    hlo = jax.jit(lambda p, c: loss(p, c, "onednn")).lower(params, carry0).as_text()
+    assert "lstm_jax_onednn_lstm_forward" in hlo
+
+
+@needs_onednn
+def test_char_model_with_dropout_gives_the_same_loss_and_gradients():
+    model = CharLM(CharLMConfig(vocab_size=40, hidden_size=24, num_layers=2, dropout=0.2, embed_size=8))
+    params = model.init(KEY)
+    tokens = jax.random.randint(jax.random.key(1), (4, 13), 0, 40)
+
+    def loss(params, impl):
+        _, logits = model.apply(params, model.initial_carry(4), tokens[:, :-1], impl=impl,
+                                dropout_key=jax.random.key(5))
+        return cross_entropy(logits, tokens[:, 1:])
+
+    (l_o, g_o), (l_f, g_f) = (jax.value_and_grad(loss)(params, impl) for impl in ("onednn", "fused"))
+    np.testing.assert_allclose(l_o, l_f, rtol=1e-6)
+    jax.tree.map(lambda a, b: _close(a, b, 2e-5), g_o, g_f)
+
+
+@needs_onednn
+def test_vmap_over_the_onednn_layer():
+    cell = LSTMCell(8)
+    params = cell.init(KEY, 5)
+    xs = jax.random.normal(KEY, (3, 4, 6, 5))  # vmapped axis of 3, batch of 4, 6 steps
+    run = lambda impl: jax.vmap(lambda x: scan_cell(cell, params, x, impl=impl)[1])(xs)
+    _close(run("onednn"), run("fused"), 2e-5)
+
+
+@needs_onednn
+def test_trainer_on_onednn_resumes_exactly_and_learns(text_corpus, tmp_path, monkeypatch):
+    """LSTM_JAX_ONEDNN=1 takes oneDNN for every LSTM layer; the Trainer's chunked steps then agree
+    with the fused layer's to float32 rounding, and a run split in two equals one run bitwise."""
+    from lstm_jax.checkpoint import Checkpointer
+
+    train, val = split_documents(load_corpus(str(text_corpus)), 1992)
+    train_ids = Vocabulary.from_text(train, val).encode(train)
+    model = CharLM(CharLMConfig(int(train_ids.max()) + 1, hidden_size=16, num_layers=2, dropout=0.1))
+    config = TrainConfig(batch_size=4, seq_len=20, chunk_steps=4)
+    monkeypatch.setenv(onednn.ENV, "0")
+    fused = Trainer(model, config, train_ids, epochs=1)
+    fused_losses = fused.run_chunk(fused.init_state(), 8)[1]
+    monkeypatch.setenv(onednn.ENV, "1")
+    traced = []
+    real = onednn.onednn_lstm
+    monkeypatch.setattr(onednn, "onednn_lstm", lambda *a: traced.append(a[0].shape) or real(*a))
+    trainer = Trainer(model, config, train_ids, epochs=1)
+    state, full = trainer.run_chunk(trainer.init_state(), 8)
+    assert len(traced) == 2  # both layers, traced once for all chunks
+    np.testing.assert_allclose(full, fused_losses, rtol=1e-5)
+    assert full[-1] < full[0]
+    state, first = trainer.run_chunk(trainer.init_state(), 4)
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(4, state, {"epoch": 0})
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "run")
+    restored, _ = ckpt.restore(Trainer(model, config, train_ids, epochs=1).init_state())
+    ckpt.close()
+    _, rest = Trainer(model, config, train_ids, epochs=1).run_chunk(restored, 4)
+    np.testing.assert_array_equal(np.concatenate([first, rest]), full)
+
+
+FOUR_DEVICES = """
+import json, jax, jax.numpy as jnp, numpy as np
+from lstm_jax import CharLM, CharLMConfig, parallel
+from lstm_jax.model import cross_entropy
+mesh = parallel.data_mesh()
+model = CharLM(CharLMConfig(vocab_size=30, hidden_size=16, num_layers=2))
+params = model.init(jax.random.key(0))
+tokens = np.random.default_rng(1).integers(0, 30, (8, 21)).astype(np.int32)
+def loss_fn(impl):
+    def f(params, tokens):
+        _, logits = model.apply(params, model.initial_carry(tokens.shape[0]), tokens[:, :-1], impl=impl)
+        return cross_entropy(logits, tokens[:, 1:])
+    return f
+hlo = jax.jit(parallel.value_and_grad(loss_fn("onednn"), mesh)).lower(
+    parallel.replicate(params, mesh), parallel.shard_batch(tokens, mesh)).as_text()
+loss, grads = jax.jit(parallel.value_and_grad(loss_fn("onednn"), mesh))(
+    parallel.replicate(params, mesh), parallel.shard_batch(tokens, mesh))
+ref_loss, ref_grads = jax.value_and_grad(loss_fn("fused"))(params, tokens)
+diff = max(float(abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+print(json.dumps([jax.device_count(), float(loss), float(ref_loss), diff, "lstm_jax_onednn_lstm" in hlo]))
+"""
+
+
+@needs_onednn
+def test_four_devices_on_onednn_equal_one_device_on_the_fused_layer():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    devices, loss, ref_loss, diff, custom_call = json.loads(out.stdout.strip().splitlines()[-1])
+    assert devices == 4 and custom_call
+    assert abs(loss - ref_loss) < 1e-6 and diff < 1e-5 and ref_loss > 3.0
+
+
+@needs_onednn
+def test_auto_measures_once_and_caches_the_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(onednn, "MIN_FLOPS", 0)
+    monkeypatch.setattr(onednn, "ROUNDS", 1)
+    monkeypatch.setattr(onednn, "_decided", {})
+    calls = []
+    real = onednn.measure
+    monkeypatch.setattr(onednn, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
+    threads = onednn.pays(5, 4, 3, 8)
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if "onednn-lstm|5x4x3x8" in k]
+    assert entry["threads"] == threads and set(entry["seconds"]) >= {"fused", "1"}
+    assert all(t > 0 for t in entry["seconds"].values())
+    monkeypatch.setattr(onednn, "_decided", {})  # a new process: reads the file, measures nothing
+    assert onednn.pays(5, 4, 3, 8) == threads and len(calls) == 1
+    monkeypatch.setenv(onednn.ENV, "0")
+    assert onednn.pays(5, 4, 3, 8) == 0
+
+
+def test_onednn_refuses_what_it_does_not_run_with_one_clear_error():
+    x = jnp.ones((2, 5, 3))
+    gru = GRUCell(4)
+    with pytest.raises(ConfigError, match="impl='onednn' supports LSTMCell"):
+        scan_cell(gru, gru.init(KEY, 3), x, impl="onednn")
+    lstm = LSTMCell(4)
+    with pytest.raises(ConfigError, match="impl='onednn' supports LSTMCell"):
+        scan_cell(lstm, lstm.init(KEY, 3), x, impl="onednn", seq_lengths=jnp.array([5, 3]))
+    with pytest.raises(ConfigError, match="impl must be"):
+        scan_cell(lstm, lstm.init(KEY, 3), x, impl="cudnn")
+
+
+def test_without_the_extension_auto_runs_the_fused_layer_and_onednn_says_why(monkeypatch):
+    monkeypatch.setattr(onednn, "_state", {})
+    monkeypatch.setenv(onednn.ENV, "0")
+    assert not onednn.available() and onednn.unavailable_reason() == f"{onednn.ENV}=0"
+    lstm = LSTMCell(4)
+    params, x = lstm.init(KEY, 3), jnp.ones((2, 5, 3))
+    hlo = jax.jit(lambda p: scan_cell(lstm, p, x, impl="auto")[1]).lower(params).as_text()
+    assert "onednn" not in hlo
+    with pytest.raises(ConfigError, match=f"impl='onednn' is not available here: {onednn.ENV}=0"):
+        scan_cell(lstm, params, x, impl="onednn")
+    monkeypatch.setattr(onednn, "_state", {})
