@@ -13,12 +13,14 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
-def _wheel_dir(dist: str, filename: str) -> str:
-    """The folder holding ``filename`` among the files installed by the wheel ``dist``."""
-    for f in importlib.metadata.distribution(dist).files or ():
-        if f.name == filename:
-            return str(Path(importlib.metadata.distribution(dist).locate_file(f)).resolve().parent)
-    raise FileNotFoundError(f"{filename} is not in the {dist} wheel")
+def _wheel_file(dist: str, suffix: str) -> Path:
+    """The file whose path ends with ``suffix`` among the files installed by the wheel ``dist``."""
+    wheel = importlib.metadata.distribution(dist)
+    for f in wheel.files or ():
+        path = Path(wheel.locate_file(f)).resolve()
+        if path.as_posix().endswith(suffix):
+            return path
+    raise FileNotFoundError(f"{suffix} is not in the {dist} wheel")
 
 
 class OptionalBuildExt(build_ext):
@@ -27,8 +29,8 @@ class OptionalBuildExt(build_ext):
             import jaxlib
 
             ext.include_dirs += [str(Path(jaxlib.__file__).parent / "include"),
-                                 str(Path(_wheel_dir("onednn-devel-cpu-gomp", "dnnl.hpp")).parent)]
-            ext.library_dirs += [_wheel_dir("onednn-cpu-gomp", "libdnnl.so.3")]
+                                 str(_wheel_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp").parents[2])]
+            ext.library_dirs += [str(_wheel_file("onednn-cpu-gomp", "lib/libdnnl.so.3").parent)]
             super().build_extension(ext)
         except Exception as e:  # optional: never fail the install over it
             print(f"lstm_jax: the oneDNN extension was not built ({type(e).__name__}: {e}); "
