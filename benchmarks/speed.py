@@ -33,7 +33,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy  # noqa: E402
-from lstm_jax import parallel  # noqa: E402
+from lstm_jax import onednn, parallel  # noqa: E402
 from lstm_jax.sampling import generate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -159,6 +159,16 @@ def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devi
     t0 = time.perf_counter()
     run(chunk)
     return Case(run, time.perf_counter() - t0)
+
+
+def without_onednn(build: Callable[[], Case]) -> Case:
+    """``build()`` with ``LSTM_JAX_ONEDNN=0`` while it traces: its program keeps the fused layer."""
+    before = os.environ.get(onednn.ENV)
+    os.environ[onednn.ENV] = "0"
+    try:
+        return build()
+    finally:
+        os.environ.pop(onednn.ENV) if before is None else os.environ.__setitem__(onednn.ENV, before)
 
 
 # --- Flax ---------------------------------------------------------------------------------------
@@ -312,6 +322,12 @@ def main():
                 if bf16_units:
                     builders[f"lstm_jax bf16 Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(
                         cell, b, t, h, layers, dtype="bfloat16", devices=n)
+            if cell == "lstm" and onednn.available():  # the same Trainer on the pure-JAX fused layer, side by side
+                builders["lstm_jax Trainer, fused layer (no oneDNN)"] = lambda: without_onednn(
+                    lambda: case_lstm_jax_trainer(cell, b, t, h, layers))
+                if bf16_units:
+                    builders["lstm_jax bf16 Trainer, fused layer (no oneDNN)"] = lambda: without_onednn(
+                        lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16"))
             if bf16_units:
                 builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16")
                 builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16")
@@ -345,7 +361,9 @@ def main():
     out = dict(backend=backend, devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
                machine=info, cpu_tag=machine.cpu_tag(), jax=jax.__version__,
                matmul_peak_gflops={k: v / 1e9 for k, v in peak.items()}, rows=rows, sweeps={},
-               generation=bench_generation(), command="python benchmarks/speed.py " + " ".join(sys.argv[1:]))
+               generation=bench_generation(), command="python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+               onednn=dict(available=onednn.available(), unavailable_reason=onednn.unavailable_reason(),
+                           threads_per_layer_shape=dict(onednn._decided)))
     write(out)  # the table first; the sweeps take a while
     if not args.quick:
         out["sweeps"] = run_sweeps(lambda sweeps: write(dict(out, sweeps=sweeps)))
@@ -413,6 +431,15 @@ def markdown(out) -> str:
         lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | {r['chars_per_s']:,.0f} | "
                      f"{r['compile_s']:.1f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_peak']:.0f}% | "
                      f"{ratio('torch')} | {ratio('torch_bf16')} | {ratio('flax')} | {ratio('flax10')} |")
+    dnnl = out.get("onednn")
+    if dnnl is not None:
+        if not dnnl["available"]:
+            lines += ["", f"oneDNN LSTM layer (lstm_jax.onednn): not available ({dnnl['unavailable_reason']})."]
+        else:
+            chosen = [f"{k.split('|onednn-lstm|')[1].replace('|', ' ')}: "
+                      f"{f'oneDNN, {v} thread(s)' if v else 'fused'}" for k, v in dnnl["threads_per_layer_shape"].items()]
+            lines += ["", "LSTM layers (steps x rows x inputs x hidden, dtype, cores per device) as `impl='auto'` "
+                      "chose them by measurement (lstm_jax.onednn.pays): " + "; ".join(chosen) + "."]
     g = out["generation"]
     lines += ["", f"Generation (2x256 LSTM, 4 temperatures x 1000 chars, one batch): lstm_jax "
               f"{g['lstm_jax_chars_per_s']:,.0f} chars/s" + (f", PyTorch per-character loop {g['torch_loop_chars_per_s']:,.0f} "

@@ -196,3 +196,20 @@ def test_without_the_extension_auto_runs_the_fused_layer_and_onednn_says_why(mon
     with pytest.raises(ConfigError, match=f"impl='onednn' is not available here: {onednn.ENV}=0"):
         scan_cell(lstm, params, x, impl="onednn")
     monkeypatch.setattr(onednn, "_state", {})
+
+
+@needs_onednn
+def test_a_call_leaves_the_process_openmp_thread_count_as_it_found_it():
+    """The OpenMP runtime is shared with other libraries (PyTorch's libgomp has the same soname):
+    a oneDNN call with its own thread count must put the calling thread's count back."""
+    import ctypes
+
+    gomp = ctypes.CDLL("libgomp.so.1")
+    gomp.omp_set_num_threads(3)
+    cell = LSTMCell(8)
+    params, x = cell.init(KEY, 5), jnp.ones((2, 6, 5))
+    for threads in (1, 2):
+        run = jax.jit(lambda p: onednn.onednn_lstm(jnp.moveaxis(x, 1, 0), p["input_kernel"], p["recurrent_kernel"],
+                                                   p["bias"], jnp.zeros((2, 8)), jnp.zeros((2, 8)), None, threads))
+        jax.block_until_ready(run(params))
+        assert gomp.omp_get_max_threads() == 3

@@ -91,6 +91,18 @@ Layer &GetLayer(const Shape &s) {
   return *slot;
 }
 
+// Sets this thread's OpenMP thread count for one call and puts it back afterwards: the OpenMP
+// runtime is shared by the whole process (PyTorch's libgomp and oneDNN's have the same soname),
+// so a count left behind would change other libraries' parallel regions on this thread.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int64_t threads) : before_(omp_get_max_threads()) { omp_set_num_threads(static_cast<int>(threads)); }
+  ~OmpThreads() { omp_set_num_threads(before_); }
+
+ private:
+  int before_;
+};
+
 // Per-thread bump allocator for the scratchpad and the weights in the primitive's layout.
 struct Arena {
   std::vector<uint8_t> bytes;
@@ -145,7 +157,7 @@ ffi::Error LstmForward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h,
     const auto &pd = training ? layer.train_pd : layer.infer_pd;
     if (training && workspace->size_bytes() != pd.workspace_desc().get_size())
       return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
-    omp_set_num_threads(static_cast<int>(threads));
+    OmpThreads omp_threads(threads);
     dnnl::stream stream(Engine());
     thread_local Arena arena;
     arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(pd.scratchpad_desc()));
@@ -191,7 +203,7 @@ ffi::Error LstmBackward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h
     const auto &pd = layer.bwd_pd;
     if (workspace.size_bytes() != pd.workspace_desc().get_size())
       return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
-    omp_set_num_threads(static_cast<int>(threads));
+    OmpThreads omp_threads(threads);
     dnnl::stream stream(Engine());
     thread_local Arena arena;
     const auto &dwl_desc = pd.diff_weights_layer_desc(), &dwi_desc = pd.diff_weights_iter_desc();
