@@ -5,6 +5,8 @@ The library layers, each importing only from the ones above it:
 * ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``, ``LeakyRNNCell``: ``init``, ``initial_carry``, ``apply``.
 * ``sequence`` / ``fused`` — ``scan_cell`` and ``RecurrentStack`` over ``lax.scan``; the
   custom-VJP layers ``fused_lstm``, ``fused_gru`` and ``fused_rnn``.
+* ``onednn`` — ``onednn_lstm``: the LSTM layer as oneDNN's RNN primitive on CPU (an optional
+  extension built by ``pip install``; ``scan_cell(impl='auto')`` takes it where it measured faster).
 * ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
 * ``model`` — ``CharLM``, the character language model.
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
@@ -33,6 +35,8 @@ from lstm_jax.errors import (
     NonFiniteLossError,
 )
 from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
+from lstm_jax import onednn
+from lstm_jax.onednn import onednn_lstm
 from lstm_jax.sequence import RecurrentStack, reverse_padded, scan_cell
 from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
@@ -47,7 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     # cells and sequences
     "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
-    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn",
+    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm", "onednn",
     # weight import
     "from_torch", "from_flax_lstm", "from_flax_gru",
     # the character model, data, training, sampling, checkpoints

@@ -80,7 +80,7 @@ def _load() -> ctypes.CDLL | None:
             reason = "libdnnl.so.3 not found: pip install onednn-cpu-gomp==2023.2.0"
         else:
             try:
-                ctypes.CDLL(str(dnnl), mode=ctypes.RTLD_GLOBAL)
+                ctypes.CDLL(str(dnnl), mode=ctypes.RTLD_LOCAL)
                 lib = ctypes.CDLL(str(ext[0]))
                 lib.lstm_jax_onednn_lstm_workspace_bytes.restype = ctypes.c_int64
                 lib.lstm_jax_onednn_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int,
@@ -124,7 +124,7 @@ def supports(steps: int, batch: int, features: int, hidden: int, dtype: Any = No
     return lib.lstm_jax_onednn_lstm_workspace_bytes(steps, batch, features, hidden, bf16, 1) > 0
 
 
-def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) -> int:
+def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, tokens: bool = False) -> int:
     """How ``scan_cell(impl='auto')`` should run this LSTM layer: 0 for the fused pure-JAX layer,
     else the number of oneDNN threads per call.
 
@@ -134,6 +134,10 @@ def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) 
     always wins: on a 2-core Intel Xeon with AMX, 2 threads ran the float32 layer at ``large``
     1.7x faster than 1 thread, and the bf16 layer (AMX) 1.1x slower. Measured once per (CPU, jax
     version, shape, dtype, cores), cached like the carry layout (``lstm_jax.calibrate.cached``).
+    With ``tokens`` the layer's inputs are ``features`` token ids: the fused layer gathers rows of
+    its input kernel while oneDNN multiplies a one-hot matrix, and the measurement does the same
+    (at ``seed``, 128 x 40 characters of 92, that product and its gradients cost oneDNN about a
+    third of the layer's time).
     Layers under ``MIN_FLOPS`` keep the fused loop unmeasured. ``LSTM_JAX_ONEDNN=1`` takes oneDNN
     wherever supported, unmeasured, with ``cores_per_device()`` threads; ``=0`` never.
     """
@@ -146,11 +150,12 @@ def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) 
     if 6 * steps * batch * 4 * hidden * (features + hidden) < MIN_FLOPS:
         return 0
     name = jnp.dtype(_compute_dtype(dtype)).name
-    key = f"{calibrate.machine_key()}|onednn-lstm|{steps}x{batch}x{features}x{hidden}|{name}|{cores} cores"
+    what = "tokens" if tokens else "features"
+    key = f"{calibrate.machine_key()}|onednn-lstm|{steps}x{batch}x{features}x{hidden}|{what}|{name}|{cores} cores"
     with _decide_lock:  # re-entrant: the measurement traces the fused layer, which asks for its layout
         if key not in _decided:
             def timed() -> dict:
-                seconds = measure(steps, batch, features, hidden, dtype, sorted({1, cores}))
+                seconds = measure(steps, batch, features, hidden, dtype, sorted({1, cores}), tokens)
                 best = min((t, k) for k, t in seconds.items() if k != "fused")
                 threads = best[1] if seconds["fused"] >= calibrate.MARGIN * best[0] else 0
                 return {"threads": threads, "seconds": {str(k): t for k, t in seconds.items()}}
@@ -160,9 +165,10 @@ def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) 
 
 
 def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = None,
-            threads: tuple[int, ...] | list[int] = (1,)) -> dict:
+            threads: tuple[int, ...] | list[int] = (1,), tokens: bool = False) -> dict:
     """Median seconds of one LSTM layer's training pass (forward and backward): ``'fused'`` (the
-    pure-JAX layer) and oneDNN's with each count in ``threads``, taking turns on the CPU."""
+    pure-JAX layer) and oneDNN's with each count in ``threads``, taking turns on the CPU; with
+    ``tokens``, on token ids (a row gather for the fused layer, a one-hot product for oneDNN)."""
     from lstm_jax.fused import fused_lstm
     from lstm_jax.products import matmul
 
@@ -172,11 +178,15 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
               ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
     zeros = np.zeros((batch, hidden), np.float32)
 
+    ids = rng.integers(0, features, (steps, batch)).astype(np.int32)
+    dt = _compute_dtype(dtype)
+
     def fused(x, w_x, w_h, b):
-        x_proj = matmul(x, w_x, dtype, jnp.float32) + b
+        x_proj = (jnp.take(w_x, ids, axis=0) if tokens else matmul(x, w_x, dtype, jnp.float32)) + b
         return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, dtype, 1)[2])
 
     def through_onednn(x, w_x, w_h, b, threads):
+        x = jax.nn.one_hot(ids, features, dtype=dt) if tokens else x
         return jnp.sum(onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])
 
     candidates = {"fused": fused, **{k: functools.partial(through_onednn, threads=k) for k in threads}}

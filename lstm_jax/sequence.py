@@ -145,7 +145,8 @@ def scan_cell(
         if impl == "onednn" and not onednn.available():
             raise ConfigError(f"impl='onednn' is not available here: {onednn.unavailable_reason()}. "
                               f"Use impl='auto' (it falls back to the fused layer).")
-        threads = None if impl == "onednn" else onednn.pays(x.shape[0], rows, features, cell.hidden_size, cell.dtype)
+        threads = None if impl == "onednn" else onednn.pays(x.shape[0], rows, features, cell.hidden_size, cell.dtype,
+                                                                   cell.token_inputs)
         if threads != 0:
             carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, threads)
             return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))

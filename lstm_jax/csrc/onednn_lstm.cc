@@ -13,13 +13,19 @@
 
 #include <omp.h>
 
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -103,6 +109,53 @@ class OmpThreads {
   int before_;
 };
 
+// Calls with more than one thread all run on one dedicated thread, so the process holds a single
+// OpenMP team for them. libgomp counts every OpenMP thread of the process, and once there are
+// more than cores it stops spin-waiting between parallel regions and sleeps instead; the RNN
+// primitive opens regions at every time step, so a second team (XLA calls custom calls from
+// whichever of its threads is free) made the same call run at half speed, on and off. Calls
+// with one thread open no region and run on the calling thread, concurrently across devices.
+class Executor {
+ public:
+  static Executor &Get() {
+    static Executor *executor = new Executor();  // never destroyed: no join at process exit
+    return *executor;
+  }
+  ffi::Error Run(std::function<ffi::Error()> body) {
+    std::packaged_task<ffi::Error()> job(std::move(body));
+    std::future<ffi::Error> done = job.get_future();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      jobs_.push_back(std::move(job));
+    }
+    ready_.notify_one();
+    return done.get();
+  }
+
+ private:
+  Executor() : thread_([this] { Loop(); }) { thread_.detach(); }
+  void Loop() {
+    for (;;) {
+      std::packaged_task<ffi::Error()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return !jobs_.empty(); });
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::packaged_task<ffi::Error()>> jobs_;
+  std::thread thread_;
+};
+
+ffi::Error OnThreads(int64_t threads, std::function<ffi::Error()> body) {
+  return threads <= 1 ? body() : Executor::Get().Run(std::move(body));
+}
+
 // Per-thread bump allocator for the scratchpad and the weights in the primitive's layout.
 struct Arena {
   std::vector<uint8_t> bytes;
@@ -150,6 +203,7 @@ ffi::Error LstmForward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h,
                        ffi::Result<ffi::AnyBuffer> h_t, ffi::Result<ffi::Buffer<ffi::F32>> c_t,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t threads, bool training) {
   if (auto e = CheckTypes(x, w_x, w_h, h0); e.failure()) return e;
+  return OnThreads(threads, [&]() -> ffi::Error {
   try {
     const Shape s = ShapeOf(x, w_h, threads);
     const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
@@ -185,6 +239,7 @@ ffi::Error LstmForward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h,
     return ffi::Error::Internal(std::string("onednn_lstm forward: ") + e.what());
   }
   return ffi::Error::Success();
+  });
 }
 
 ffi::Error LstmBackward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h, ffi::Buffer<ffi::F32> b,
@@ -196,6 +251,7 @@ ffi::Error LstmBackward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h
                         ffi::Result<ffi::Buffer<ffi::F32>> d_h0, ffi::Result<ffi::Buffer<ffi::F32>> d_c0,
                         int64_t threads) {
   if (auto e = CheckTypes(x, w_x, w_h, h0); e.failure()) return e;
+  return OnThreads(threads, [&]() -> ffi::Error {
   try {
     const Shape s = ShapeOf(x, w_h, threads);
     const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
@@ -252,6 +308,7 @@ ffi::Error LstmBackward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h
     return ffi::Error::Internal(std::string("onednn_lstm backward: ") + e.what());
   }
   return ffi::Error::Success();
+  });
 }
 
 }  // namespace
