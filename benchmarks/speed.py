@@ -11,8 +11,13 @@ Peers (when installed): PyTorch nn.LSTM/GRU/RNN (CPU threads = cores; cuDNN on G
 and with bf16 autocast, and Flax linen nn.RNN over OptimizedLSTMCell/GRUCell/SimpleCell. The bf16
 rows (lstm_jax's bf16 mode, PyTorch's autocast) run at every size on GPU and on CPUs with bf16
 units (avx512_bf16 or amx_bf16); on a CPU without them the results say so instead (PyTorch's
-autocast ran 10-25x slower than float32 on such a CPU). All of it runs in one process, so the
-allocator setting ``import lstm_jax`` applies (``lstm_jax.runtime``) holds for every peer alike.
+autocast ran 10-25x slower than float32 on such a CPU). The peers take turns round by round, and
+``import lstm_jax``'s allocator setting (``lstm_jax.runtime``) holds for every peer alike.
+PyTorch runs in a child process of its own (``in_own_process``), stepping only when told, so the
+turns are kept: sharing libgomp with lstm_jax's oneDNN layer, whose calls on several threads hold an
+OpenMP team of their own, left the process with more OpenMP threads than cores, at which libgomp
+stops spin-waiting between parallel regions, and PyTorch's LSTM, which opens regions at every time
+step, then ran 1.5-2x slower (seed 22 -> 46 ms per step; measured this way on the 2-core Intel Xeon).
 Writes benchmarks/results/speed-<backend>[-<cpu>].{json,md}, the CPU named in the file and its name.
 """
 
@@ -66,6 +71,44 @@ def measure(cases: dict[str, Case], rounds: int, steps: int) -> dict[str, float]
             case.run(steps)
             times[name].append((time.perf_counter() - t0) / steps)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def in_own_process(builder: str, *args, **kwargs) -> Case:
+    """``globals()[builder](*args, **kwargs)`` built and run in a child process (spawned: a fresh
+    interpreter, which imports lstm_jax, so the allocator setting holds there too); ``run(n)``
+    tells it to take ``n`` steps and waits. A builder's RuntimeError is raised here."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(there, builder, args, kwargs), daemon=True)
+    proc.start()
+    kind, value = here.recv()
+    if kind == "error":
+        proc.join()
+        raise RuntimeError(value)
+
+    def run(n: int) -> None:
+        here.send(n)
+        here.recv()
+
+    return Case(run, value)
+
+
+def _serve(conn, builder: str, args, kwargs) -> None:
+    try:
+        case = globals()[builder](*args, **kwargs)
+    except RuntimeError as err:
+        conn.send(("error", str(err)))
+        return
+    conn.send(("ready", case.compile_s))
+    while True:
+        try:
+            n = conn.recv()
+        except EOFError:  # the parent is done with this case
+            return
+        case.run(n)
+        conn.send(True)
 
 
 def jax_case(step, state: tuple, batch: tuple, per_dispatch: int = 1) -> Case:
@@ -337,9 +380,10 @@ def main():
             builders["flax nn.RNN (10 steps/dispatch)"] = lambda: case_flax(cell, b, t, h, layers, per_dispatch=10)
             if has_torch:
                 dev = "cuda" if backend == "gpu" else "cpu"
-                builders[f"torch nn.{cell.upper()}"] = lambda: case_torch(cell, b, t, h, layers, dev)
+                builders[f"torch nn.{cell.upper()}"] = lambda: in_own_process("case_torch", cell, b, t, h, layers, dev)
                 if bf16_units:
-                    builders[f"torch nn.{cell.upper()} bf16 autocast"] = lambda: case_torch(cell, b, t, h, layers, dev, autocast_bf16=True)
+                    builders[f"torch nn.{cell.upper()} bf16 autocast"] = lambda: in_own_process(
+                        "case_torch", cell, b, t, h, layers, dev, autocast_bf16=True)
                 else:
                     rows.append(dict(config=name, cell=cell, impl=f"torch nn.{cell.upper()} bf16 autocast", error=no_bf16))
             cases = {}

@@ -11,8 +11,8 @@ It is optional: ``pip install`` builds the extension where a compiler and the ``
 wheel are present (Linux x86-64), and ``available()`` says whether it loaded. Without it, and on
 GPU or TPU, the layers run the pure-JAX path with the same numbers (tested to float32 rounding,
 and to bf16 rounding in bf16). ``scan_cell(impl='auto')`` takes it only where it measured faster
-on this machine (``lstm_jax.calibrate``); ``impl='onednn'`` asks for it; ``LSTM_JAX_ONEDNN=0``
-turns it off.
+on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onednn'`` asks for it;
+``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between
 steps is held in bf16 (oneDNN's convention; the pure-JAX path keeps it in float32 and rounds only
@@ -42,11 +42,11 @@ __all__ = ["available", "unavailable_reason", "supports", "pays", "measure", "co
            "ENV"]
 
 ENV = "LSTM_JAX_ONEDNN"  # 0: never; 1: wherever supported, unmeasured; unset/auto: where measured faster
-MIN_FLOPS = 2**26  # a layer's training pass below this: not measured, the fused loop is kept
+MIN_FLOPS = 2**28  # a layer's training pass below this: not measured, the fused loop is kept
 ROUNDS = 5
 _FORWARD, _BACKWARD = "lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"
 _state: dict[str, Any] = {}
-_decided: dict[str, bool] = {}
+_decided: dict[str, int] = {}  # cache key -> oneDNN threads (0: the fused layer)
 _decide_lock = threading.RLock()
 
 
