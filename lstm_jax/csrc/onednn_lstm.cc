@@ -181,6 +181,29 @@ memory AsLayout(const memory &user, const memory::desc &want, Arena &arena, dnnl
   return copy;
 }
 
+// Our kernels (C, 4H) and (H, 4H) as the primitive wants its weights (ldigo: nothing to permute).
+template <typename Pd>
+std::pair<memory, memory> Weights(const Pd &pd, const Shape &s, void *w_x, void *w_h, Arena &arena,
+                                  dnnl::stream &stream) {
+  const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
+  memory u_wl(Desc({1, 1, s.C, 4, s.H}, dt, Tag::ldigo), Engine(), w_x);
+  memory u_wi(Desc({1, 1, s.H, 4, s.H}, dt, Tag::ldigo), Engine(), w_h);
+  return {AsLayout(u_wl, pd.weights_layer_desc(), arena, stream), AsLayout(u_wi, pd.weights_iter_desc(), arena, stream)};
+}
+
+// The arguments both passes give the primitive: inputs, weights, outputs and the scratchpad.
+template <typename Pd>
+std::unordered_map<int, memory> LayerArgs(const Pd &pd, void *x, void *h0, void *c0, const memory &wl,
+                                          const memory &wi, void *b, void *ys, void *h_t, void *c_t,
+                                          const memory &scratch) {
+  auto at = [](const memory::desc &d, void *data) { return memory(d, Engine(), data); };
+  return {{DNNL_ARG_SRC_LAYER, at(pd.src_layer_desc(), x)},   {DNNL_ARG_SRC_ITER, at(pd.src_iter_desc(), h0)},
+          {DNNL_ARG_SRC_ITER_C, at(pd.src_iter_c_desc(), c0)}, {DNNL_ARG_WEIGHTS_LAYER, wl},
+          {DNNL_ARG_WEIGHTS_ITER, wi},                          {DNNL_ARG_BIAS, at(pd.bias_desc(), b)},
+          {DNNL_ARG_DST_LAYER, at(pd.dst_layer_desc(), ys)},    {DNNL_ARG_DST_ITER, at(pd.dst_iter_desc(), h_t)},
+          {DNNL_ARG_DST_ITER_C, at(pd.dst_iter_c_desc(), c_t)}, {DNNL_ARG_SCRATCHPAD, scratch}};
+}
+
 Shape ShapeOf(const ffi::AnyBuffer &x, const ffi::AnyBuffer &w_h, int64_t threads) {
   auto xd = x.dimensions();
   return Shape{xd[0], xd[1], xd[2], w_h.dimensions()[0], x.element_type() == ffi::DataType::BF16, threads};
@@ -204,41 +227,27 @@ ffi::Error LstmForward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h,
                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t threads, bool training) {
   if (auto e = CheckTypes(x, w_x, w_h, h0); e.failure()) return e;
   return OnThreads(threads, [&]() -> ffi::Error {
-  try {
-    const Shape s = ShapeOf(x, w_h, threads);
-    const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
-    Layer &layer = GetLayer(s);
-    const auto &pd = training ? layer.train_pd : layer.infer_pd;
-    if (training && workspace->size_bytes() != pd.workspace_desc().get_size())
-      return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
-    OmpThreads omp_threads(threads);
-    dnnl::stream stream(Engine());
-    thread_local Arena arena;
-    arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(pd.scratchpad_desc()));
-    memory u_wl(Desc({1, 1, s.C, 4, s.H}, dt, Tag::ldigo), Engine(), w_x.untyped_data());
-    memory u_wi(Desc({1, 1, s.H, 4, s.H}, dt, Tag::ldigo), Engine(), w_h.untyped_data());
-    memory wl = AsLayout(u_wl, pd.weights_layer_desc(), arena, stream);
-    memory wi = AsLayout(u_wi, pd.weights_iter_desc(), arena, stream);
-    memory scratch(pd.scratchpad_desc(), Engine(), arena.Take(pd.scratchpad_desc().get_size()));
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, memory(pd.src_layer_desc(), Engine(), x.untyped_data())},
-        {DNNL_ARG_SRC_ITER, memory(pd.src_iter_desc(), Engine(), h0.untyped_data())},
-        {DNNL_ARG_SRC_ITER_C, memory(pd.src_iter_c_desc(), Engine(), c0.untyped_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, wl},
-        {DNNL_ARG_WEIGHTS_ITER, wi},
-        {DNNL_ARG_BIAS, memory(pd.bias_desc(), Engine(), b.untyped_data())},
-        {DNNL_ARG_DST_LAYER, memory(pd.dst_layer_desc(), Engine(), ys->untyped_data())},
-        {DNNL_ARG_DST_ITER, memory(pd.dst_iter_desc(), Engine(), h_t->untyped_data())},
-        {DNNL_ARG_DST_ITER_C, memory(pd.dst_iter_c_desc(), Engine(), c_t->untyped_data())},
-        {DNNL_ARG_SCRATCHPAD, scratch},
-    };
-    if (training) args[DNNL_ARG_WORKSPACE] = memory(pd.workspace_desc(), Engine(), workspace->untyped_data());
-    (training ? layer.train : layer.infer).execute(stream, args);
-    stream.wait();
-  } catch (const dnnl::error &e) {
-    return ffi::Error::Internal(std::string("onednn_lstm forward: ") + e.what());
-  }
-  return ffi::Error::Success();
+    try {
+      const Shape s = ShapeOf(x, w_h, threads);
+      Layer &layer = GetLayer(s);
+      const auto &pd = training ? layer.train_pd : layer.infer_pd;
+      if (training && workspace->size_bytes() != pd.workspace_desc().get_size())
+        return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
+      OmpThreads omp_threads(threads);
+      dnnl::stream stream(Engine());
+      thread_local Arena arena;
+      arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(pd.scratchpad_desc()));
+      const auto [wl, wi] = Weights(pd, s, w_x.untyped_data(), w_h.untyped_data(), arena, stream);
+      memory scratch(pd.scratchpad_desc(), Engine(), arena.Take(pd.scratchpad_desc().get_size()));
+      auto args = LayerArgs(pd, x.untyped_data(), h0.untyped_data(), c0.untyped_data(), wl, wi, b.untyped_data(),
+                            ys->untyped_data(), h_t->untyped_data(), c_t->untyped_data(), scratch);
+      if (training) args[DNNL_ARG_WORKSPACE] = memory(pd.workspace_desc(), Engine(), workspace->untyped_data());
+      (training ? layer.train : layer.infer).execute(stream, args);
+      stream.wait();
+    } catch (const dnnl::error &e) {
+      return ffi::Error::Internal(std::string("onednn_lstm forward: ") + e.what());
+    }
+    return ffi::Error::Success();
   });
 }
 
@@ -252,54 +261,42 @@ ffi::Error LstmBackward(ffi::AnyBuffer x, ffi::AnyBuffer w_x, ffi::AnyBuffer w_h
                         int64_t threads) {
   if (auto e = CheckTypes(x, w_x, w_h, h0); e.failure()) return e;
   return OnThreads(threads, [&]() -> ffi::Error {
-  try {
-    const Shape s = ShapeOf(x, w_h, threads);
-    const Dt dt = s.bf16 ? Dt::bf16 : Dt::f32;
-    Layer &layer = GetLayer(s);
-    const auto &pd = layer.bwd_pd;
-    if (workspace.size_bytes() != pd.workspace_desc().get_size())
-      return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
-    OmpThreads omp_threads(threads);
-    dnnl::stream stream(Engine());
-    thread_local Arena arena;
-    const auto &dwl_desc = pd.diff_weights_layer_desc(), &dwi_desc = pd.diff_weights_iter_desc();
-    arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(dwl_desc) +
-                  Rounded(dwi_desc) + Rounded(pd.scratchpad_desc()));
-    memory u_wl(Desc({1, 1, s.C, 4, s.H}, dt, Tag::ldigo), Engine(), w_x.untyped_data());
-    memory u_wi(Desc({1, 1, s.H, 4, s.H}, dt, Tag::ldigo), Engine(), w_h.untyped_data());
-    memory wl = AsLayout(u_wl, pd.weights_layer_desc(), arena, stream);
-    memory wi = AsLayout(u_wi, pd.weights_iter_desc(), arena, stream);
-    // oneDNN accumulates into the weight and bias gradients: start them at zero.
-    memory u_dwl(Desc({1, 1, s.C, 4, s.H}, Dt::f32, Tag::ldigo), Engine(), d_w_x->untyped_data());
-    memory u_dwi(Desc({1, 1, s.H, 4, s.H}, Dt::f32, Tag::ldigo), Engine(), d_w_h->untyped_data());
-    memory dwl = u_dwl.get_desc() == dwl_desc ? u_dwl : memory(dwl_desc, Engine(), arena.Take(dwl_desc.get_size()));
-    memory dwi = u_dwi.get_desc() == dwi_desc ? u_dwi : memory(dwi_desc, Engine(), arena.Take(dwi_desc.get_size()));
-    std::memset(dwl.get_data_handle(), 0, dwl_desc.get_size());
-    std::memset(dwi.get_data_handle(), 0, dwi_desc.get_size());
-    std::memset(d_b->untyped_data(), 0, d_b->size_bytes());
-    memory scratch(pd.scratchpad_desc(), Engine(), arena.Take(pd.scratchpad_desc().get_size()));
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, memory(pd.src_layer_desc(), Engine(), x.untyped_data())},
-        {DNNL_ARG_SRC_ITER, memory(pd.src_iter_desc(), Engine(), h0.untyped_data())},
-        {DNNL_ARG_SRC_ITER_C, memory(pd.src_iter_c_desc(), Engine(), c0.untyped_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, wl},
-        {DNNL_ARG_WEIGHTS_ITER, wi},
-        {DNNL_ARG_BIAS, memory(pd.bias_desc(), Engine(), b.untyped_data())},
-        {DNNL_ARG_DST_LAYER, memory(pd.dst_layer_desc(), Engine(), ys.untyped_data())},
-        {DNNL_ARG_DST_ITER, memory(pd.dst_iter_desc(), Engine(), h_t.untyped_data())},
-        {DNNL_ARG_DST_ITER_C, memory(pd.dst_iter_c_desc(), Engine(), c_t.untyped_data())},
-        {DNNL_ARG_WORKSPACE, memory(pd.workspace_desc(), Engine(), workspace.untyped_data())},
-        {DNNL_ARG_DIFF_DST_LAYER, memory(pd.diff_dst_layer_desc(), Engine(), d_ys.untyped_data())},
-        {DNNL_ARG_DIFF_DST_ITER, memory(pd.diff_dst_iter_desc(), Engine(), d_h_t.untyped_data())},
-        {DNNL_ARG_DIFF_DST_ITER_C, memory(pd.diff_dst_iter_c_desc(), Engine(), d_c_t.untyped_data())},
-        {DNNL_ARG_DIFF_SRC_LAYER, memory(pd.diff_src_layer_desc(), Engine(), d_x->untyped_data())},
-        {DNNL_ARG_DIFF_SRC_ITER, memory(pd.diff_src_iter_desc(), Engine(), d_h0->untyped_data())},
-        {DNNL_ARG_DIFF_SRC_ITER_C, memory(pd.diff_src_iter_c_desc(), Engine(), d_c0->untyped_data())},
-        {DNNL_ARG_DIFF_WEIGHTS_LAYER, dwl},
-        {DNNL_ARG_DIFF_WEIGHTS_ITER, dwi},
-        {DNNL_ARG_DIFF_BIAS, memory(pd.diff_bias_desc(), Engine(), d_b->untyped_data())},
-        {DNNL_ARG_SCRATCHPAD, scratch},
-    };
+    try {
+      const Shape s = ShapeOf(x, w_h, threads);
+      Layer &layer = GetLayer(s);
+      const auto &pd = layer.bwd_pd;
+      if (workspace.size_bytes() != pd.workspace_desc().get_size())
+        return ffi::Error::InvalidArgument("onednn_lstm: workspace size does not match the primitive");
+      OmpThreads omp_threads(threads);
+      dnnl::stream stream(Engine());
+      thread_local Arena arena;
+      const auto &dwl_desc = pd.diff_weights_layer_desc(), &dwi_desc = pd.diff_weights_iter_desc();
+      arena.Reserve(Rounded(pd.weights_layer_desc()) + Rounded(pd.weights_iter_desc()) + Rounded(dwl_desc) +
+                    Rounded(dwi_desc) + Rounded(pd.scratchpad_desc()));
+      const auto [wl, wi] = Weights(pd, s, w_x.untyped_data(), w_h.untyped_data(), arena, stream);
+      // oneDNN accumulates into the weight and bias gradients: start them at zero.
+      memory u_dwl(Desc({1, 1, s.C, 4, s.H}, Dt::f32, Tag::ldigo), Engine(), d_w_x->untyped_data());
+      memory u_dwi(Desc({1, 1, s.H, 4, s.H}, Dt::f32, Tag::ldigo), Engine(), d_w_h->untyped_data());
+      memory dwl = u_dwl.get_desc() == dwl_desc ? u_dwl : memory(dwl_desc, Engine(), arena.Take(dwl_desc.get_size()));
+      memory dwi = u_dwi.get_desc() == dwi_desc ? u_dwi : memory(dwi_desc, Engine(), arena.Take(dwi_desc.get_size()));
+      std::memset(dwl.get_data_handle(), 0, dwl_desc.get_size());
+      std::memset(dwi.get_data_handle(), 0, dwi_desc.get_size());
+      std::memset(d_b->untyped_data(), 0, d_b->size_bytes());
+      memory scratch(pd.scratchpad_desc(), Engine(), arena.Take(pd.scratchpad_desc().get_size()));
+      auto args = LayerArgs(pd, x.untyped_data(), h0.untyped_data(), c0.untyped_data(), wl, wi, b.untyped_data(),
+                            ys.untyped_data(), h_t.untyped_data(), c_t.untyped_data(), scratch);
+      args.insert({
+          {DNNL_ARG_WORKSPACE, memory(pd.workspace_desc(), Engine(), workspace.untyped_data())},
+          {DNNL_ARG_DIFF_DST_LAYER, memory(pd.diff_dst_layer_desc(), Engine(), d_ys.untyped_data())},
+          {DNNL_ARG_DIFF_DST_ITER, memory(pd.diff_dst_iter_desc(), Engine(), d_h_t.untyped_data())},
+          {DNNL_ARG_DIFF_DST_ITER_C, memory(pd.diff_dst_iter_c_desc(), Engine(), d_c_t.untyped_data())},
+          {DNNL_ARG_DIFF_SRC_LAYER, memory(pd.diff_src_layer_desc(), Engine(), d_x->untyped_data())},
+          {DNNL_ARG_DIFF_SRC_ITER, memory(pd.diff_src_iter_desc(), Engine(), d_h0->untyped_data())},
+          {DNNL_ARG_DIFF_SRC_ITER_C, memory(pd.diff_src_iter_c_desc(), Engine(), d_c0->untyped_data())},
+          {DNNL_ARG_DIFF_WEIGHTS_LAYER, dwl},
+          {DNNL_ARG_DIFF_WEIGHTS_ITER, dwi},
+          {DNNL_ARG_DIFF_BIAS, memory(pd.diff_bias_desc(), Engine(), d_b->untyped_data())},
+    });
     layer.bwd.execute(stream, args);
     if (dwl != u_dwl) dnnl::reorder(dwl, u_dwl).execute(stream, dwl, u_dwl);
     if (dwi != u_dwi) dnnl::reorder(dwi, u_dwi).execute(stream, dwi, u_dwi);
@@ -323,14 +320,19 @@ extern "C" int64_t lstm_jax_onednn_lstm_workspace_bytes(int64_t T, int64_t N, in
   }
 }
 
+// x, w_x, w_h, b, h0, c0: the inputs both handlers start with.
+auto LayerInputs() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxOnednnLstmForward, LstmForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()            // x
-                                  .Arg<ffi::AnyBuffer>()            // w_x
-                                  .Arg<ffi::AnyBuffer>()            // w_h
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // b
-                                  .Arg<ffi::AnyBuffer>()            // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // c0
+                              LayerInputs()
                                   .Ret<ffi::AnyBuffer>()            // ys
                                   .Ret<ffi::AnyBuffer>()            // h_T
                                   .Ret<ffi::Buffer<ffi::F32>>()     // c_T
@@ -339,13 +341,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxOnednnLstmForward, LstmForward,
                                   .Attr<bool>("training"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxOnednnLstmBackward, LstmBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()            // x
-                                  .Arg<ffi::AnyBuffer>()            // w_x
-                                  .Arg<ffi::AnyBuffer>()            // w_h
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // b
-                                  .Arg<ffi::AnyBuffer>()            // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // c0
+                              LayerInputs()
                                   .Arg<ffi::AnyBuffer>()            // ys
                                   .Arg<ffi::AnyBuffer>()            // h_T
                                   .Arg<ffi::Buffer<ffi::F32>>()     // c_T
