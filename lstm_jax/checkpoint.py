@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import io
 import json
 import os
 import sys
@@ -242,10 +243,47 @@ def _quiet_background_errors():
         sys.unraisablehook = previous
 
 
+class _WithoutClosedLoopTracebacks(io.TextIOBase):
+    """A text stream that passes everything to ``stream`` except whole tracebacks ending in
+    ``RuntimeError: Event loop is closed`` (held back line by line until their last line)."""
+
+    def __init__(self, stream):
+        self._stream, self._partial, self._held = stream, "", []
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._line(line + "\n")
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if not self._held and not line.startswith("Traceback (most recent call last):"):
+            self._stream.write(line)
+            return
+        self._held.append(line)
+        if len(self._held) > 1 and line[:1] not in (" ", "\t"):  # the exception line ends the block
+            block, self._held = "".join(self._held), []
+            if not line.startswith("RuntimeError: Event loop is closed"):
+                self._stream.write(block)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
 def silence_background_errors() -> None:
     """For command-line scripts: after a failed restore, tensorstore's outstanding reads finish
     on orbax's closed event loop and print "RuntimeError: Event loop is closed" tracebacks from
-    background threads. Hide exactly those; every other exception prints as usual."""
+    background threads, some through the exception hooks, some straight to ``sys.stderr``
+    (C++ threads). Hide exactly those; every other exception and line prints as usual."""
+    if not isinstance(sys.stderr, _WithoutClosedLoopTracebacks):
+        sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
     default = sys.excepthook
 
     def hook(kind, value, tb):
