@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -245,10 +246,15 @@ def _quiet_background_errors():
 
 class _WithoutClosedLoopTracebacks(io.TextIOBase):
     """A text stream that passes everything to ``stream`` except whole tracebacks ending in
-    ``RuntimeError: Event loop is closed`` (held back line by line until their last line)."""
+    ``RuntimeError: Event loop is closed``. Several threads print them at once, so their lines
+    interleave: lines are held from a ``Traceback`` header until every open traceback has reached
+    its exception line, then dropped if all of those were that error, else written as received.
+    Lines that belong to no traceback pass straight through."""
+
+    _EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
     def __init__(self, stream):
-        self._stream, self._partial, self._held = stream, "", []
+        self._stream, self._partial, self._held, self._ends, self._open = stream, "", [], [], 0
 
     def write(self, text: str) -> int:
         lines = (self._partial + text).split("\n")
@@ -258,14 +264,19 @@ class _WithoutClosedLoopTracebacks(io.TextIOBase):
         return len(text)
 
     def _line(self, line: str) -> None:
-        if not self._held and not line.startswith("Traceback (most recent call last):"):
-            self._stream.write(line)
+        if line.startswith("Traceback (most recent call last):"):
+            self._open += 1
+        elif not self._open or not (line[:1] in (" ", "\t") or self._EXCEPTION.match(line)):
+            self._stream.write(line)  # outside any traceback, or between a traceback's lines
             return
         self._held.append(line)
-        if len(self._held) > 1 and line[:1] not in (" ", "\t"):  # the exception line ends the block
-            block, self._held = "".join(self._held), []
-            if not line.startswith("RuntimeError: Event loop is closed"):
-                self._stream.write(block)
+        if line[:1] not in (" ", "\t") and self._EXCEPTION.match(line):
+            self._ends.append(line)
+            self._open -= 1
+            if not self._open:
+                if not all(end.startswith("RuntimeError: Event loop is closed") for end in self._ends):
+                    self._stream.write("".join(self._held))
+                self._held, self._ends = [], []
 
     def flush(self) -> None:
         self._stream.flush()

@@ -303,7 +303,9 @@ def test_closed_loop_tracebacks_are_dropped_from_stderr_and_nothing_else():
     late = ('Traceback (most recent call last):\n  File "base_events.py", line 806, in call_soon_threadsafe\n'
             '    self._check_closed()\nRuntimeError: Event loop is closed\n')
     other = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\nValueError: real problem\n'
-    text = "warning: one\n" + late + late + "warning: two\n" + other + "last line without newline"
+    a, b = late.splitlines(keepends=True), late.splitlines(keepends=True)
+    interleaved = "".join(x + y for x, y in zip(a, b))  # two threads at once, as seen in CI
+    text = "warning: one\n" + late + interleaved + "warning: two\n" + other + "last line without newline"
     out = io.StringIO()
     stream = _WithoutClosedLoopTracebacks(out)
     for i in range(0, len(text), 7):  # in pieces, as C code writes
