@@ -227,12 +227,14 @@ def run(args: argparse.Namespace) -> int:
             if main_process:
                 key = jax.random.fold_in(jax.device_get(state.key), 10_000 + epoch)
                 print_samples(model, state.params, vocab, train_ids, config, key)
-            ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
+            # The epoch's metrics line before its checkpoint: a run killed in between resumes from the
+            # previous checkpoint and drops the line (above); killed after it, the line is there.
             rows.append(row)
             if main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 save_plot(run_dir, rows)
+            ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
         say(f"done: {config['epochs']} epochs in {run_dir} (best validation bpc "
             f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "
             f"sample with: python sample.py --checkpoint {run_dir}")
