@@ -96,13 +96,20 @@ def measure_layouts(batch: int, hidden: int, gates: int, dtype: Any = None) -> t
             h0 = h.T if transposed else h
             loop(h0, w).block_until_ready()  # compile
             runs[transposed] = (loop, h0)
-        times = {False: [], True: []}
-        for _ in range(ROUNDS):
-            for transposed, (loop, h0) in runs.items():
-                t0 = time.perf_counter()
-                loop(h0, w).block_until_ready()
-                times[transposed].append((time.perf_counter() - t0) / STEPS)
-    return float(np.median(times[False])), float(np.median(times[True]))
+        seconds = median_seconds({k: (lambda loop=loop, h0=h0: loop(h0, w)) for k, (loop, h0) in runs.items()}, ROUNDS)
+    return seconds[False] / STEPS, seconds[True] / STEPS
+
+
+def median_seconds(runs: dict, rounds: int) -> dict:
+    """Median wall seconds of each ``runs[k]()`` (waited for), the runs taking turns ``rounds``
+    times so that a slow spell of a shared machine hits all of them alike."""
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(t)) for k, t in times.items()}
 
 
 def cache_path() -> Path:

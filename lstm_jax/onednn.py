@@ -34,7 +34,6 @@ import importlib.metadata
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +200,7 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
         runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))) for k, f in candidates.items()}
         for run in runs.values():
             jax.block_until_ready(run(*args))  # compile
-        times = {k: [] for k in runs}
-        for _ in range(ROUNDS):
-            for k, run in runs.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(*args))
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(t)) for k, t in times.items()}
+        return calibrate.median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, ROUNDS)
 
 
 def _compute_dtype(dtype: Any) -> Any:
