@@ -34,7 +34,7 @@ from lstm_jax.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc
 from lstm_jax.sampling import generate
-from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_device_count
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup
 
 MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -167,15 +167,18 @@ def run(args: argparse.Namespace) -> int:
     val_ids = vocab.encode(val_text, what="corpus (checked against the run's vocabulary)")
     model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
     train_config = TrainConfig(**{k: config[k] for k in TRAIN_KEYS})
-    most = parallel.devices_for_batch(config["batch_size"]) if auto else 1
-    if most > 1:  # one CPU device per core where that measures faster here (cached per machine and set-up)
-        devices, seconds = fastest_device_count(model, train_config, train_ids, [1, most])
-        mesh = parallel.data_mesh(devices)
-        say("CPU devices: " + ", ".join(f"{n}: {1e3 * s:.1f} ms/step" for n, s in seconds.items())
-            + f" (measured once, cached); training on {devices}")
+    most = parallel.devices_for_batch(config["batch_size"]) if auto else mesh.size
+    impl = "auto"
+    if jax.default_backend() == "cpu" and jax.process_count() == 1:
+        # one device per core, and the fused or the oneDNN LSTM layer, where measured faster here (cached)
+        setup = fastest_setup(model, train_config, train_ids, sorted({mesh.size, most}))
+        mesh, impl = parallel.data_mesh(setup.devices), setup.impl
+        if setup.seconds:
+            say("CPU set-up (devices:layers): " + ", ".join(f"{k}: {1e3 * v:.1f} ms/step" for k, v in setup.seconds.items())
+                + f" (measured once, cached); training on {setup.devices}:{impl}")
     say(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}; "
         f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
-    trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh)
+    trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch
     lock = RunLock(run_dir).acquire() if main_process else None  # one trainer per folder
     if lock is not None and lock.took_over:

@@ -29,7 +29,7 @@ import train as train_script  # noqa: E402  (train.py's defaults are what is mea
 from lstm_jax import parallel  # noqa: E402
 from lstm_jax.data import Vocabulary, load_corpus, split_documents  # noqa: E402
 from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc  # noqa: E402
-from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_device_count  # noqa: E402
+from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
@@ -38,11 +38,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float,
-                 devices: int = 1) -> list[dict]:
+                 devices: int = 1, impl: str = "auto") -> list[dict]:
     model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
     mesh = parallel.data_mesh(devices)
     trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
-                      config["epochs"], mesh)
+                      config["epochs"], mesh, impl)
     state = trainer.init_state()
     state, _ = trainer.run_chunk(state, trainer.chunk_sizes(0)[0])  # compile (and one chunk) untimed
     state = trainer.init_state()
@@ -142,23 +142,25 @@ def main() -> None:
     train_text, val_text = split_documents(corpus, config["val_from_year"])
     vocab = Vocabulary.from_text(train_text, val_text)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
-    devices = train_args.devices or 1
-    if train_args.devices is None and most > 1:  # as train.py: the device count measured faster here
+    devices, impl = train_args.devices or 1, "auto"
+    if jax.default_backend() == "cpu":  # as train.py: the device count and LSTM layer measured faster here
         model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in train_script.MODEL_KEYS}))
-        devices, seconds = fastest_device_count(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}),
-                                                train_ids, [1, most])
-        print(f"CPU devices: {seconds}; training on {devices}", flush=True)
-    runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices)}
+        devices, impl, seconds = fastest_setup(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}),
+                                               train_ids, sorted({devices, most if train_args.devices is None else devices}))
+        print(f"CPU set-up (devices:layers): {seconds}; training on {devices}:{impl}", flush=True)
+    runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices,
+                                     impl)}
     if args.peer == "torch":
         runs["torch"] = run_torch(train_ids, val_ids, len(vocab), args.minutes, args.eval_every)
     config_out = {k: config[k] for k in train_script.MODEL_KEYS + train_script.TRAIN_KEYS}
     out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=machine.describe(),
-               cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, runs=runs,
+               cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, layers=impl,
+               runs=runs,
                command="NLTK_DATA=../shared/nltk_data python benchmarks/quality.py " + " ".join(sys.argv[1:]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2))
     lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget; "
-             f"{machine.describe_line(out['machine'])}; lstm_jax on {devices} device(s))", "",
+             f"{machine.describe_line(out['machine'])}; lstm_jax on {devices} device(s), layers impl={impl!r})", "",
              f"Command: `{out['command']}`", "", f"lstm_jax config: `{json.dumps(config_out)}`", "",
              "| run | minutes | step | train bpc | validation bpc |", "|---|---|---|---|---|"]
     for name, curve in runs.items():

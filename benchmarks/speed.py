@@ -24,6 +24,7 @@ Writes benchmarks/results/speed-<backend>[-<cpu>].{json,md}, the CPU named in th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -361,16 +362,18 @@ def main():
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
             n = parallel.devices_for_batch(b)  # train.py's candidate on CPU: one device per core
             if backend == "cpu" and n > 1:
-                builders[f"lstm_jax Trainer, {n} CPU devices (train.py)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, devices=n)
+                builders[f"lstm_jax Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, devices=n)
                 if bf16_units:
                     builders[f"lstm_jax bf16 Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(
                         cell, b, t, h, layers, dtype="bfloat16", devices=n)
-            if cell == "lstm" and onednn.available():  # the same Trainer on the pure-JAX fused layer, side by side
-                builders["lstm_jax Trainer, fused layer (no oneDNN)"] = lambda: without_onednn(
-                    lambda: case_lstm_jax_trainer(cell, b, t, h, layers))
-                if bf16_units:
-                    builders["lstm_jax bf16 Trainer, fused layer (no oneDNN)"] = lambda: without_onednn(
-                        lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16"))
+            if cell in ("lstm", "gru") and onednn.available():  # the same Trainers on the pure-JAX fused layer
+                for dtype in ("float32", "bfloat16") if bf16_units else ("float32",):
+                    bf = " bf16" if dtype == "bfloat16" else ""
+                    for d in sorted({1, n}) if backend == "cpu" else [1]:
+                        where = f", {d} CPU devices" if d > 1 else ""
+                        builders[f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)"] = functools.partial(
+                            without_onednn, functools.partial(case_lstm_jax_trainer, cell, b, t, h, layers,
+                                                              dtype=dtype, devices=d))
             if bf16_units:
                 builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16")
                 builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16")
@@ -448,6 +451,30 @@ def run_sweeps(save=lambda sweeps: None):
     return sweeps
 
 
+def train_py_setup(rows: list[dict], config: str, cell: str, dtype: str) -> dict | None:
+    """The Trainer row ``lstm_jax.training.fastest_setup`` would pick among those measured: the
+    candidates in its order (fewest devices first, the fused layer before ``impl='auto'``), each
+    later one taken only if 1.1x faster than the best before it."""
+    from lstm_jax.calibrate import simplest_fast_enough
+
+    same = {r["impl"]: r for r in rows if r["config"] == config and r["cell"] == cell and "error" not in r}
+    bf = " bf16" if dtype == "bfloat16" else ""
+    devices = sorted({1} | {int(k.split(", ")[1].split()[0]) for k in same if k.startswith(f"lstm_jax{bf} Trainer, ")
+                            and "CPU devices" in k})
+    order = []
+    for d in devices:
+        where = f", {d} CPU devices" if d > 1 else ""
+        order += [f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)",
+                  f"lstm_jax{bf} Trainer{where}" if d > 1 else f"lstm_jax{bf} Trainer (10 steps/dispatch)"]
+    order = [k for k in order if k in same]
+    if not order:
+        return None
+    best = simplest_fast_enough({k: same[k]["ms_per_step"] for k in order})
+    peer = lambda name: (f"{same[best]['chars_per_s'] / same[name]['chars_per_s']:.2f}x" if name in same else "-")
+    return dict(config=config, cell=cell, dtype=dtype, impl=best, chars_per_s=same[best]["chars_per_s"],
+                vs_torch=peer(f"torch nn.{cell.upper()}"), vs_torch_bf16=peer(f"torch nn.{cell.upper()} bf16 autocast"))
+
+
 def markdown(out) -> str:
     where = machine.describe_line(out["machine"]) if isinstance(out["machine"], dict) else out["machine"]
     lines = [f"# Train-step speed on {out['backend']}: {where}", "",
@@ -475,14 +502,24 @@ def markdown(out) -> str:
         lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | {r['chars_per_s']:,.0f} | "
                      f"{r['compile_s']:.1f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_peak']:.0f}% | "
                      f"{ratio('torch')} | {ratio('torch_bf16')} | {ratio('flax')} | {ratio('flax10')} |")
+    picks = [train_py_setup(out["rows"], cfg, cell, dtype) for cfg, cell in dict.fromkeys((r["config"], r["cell"]) for r in out["rows"])
+             for dtype in ("float32", "bfloat16")]
+    if any(picks):
+        lines += ["", "The Trainer set-up `train.py` takes by `fastest_setup`'s rule (candidates from the simplest: fewest "
+                  "devices, fused layer first; a later one must be 1.1x faster than the best before it), applied to "
+                  "the rows above:", "", "| config | cell | dtype | set-up | chars/s | vs torch | vs torch bf16 |",
+                  "|---|---|---|---|---|---|---|"]
+        for pick in filter(None, picks):
+            lines.append(f"| {pick['config']} | {pick['cell']} | {pick['dtype']} | {pick['impl']} | {pick['chars_per_s']:,.0f} | "
+                         f"{pick['vs_torch']} | {pick['vs_torch_bf16']} |")
     dnnl = out.get("onednn")
     if dnnl is not None:
         if not dnnl["available"]:
             lines += ["", f"oneDNN LSTM layer (lstm_jax.onednn): not available ({dnnl['unavailable_reason']})."]
         else:
-            chosen = [f"{k.split('|onednn-lstm|')[1].replace('|', ' ')}: "
+            chosen = [f"{k.split('|onednn-')[1].replace('|', ' ')}: "
                       f"{f'oneDNN, {v} thread(s)' if v else 'fused'}" for k, v in dnnl["threads_per_layer_shape"].items()]
-            lines += ["", "LSTM layers (steps x rows x inputs x hidden, dtype, cores per device) as `impl='auto'` "
+            lines += ["", "LSTM and GRU layers (cell, steps x rows x inputs x hidden, dtype, cores per device) as `impl='auto'` "
                       "chose them by measurement (lstm_jax.onednn.pays): " + "; ".join(chosen) + "."]
     g = out["generation"]
     lines += ["", f"Generation (2x256 LSTM, 4 temperatures x 1000 chars, one batch): lstm_jax "

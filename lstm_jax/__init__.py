@@ -5,8 +5,9 @@ The library layers, each importing only from the ones above it:
 * ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``, ``LeakyRNNCell``: ``init``, ``initial_carry``, ``apply``.
 * ``sequence`` / ``fused`` — ``scan_cell`` and ``RecurrentStack`` over ``lax.scan``; the
   custom-VJP layers ``fused_lstm``, ``fused_gru`` and ``fused_rnn``.
-* ``onednn`` — ``onednn_lstm``: the LSTM layer as oneDNN's RNN primitive on CPU (an optional
-  extension built by ``pip install``; ``scan_cell(impl='auto')`` takes it where it measured faster).
+* ``onednn`` — ``onednn_lstm``, ``onednn_gru``: the LSTM and GRU layers as oneDNN's RNN primitives
+  on CPU (an optional extension built by ``pip install``; ``scan_cell(impl='auto')`` takes them
+  where they measured faster).
 * ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
 * ``model`` — ``CharLM``, the character language model.
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
@@ -36,12 +37,13 @@ from lstm_jax.errors import (
 )
 from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
 from lstm_jax import onednn
-from lstm_jax.onednn import onednn_lstm
+from lstm_jax.onednn import onednn_gru, onednn_lstm
 from lstm_jax.sequence import RecurrentStack, reverse_padded, scan_cell
 from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
 from lstm_jax.data import Corpus, Document, Vocabulary, load_corpus, split_documents
-from lstm_jax.training import Trainer, TrainConfig, TrainState, evaluate_bpc, fastest_device_count, make_optimizer
+from lstm_jax.training import (Setup, Trainer, TrainConfig, TrainState, evaluate_bpc, fastest_device_count, fastest_setup,
+                               make_optimizer)
 from lstm_jax.sampling import generate, generate_stream
 from lstm_jax.checkpoint import Checkpointer, load_run
 from lstm_jax import parallel
@@ -51,13 +53,15 @@ __version__ = "0.1.0"
 __all__ = [
     # cells and sequences
     "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
-    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm", "onednn",
+    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm", "onednn_gru",
+    "onednn",
     # weight import
     "from_torch", "from_flax_lstm", "from_flax_gru",
     # the character model, data, training, sampling, checkpoints
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
-    "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_device_count",
+    "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
+    "fastest_device_count",
     "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",

@@ -44,7 +44,7 @@ except ImportError:  # not POSIX: no shared file lock, each process measures for
     fcntl = None
 
 __all__ = ["transposed_carry_pays", "measure_layouts", "cached", "machine_key", "cache_path", "cpu_model", "cpu_flags",
-           "LAYOUT_ENV", "MARGIN"]
+           "LAYOUT_ENV", "MARGIN", "median_seconds", "simplest_fast_enough"]
 
 LAYOUT_ENV = "LSTM_JAX_LAYOUT"
 MARGIN = 1.1  # the transposed layout must be this much faster: a choice, not noise
@@ -98,6 +98,18 @@ def measure_layouts(batch: int, hidden: int, gates: int, dtype: Any = None) -> t
             runs[transposed] = (loop, h0)
         seconds = median_seconds({k: (lambda loop=loop, h0=h0: loop(h0, w)) for k, (loop, h0) in runs.items()}, ROUNDS)
     return seconds[False] / STEPS, seconds[True] / STEPS
+
+
+def simplest_fast_enough(seconds: dict) -> Any:
+    """The key of ``seconds`` (ordered from the simplest candidate) to take: a later candidate
+    replaces the best before it only where it is ``MARGIN`` faster, so that noise never flips a
+    choice towards the more complex set-up."""
+    keys = list(seconds)
+    best = keys[0]
+    for k in keys[1:]:
+        if seconds[best] >= MARGIN * seconds[k]:
+            best = k
+    return best
 
 
 def median_seconds(runs: dict, rounds: int) -> dict:

@@ -1,10 +1,12 @@
-"""The LSTM layer through oneDNN's RNN primitive on CPU, as PyTorch's CPU ``nn.LSTM`` runs it.
+"""The LSTM and GRU layers through oneDNN's RNN primitives on CPU, as PyTorch's CPU ``nn.LSTM``
+and ``nn.GRU`` run them.
 
-XLA:CPU compiles the LSTM as a loop of small products (``lstm_jax.fused``). PyTorch hands the
-whole layer to oneDNN, whose RNN primitive runs the input projection as one large product, the
-recurrence with kernels generated for the CPU at hand (AMX tiles for bf16 where the CPU has
-them) and the backward pass with the weight gradients batched over time. ``onednn_lstm`` calls
-that primitive from JAX through the XLA FFI (``lstm_jax/csrc/onednn_lstm.cc``), with a
+XLA:CPU compiles a recurrent layer as a loop of small products (``lstm_jax.fused``). PyTorch
+hands the whole layer to oneDNN, whose RNN primitive runs the input projection as one large
+product, the recurrence with kernels generated for the CPU at hand (AMX tiles for bf16 where the
+CPU has them) and the backward pass with the weight gradients batched over time.
+``onednn_lstm`` and ``onednn_gru`` (``GRUCell(reset_after=True)``: oneDNN's ``lbr_gru``) call
+those primitives from JAX through the XLA FFI (``lstm_jax/csrc/onednn_lstm.cc``), each with a
 ``jax.custom_vjp`` whose backward pass is oneDNN's too.
 
 It is optional: ``pip install`` builds the extension where a compiler and the ``onednn-cpu-gomp``
@@ -44,12 +46,14 @@ import numpy as np
 from lstm_jax import calibrate
 
 __all__ = ["available", "unavailable_reason", "supports", "pays", "measure", "cores_per_device", "onednn_lstm",
-           "ENV"]
+           "onednn_gru", "ENV"]
 
 ENV = "LSTM_JAX_ONEDNN"  # 0: never; 1: wherever supported, unmeasured; unset/auto: where measured faster
 MIN_FLOPS = 2**28  # a layer's training pass below this: not measured, the fused loop is kept
 ROUNDS = 5
-_FORWARD, _BACKWARD = "lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"
+_TARGETS = {"lstm": ("lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"),
+            "gru": ("lstm_jax_onednn_gru_forward", "lstm_jax_onednn_gru_backward")}
+_GATES = {"lstm": 4, "gru": 3}
 _state: dict[str, Any] = {}
 _decided: dict[str, int] = {}  # cache key -> oneDNN threads (0: the fused layer)
 _decide_lock = threading.RLock()
@@ -87,12 +91,14 @@ def _load() -> ctypes.CDLL | None:
             try:
                 ctypes.CDLL(str(dnnl), mode=ctypes.RTLD_LOCAL)
                 lib = ctypes.CDLL(str(ext[0]))
-                lib.lstm_jax_onednn_lstm_workspace_bytes.restype = ctypes.c_int64
-                lib.lstm_jax_onednn_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int,
-                                                                                           ctypes.c_int64]
-                jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.LstmJaxOnednnLstmForward), platform="cpu")
-                jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.LstmJaxOnednnLstmBackward),
-                                            platform="cpu")
+                for kind, (forward, backward) in _TARGETS.items():
+                    workspace = getattr(lib, f"lstm_jax_onednn_{kind}_workspace_bytes")
+                    workspace.restype = ctypes.c_int64
+                    workspace.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
+                    name = {"lstm": "Lstm", "gru": "Gru"}[kind]
+                    for target, handler in ((forward, "Forward"), (backward, "Backward")):
+                        capsule = jax.ffi.pycapsule(getattr(lib, f"LstmJaxOnednn{name}{handler}"))
+                        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
                 _state["lib"] = lib
             except (OSError, AttributeError) as e:
                 reason = f"loading {ext[0].name} failed: {e}"
@@ -101,7 +107,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the oneDNN LSTM can run here (the extension built and loaded, not turned off)."""
+    """Whether the oneDNN layers can run here (the extension built and loaded, not turned off)."""
     return _load() is not None
 
 
@@ -120,47 +126,53 @@ def cores_per_device() -> int:
     return max(1, cores // (1 if mesh.empty else mesh.size))
 
 
-def supports(steps: int, batch: int, features: int, hidden: int, dtype: Any = None) -> bool:
-    """Whether oneDNN on this CPU implements the layer's training pass (bf16 needs AVX-512)."""
+def _workspace_bytes(kind: str, steps: int, batch: int, features: int, hidden: int, dtype: Any, threads: int) -> int:
     lib = _load()
     if lib is None:
-        return False
+        return 0
     bf16 = int(_compute_dtype(dtype) == jnp.bfloat16)
-    return lib.lstm_jax_onednn_lstm_workspace_bytes(steps, batch, features, hidden, bf16, 1) > 0
+    return getattr(lib, f"lstm_jax_onednn_{kind}_workspace_bytes")(steps, batch, features, hidden, bf16, threads)
 
 
-def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, tokens: bool = False) -> int:
-    """How ``scan_cell(impl='auto')`` should run this LSTM layer: 0 for the fused pure-JAX layer,
-    else the number of oneDNN threads per call.
+def supports(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, cell: str = "lstm") -> bool:
+    """Whether oneDNN on this CPU implements the layer's training pass (bf16 needs AVX-512);
+    ``cell`` 'lstm' or 'gru' (``GRUCell(reset_after=True)``, oneDNN's ``lbr_gru``)."""
+    return _workspace_bytes(cell, steps, batch, features, hidden, dtype, 1) > 0
+
+
+def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, tokens: bool = False,
+         cell: str = "lstm") -> int:
+    """How ``scan_cell(impl='auto')`` should run this LSTM (``cell='lstm'``) or GRU (``'gru'``)
+    layer: 0 for the fused pure-JAX layer, else the number of oneDNN threads per call.
 
     oneDNN is taken where it is available, supports the shape, and its training pass (forward and
     backward) measured at least ``calibrate.MARGIN`` faster than the fused layer's, with the
     faster of 1 thread and ``cores_per_device()`` threads. Both are measured because neither
-    always wins: on a 2-core Intel Xeon with AMX, 2 threads ran the float32 layer at ``large``
+    always wins: on a 2-core Intel Xeon with AMX, 2 threads ran the float32 LSTM layer at ``large``
     1.7x faster than 1 thread, and the bf16 layer (AMX) 1.1x slower. Measured once per (CPU, jax
-    version, shape, dtype, cores), cached like the carry layout (``lstm_jax.calibrate.cached``).
+    version, cell, shape, dtype, cores), cached like the carry layout (``lstm_jax.calibrate.cached``).
     With ``tokens`` the layer's inputs are ``features`` token ids: the fused layer gathers rows of
     its input kernel while oneDNN multiplies a one-hot matrix, and the measurement does the same
     (at ``seed``, 128 x 40 characters of 92, that product and its gradients cost oneDNN about a
-    third of the layer's time).
+    third of the LSTM layer's time).
     Layers under ``MIN_FLOPS`` keep the fused loop unmeasured. ``LSTM_JAX_ONEDNN=1`` takes oneDNN
     wherever supported, unmeasured, with ``cores_per_device()`` threads; ``=0`` never.
     """
     mode = os.environ.get(ENV, "auto").strip()
-    if mode == "0" or not supports(steps, batch, features, hidden, dtype):
+    if mode == "0" or not supports(steps, batch, features, hidden, dtype, cell):
         return 0
     cores = cores_per_device()
     if mode == "1":
         return cores
-    if 6 * steps * batch * 4 * hidden * (features + hidden) < MIN_FLOPS:
+    if 6 * steps * batch * _GATES[cell] * hidden * (features + hidden) < MIN_FLOPS:
         return 0
     name = jnp.dtype(_compute_dtype(dtype)).name
     what = "tokens" if tokens else "features"
-    key = f"{calibrate.machine_key()}|onednn-lstm|{steps}x{batch}x{features}x{hidden}|{what}|{name}|{cores} cores"
+    key = f"{calibrate.machine_key()}|onednn-{cell}|{steps}x{batch}x{features}x{hidden}|{what}|{name}|{cores} cores"
     with _decide_lock:  # re-entrant: the measurement traces the fused layer, which asks for its layout
         if key not in _decided:
             def timed() -> dict:
-                seconds = measure(steps, batch, features, hidden, dtype, sorted({1, cores}), tokens)
+                seconds = measure(steps, batch, features, hidden, dtype, sorted({1, cores}), tokens, cell)
                 best = min((t, k) for k, t in seconds.items() if k != "fused")
                 threads = best[1] if seconds["fused"] >= calibrate.MARGIN * best[0] else 0
                 return {"threads": threads, "seconds": {str(k): t for k, t in seconds.items()}}
@@ -170,34 +182,40 @@ def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, 
 
 
 def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = None,
-            threads: tuple[int, ...] | list[int] = (1,), tokens: bool = False) -> dict:
-    """Median seconds of one LSTM layer's training pass (forward and backward): ``'fused'`` (the
-    pure-JAX layer) and oneDNN's with each count in ``threads``, taking turns on the CPU; with
+            threads: tuple[int, ...] | list[int] = (1,), tokens: bool = False, cell: str = "lstm") -> dict:
+    """Median seconds of one LSTM or GRU layer's training pass (forward and backward): ``'fused'``
+    (the pure-JAX layer) and oneDNN's with each count in ``threads``, taking turns on the CPU; with
     ``tokens``, on token ids (a row gather for the fused layer, a one-hot product for oneDNN)."""
-    from lstm_jax.fused import fused_lstm
+    from lstm_jax.fused import fused_gru, fused_lstm
     from lstm_jax.products import matmul
 
     cpu = jax.devices("cpu")[0]
+    gates = _GATES[cell]
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
-              ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
+              ((steps, batch, features), (features, gates * hidden), (hidden, gates * hidden), (gates * hidden,),
+               (gates * hidden,))]
     zeros = np.zeros((batch, hidden), np.float32)
 
     ids = rng.integers(0, features, (steps, batch)).astype(np.int32)
     dt = _compute_dtype(dtype)
 
-    def fused(x, w_x, w_h, b):
+    def fused(x, w_x, w_h, b, b_h):
         x_proj = (jnp.take(w_x, ids, axis=0) if tokens else matmul(x, w_x, dtype, jnp.float32)) + b
+        if cell == "gru":
+            return jnp.sum(fused_gru(w_h, b_h, x_proj, zeros, dtype, 1)[1])
         return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, dtype, 1)[2])
 
-    def through_onednn(x, w_x, w_h, b, threads):
+    def through_onednn(x, w_x, w_h, b, b_h, threads):
         x = jax.nn.one_hot(ids, features, dtype=dt) if tokens else x
+        if cell == "gru":
+            return jnp.sum(onednn_gru(x, w_x, w_h, b, b_h, zeros, dtype, threads)[1])
         return jnp.sum(onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])
 
     candidates = {"fused": fused, **{k: functools.partial(through_onednn, threads=k) for k in threads}}
     with jax.ensure_compile_time_eval(), jax.default_device(cpu):
         args = [jax.device_put(a, cpu) for a in arrays]
-        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))) for k, f in candidates.items()}
+        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4))) for k, f in candidates.items()}
         for run in runs.values():
             jax.block_until_ready(run(*args))  # compile
         return calibrate.median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, ROUNDS)
@@ -211,22 +229,34 @@ def _compute_dtype(dtype: Any) -> Any:
     raise ValueError(f"onednn_lstm: dtype must be None, float32 or bfloat16, got {dtype}.")
 
 
-def _forward(x, w_x, w_h, b, h0, c0, dtype, threads, training):
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"onednn_lstm is not available: {unavailable_reason()}.")
+def _forward(kind: str, args: tuple, dtype, threads, training):
+    """oneDNN's forward pass of one layer; ``args``: x, w_x, w_h, b, h0 (and c0 for the LSTM)."""
+    if _load() is None:
+        raise RuntimeError(f"onednn_{kind} is not available: {unavailable_reason()}.")
     dt = _compute_dtype(dtype)
+    x, w_x, w_h, b, h0, *c0 = args
     (steps, batch, features), hidden = x.shape, w_h.shape[0]
     threads = threads or cores_per_device()
-    ws = lib.lstm_jax_onednn_lstm_workspace_bytes(steps, batch, features, hidden, int(dt == jnp.bfloat16),
-                                                    threads) if training else 1
+    ws = _workspace_bytes(kind, steps, batch, features, hidden, dt, threads) if training else 1
     out = (jax.ShapeDtypeStruct((steps, batch, hidden), dt), jax.ShapeDtypeStruct((batch, hidden), dt),
-           jax.ShapeDtypeStruct((batch, hidden), jnp.float32), jax.ShapeDtypeStruct((ws,), jnp.uint8))
+           *[jax.ShapeDtypeStruct((batch, hidden), jnp.float32)] * len(c0), jax.ShapeDtypeStruct((ws,), jnp.uint8))
     args = (x.astype(dt), w_x.astype(dt), w_h.astype(dt), b.astype(jnp.float32), h0.astype(dt),
-            c0.astype(jnp.float32))
-    ys, h, c, workspace = jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(
+            *[c.astype(jnp.float32) for c in c0])
+    outputs = jax.ffi.ffi_call(_TARGETS[kind][0], out, vmap_method="sequential")(
         *args, threads=np.int64(threads), training=training)
-    return (ys, h, c), (args, (ys, h, c, workspace), threads)
+    return outputs[:-1], (args, outputs, threads)
+
+
+def _backward(kind: str, threads, args: tuple, outputs: tuple, cotangents: tuple) -> tuple:
+    """oneDNN's backward pass: float32 gradients of ``args``, given the cotangents of the
+    outputs (``d_ys, d_h_T`` and ``d_c_T`` for the LSTM)."""
+    (steps, batch, features), hidden, gates = args[0].shape, args[2].shape[0], _GATES[kind]
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    out = (f32(steps, batch, features), f32(features, gates * hidden), f32(hidden, gates * hidden),
+           f32(args[3].shape[0]), f32(batch, hidden), *[f32(batch, hidden)] * (len(args) - 5))
+    return jax.ffi.ffi_call(_TARGETS[kind][1], out, vmap_method="sequential")(
+        *args, *outputs, *(jnp.asarray(g, jnp.float32) for g in cotangents),
+        threads=np.int64(threads or cores_per_device()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -238,28 +268,63 @@ def onednn_lstm(x, w_x, w_h, b, h0, c0, dtype: Any = None, threads: int | None =
     float32; bfloat16 for mixed precision); ``threads`` oneDNN's threads per call (None:
     ``cores_per_device()``). Outputs are in ``h0.dtype``; CPU only.
     """
-    (ys, h, c), _ = _forward(x, w_x, w_h, b, h0, c0, dtype, threads, training=False)
+    (ys, h, c), _ = _forward("lstm", (x, w_x, w_h, b, h0, c0), dtype, threads, training=False)
     out = h0.dtype
     return h.astype(out), c.astype(c0.dtype), ys.astype(out)
 
 
 def _onednn_lstm_fwd(x, w_x, w_h, b, h0, c0, dtype, threads):
-    (ys, h, c), (args, outputs, _) = _forward(x, w_x, w_h, b, h0, c0, dtype, threads, training=True)
-    residuals = (args, outputs)
+    (ys, h, c), (args, outputs, _) = _forward("lstm", (x, w_x, w_h, b, h0, c0), dtype, threads, training=True)
     dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (x, w_x, w_h, b, h0, c0))  # residuals must be arrays
-    return (h.astype(h0.dtype), c.astype(c0.dtype), ys.astype(h0.dtype)), (residuals, dtypes)
+    return (h.astype(h0.dtype), c.astype(c0.dtype), ys.astype(h0.dtype)), ((args, outputs), dtypes)
 
 
 def _onednn_lstm_bwd(dtype, threads, saved, cotangents):
     (args, outputs), dtypes = saved
-    d_h, d_c, d_ys = (jnp.asarray(g, jnp.float32) for g in cotangents)
-    (steps, batch, features), hidden = args[0].shape, args[2].shape[0]
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    out = (f32(steps, batch, features), f32(features, 4 * hidden), f32(hidden, 4 * hidden), f32(4 * hidden),
-           f32(batch, hidden), f32(batch, hidden))
-    grads = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")(
-        *args, *outputs, d_ys, d_h, d_c, threads=np.int64(threads or cores_per_device()))
+    d_h, d_c, d_ys = cotangents
+    grads = _backward("lstm", threads, args, outputs, (d_ys, d_h, d_c))
     return tuple(g.astype(d.dtype) for g, d in zip(grads, dtypes))
 
 
 onednn_lstm.defvjp(_onednn_lstm_fwd, _onednn_lstm_bwd)
+
+
+def onednn_gru(x, w_x, w_h, b, b_h, h0, dtype: Any = None, threads: int | None = None):
+    """One GRU layer (``GRUCell(reset_after=True)``) over time-major ``x`` ``(T, N, C)`` through
+    oneDNN's ``lbr_gru`` primitive: returns ``(h_T, ys)``.
+
+    ``w_x (C, 3H)``, ``w_h (H, 3H)``, ``b`` and ``b_h (3H,)`` are ``GRUCell``'s ``input_kernel``,
+    ``recurrent_kernel``, ``bias`` and ``recurrent_bias``, gates ``r, z, n``; ``h0 (N, H)``.
+    oneDNN orders the gates ``u (= z), r, o (= n)`` with four biases (``b_z + b_hz``,
+    ``b_r + b_hr``, ``b_n``, and ``b_hn`` inside the reset product); the permutation and the sums
+    are plain JAX here, so their gradients come from JAX. ``dtype`` and ``threads`` as in
+    ``onednn_lstm``. Outputs are in ``h0.dtype``; CPU only.
+    """
+    hidden = w_h.shape[0]
+    order = lambda w: jnp.concatenate([w[..., hidden:2 * hidden], w[..., :hidden], w[..., 2 * hidden:]], axis=-1)
+    b_r, b_z, b_n = jnp.split(b, 3)
+    bh_r, bh_z, bh_n = jnp.split(b_h, 3)
+    bias = jnp.concatenate([b_z + bh_z, b_r + bh_r, b_n, bh_n])
+    return _onednn_gru(x, order(w_x), order(w_h), bias, h0, dtype, threads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _onednn_gru(x, w_x, w_h, bias, h0, dtype, threads):
+    (ys, h), _ = _forward("gru", (x, w_x, w_h, bias, h0), dtype, threads, training=False)
+    return h.astype(h0.dtype), ys.astype(h0.dtype)
+
+
+def _onednn_gru_fwd(x, w_x, w_h, bias, h0, dtype, threads):
+    (ys, h), (args, outputs, _) = _forward("gru", (x, w_x, w_h, bias, h0), dtype, threads, training=True)
+    dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (x, w_x, w_h, bias, h0))
+    return (h.astype(h0.dtype), ys.astype(h0.dtype)), ((args, outputs), dtypes)
+
+
+def _onednn_gru_bwd(dtype, threads, saved, cotangents):
+    (args, outputs), dtypes = saved
+    d_h, d_ys = cotangents
+    grads = _backward("gru", threads, args, outputs, (d_ys, d_h))
+    return tuple(g.astype(d.dtype) for g, d in zip(grads, dtypes))
+
+
+_onednn_gru.defvjp(_onednn_gru_fwd, _onednn_gru_bwd)

@@ -129,16 +129,18 @@ def scan_cell(
     impl = "scan" if empty and fusable else impl
     if impl not in ("auto", "scan", "fused", "onednn"):
         raise ConfigError(f"impl must be 'auto', 'scan', 'fused' or 'onednn', got {impl!r}.")
-    if impl == "onednn" and not (fusable and isinstance(cell, LSTMCell)):
+    onednn_kind = "lstm" if isinstance(cell, LSTMCell) else "gru" if isinstance(cell, GRUCell) else None
+    if impl == "onednn" and not (fusable and onednn_kind):
         raise ConfigError(
-            f"impl='onednn' supports LSTMCell without seq_lengths or remat; got {cell.name}"
-            f"{' with those options' if seq_lengths is not None or remat else ''}. Use impl='fused' or 'auto'.")
+            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths or remat; got "
+            f"{cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
+            f"Use impl='fused' or 'auto'.")
     if impl == "fused" and not fusable:
         raise ConfigError(
             f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths "
             f"or remat; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
             f"Use impl='scan' or 'auto'.")
-    if fusable and isinstance(cell, LSTMCell) and impl in ("onednn", "auto") and not empty:
+    if fusable and onednn_kind and impl in ("onednn", "auto") and not empty:
         cell.check_inputs(params, x)
         features = params["input_kernel"].shape[0]
         rows = int(np.prod(batch_shape))
@@ -146,7 +148,7 @@ def scan_cell(
             raise ConfigError(f"impl='onednn' is not available here: {onednn.unavailable_reason()}. "
                               f"Use impl='auto' (it falls back to the fused layer).")
         threads = None if impl == "onednn" else onednn.pays(x.shape[0], rows, features, cell.hidden_size, cell.dtype,
-                                                                   cell.token_inputs)
+                                                                   cell.token_inputs, onednn_kind)
         if threads != 0:
             carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, threads)
             return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
@@ -194,27 +196,36 @@ def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape:
     return carry, ys.reshape(steps, *batch_shape, hidden)
 
 
-def _run_onednn(cell: LSTMCell, params: dict, x: Array, carry: LSTMCarry, batch_shape: tuple, reverse: bool,
+def _run_onednn(cell: LSTMCell | GRUCell, params: dict, x: Array, carry: Any, batch_shape: tuple, reverse: bool,
                 unroll: int | bool, threads: int | None):
-    """An LSTM layer through oneDNN on CPU (the fused layer elsewhere): ``x`` time-major
+    """An LSTM or GRU layer through oneDNN on CPU (the fused layer elsewhere): ``x`` time-major
     ``(T, *batch, F)`` or token ids ``(T, *batch)`` (one-hot, the projection oneDNN runs)."""
     steps, hidden = x.shape[0], cell.hidden_size
     xs = x.reshape(steps, -1, *x.shape[1 + len(batch_shape):])
     xs = xs[::-1] if reverse else xs
-    h0, c0 = carry.h.reshape(-1, hidden), carry.c.reshape(-1, hidden)
+    lstm = isinstance(cell, LSTMCell)
+    state = (carry.h, carry.c) if lstm else (carry,)
+    state = tuple(a.reshape(-1, hidden) for a in state)
 
-    def on_cpu(xs, params, h0, c0):
+    def on_cpu(xs, params, state):
         if cell.token_inputs:
             xs = jax.nn.one_hot(xs, params["input_kernel"].shape[0], dtype=cell.dtype or params["bias"].dtype)
-        return onednn.onednn_lstm(xs, params["input_kernel"], params["recurrent_kernel"], params["bias"], h0, c0,
-                                  cell.dtype, threads)
+        if lstm:
+            return onednn.onednn_lstm(xs, params["input_kernel"], params["recurrent_kernel"], params["bias"], *state,
+                                      cell.dtype, threads)
+        return onednn.onednn_gru(xs, params["input_kernel"], params["recurrent_kernel"], params["bias"],
+                                 params["recurrent_bias"], *state, cell.dtype, threads)
 
-    def elsewhere(xs, params, h0, c0):
-        return fused_lstm(params["recurrent_kernel"], cell.input_projection(params, xs), h0, c0, cell.dtype, unroll)
+    def elsewhere(xs, params, state):
+        x_proj = cell.input_projection(params, xs)
+        if lstm:
+            return fused_lstm(params["recurrent_kernel"], x_proj, *state, cell.dtype, unroll)
+        return fused_gru(params["recurrent_kernel"], params["recurrent_bias"], x_proj, *state, cell.dtype, unroll)
 
-    h, c, ys = jax.lax.platform_dependent(xs, params, h0, c0, cpu=on_cpu, default=elsewhere)
+    *state, ys = jax.lax.platform_dependent(xs, params, state, cpu=on_cpu, default=elsewhere)
     ys = ys[::-1] if reverse else ys
-    carry = LSTMCarry(h=h.reshape(*batch_shape, hidden), c=c.reshape(*batch_shape, hidden))
+    state = [a.reshape(*batch_shape, hidden) for a in state]
+    carry = LSTMCarry(h=state[0], c=state[1]) if lstm else state[0]
     return carry, ys.reshape(steps, *batch_shape, hidden)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -40,9 +41,11 @@ from lstm_jax import calibrate, parallel
 from lstm_jax.errors import ConfigError, CorpusError, NonFiniteLossError
 from lstm_jax.model import CharLM, cross_entropy, nats_to_bpc
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "make_optimizer", "evaluate_bpc", "fastest_device_count"]
+__all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "evaluate_bpc", "fastest_setup",
+           "fastest_device_count"]
 
 Array = jax.Array
+IMPLS = ("auto", "fused", "onednn", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +101,16 @@ class Trainer:
 
     ``mesh`` (default ``parallel.data_mesh()``: every device) must divide ``batch_size``. With
     several processes every process passes the whole ``train_ids``; each device receives only
-    its own streams.
+    its own streams. ``impl`` is how the recurrent layers run (``scan_cell``'s ``impl``: 'auto',
+    'fused', 'onednn' or 'scan'); ``fastest_setup`` measures which to use. Every choice gives the
+    same losses to float32 rounding.
     """
 
     def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1,
-                 mesh: Mesh | None = None):
-        self.model, self.config = model, config
+                 mesh: Mesh | None = None, impl: str = "auto"):
+        if impl not in IMPLS:
+            raise ConfigError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}.")
+        self.model, self.config, self.impl = model, config, impl
         self.mesh = parallel.data_mesh() if mesh is None else mesh
         b, t = config.batch_size, config.seq_len
         parallel.check_divisible(b, self.mesh)
@@ -165,7 +172,7 @@ class Trainer:
         return windows[:, :-1], windows[:, -1]
 
     def _loss(self, params, carry, x, y, keys):
-        carry, logits = self.model.apply(params, carry, x, dropout_key=keys)
+        carry, logits = self.model.apply(params, carry, x, dropout_key=keys, impl=self.impl)
         if self.config.preset == "keras":
             return cross_entropy(logits[:, -1], y), carry
         return cross_entropy(logits, y), carry
@@ -222,47 +229,86 @@ class Trainer:
         return state, np.concatenate(losses) if losses else np.zeros(0)
 
 
-def fastest_device_count(model: CharLM, config: TrainConfig, train_ids: np.ndarray, counts: Sequence[int],
-                         steps: int = 4, rounds: int = 3) -> tuple[int, dict]:
-    """Which of ``counts`` (numbers of this process's first devices) trains ``model`` fastest here.
+class Setup(NamedTuple):
+    """What ``fastest_setup`` chose: the device count, the layers' ``impl``, and the measured
+    seconds per step of every candidate, keyed ``'<devices>:<impl>'``."""
+    devices: int
+    impl: str
+    seconds: dict
 
-    On CPU, one device per core lets each core run a share of the batch, where one program runs a
-    recurrent loop's small per-step products on about one core; whether that pays depends on the
-    CPU and the model (2-core Intel Xeon, Trainer step on 2 devices against 1: 0.57x the time at
-    ``seed``, 0.82x at ``default``, 1.05x at ``large``, whose products already use both cores;
-    ``benchmarks/results/scaling-*``). So this times a ``Trainer`` on each count: one compile,
-    then ``rounds`` rounds of ``steps`` steps, the counts taking turns, the median per step. A
-    larger count must beat the best smaller one by ``calibrate.MARGIN``. The answer is cached per
-    machine, model and training set-up (``lstm_jax.calibrate.cached``), so a resumed or repeated
-    run does not measure again. Returns ``(count, seconds per step by count)``.
+
+def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, counts: Sequence[int] = (1,),
+                  impls: Sequence[str] | None = None, steps: int = 4, rounds: int = 3) -> Setup:
+    """Which device count of ``counts`` (this process's first devices) and which layer ``impl``
+    train ``model`` fastest here, timed on real ``Trainer`` steps.
+
+    Device count: on CPU, one device per core lets each core run a share of the batch, where one
+    program runs a recurrent loop's small per-step products on about one core; whether that pays
+    depends on the CPU and the model (2-core Intel Xeon, Trainer step on 2 devices against 1: 0.57x
+    the time at ``seed``, 0.82x at ``default``, 1.05x at ``large``, whose products already use both
+    cores; ``benchmarks/results/scaling-*``).
+
+    Layer ``impl`` (default: ``('fused', 'auto')`` where the oneDNN extension is loaded and the
+    model is an LSTM or GRU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that
+    layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
+    2-core Intel Xeon it took oneDNN on 2 threads for the float32 ``seed`` layer, and in one
+    ``benchmarks/speed.py`` run the one-device Trainer step on it ran at 0.74x the speed of the
+    same step on the fused layer (in another, alone, at 1.10x: 28.3 against 31.2 ms). The whole
+    step is what training runs, so the whole step decides.
+    Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
+    timed twice.
+
+    One compile per candidate, then ``rounds`` rounds of ``steps`` steps, the candidates taking
+    turns, the median per step. Candidates are ordered from the simplest (fewest devices, the fused
+    layer first); a later one must beat the best earlier one by ``calibrate.MARGIN``. The answer is
+    cached per machine, model and training set-up (all of it but the learning rate, seed and chunk
+    length; ``lstm_jax.calibrate.cached``), so a resumed or repeated run does not measure again.
     """
+    from lstm_jax import onednn
+
     counts = sorted(set(counts))
-    if len(counts) == 1:
-        return counts[0], {}
-    key = f"{calibrate.machine_key()}|trainer|{model.config}|{config}|{counts}"
+    if impls is None:
+        gated = model.config.cell in ("lstm", "gru") and jax.default_backend() == "cpu"
+        impls = ("fused", "auto") if gated and onednn.available() and os.environ.get(onednn.ENV) != "0" else ("auto",)
+    impls = list(dict.fromkeys(impls))
+    if len(counts) * len(impls) == 1:
+        return Setup(counts[0], impls[0], {})
+    timed = dataclasses.replace(config, chunk_steps=steps)
+    cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("learning_rate", "seed", "chunk_steps")}
+    key = f"{calibrate.machine_key()}|trainer|{model.config}|{cost}|{counts}|{impls}"
 
     def measure() -> dict:
-        config_ = dataclasses.replace(config, chunk_steps=steps)
-        runs = {}
+        runs, programs = {}, set()
         for n in counts:
-            trainer = Trainer(model, config_, train_ids, epochs=1, mesh=parallel.data_mesh(n))
-            state, _ = trainer.run_chunk(trainer.init_state(), steps)  # compile
-            runs[n] = [trainer, state]
-        times = {n: [] for n in counts}
-        for _ in range(rounds):
-            for n, run in runs.items():
-                t0 = time.perf_counter()
-                run[1], _ = run[0].run_chunk(run[1], steps)
-                times[n].append((time.perf_counter() - t0) / steps)
-        seconds = {str(n): float(np.median(t)) for n, t in times.items()}
-        best = counts[0]
-        for n in counts[1:]:
-            if seconds[str(best)] >= calibrate.MARGIN * seconds[str(n)]:
-                best = n
-        return {"devices": best, "seconds_per_step": seconds}
+            for impl in impls:
+                trainer = Trainer(model, timed, train_ids, epochs=1, mesh=parallel.data_mesh(n), impl=impl)
+                state = trainer.init_state()
+                hlo = trainer._chunk.lower(state, trainer.data, num_steps=steps).as_text()
+                if (n, hlo) not in programs:  # 'auto' that took no oneDNN layer is 'fused' again
+                    programs.add((n, hlo))
+                    state, _ = trainer.run_chunk(state, steps)  # compile
+                    runs[f"{n}:{impl}"] = [trainer, state]
+
+        def chunk(k: str) -> np.ndarray:
+            runs[k][1], losses = runs[k][0].run_chunk(runs[k][1], steps)  # losses on the host: waited for
+            return losses
+
+        seconds = calibrate.median_seconds({k: functools.partial(chunk, k) for k in runs}, rounds)
+        seconds = {k: v / steps for k, v in seconds.items()}
+        best = calibrate.simplest_fast_enough(seconds)
+        return {"setup": best, "seconds_per_step": seconds}
 
     entry = calibrate.cached(key, measure)
-    return int(entry["devices"]), {int(k): v for k, v in entry["seconds_per_step"].items()}
+    devices, impl = entry["setup"].split(":")
+    return Setup(int(devices), impl, dict(entry["seconds_per_step"]))
+
+
+def fastest_device_count(model: CharLM, config: TrainConfig, train_ids: np.ndarray, counts: Sequence[int],
+                         steps: int = 4, rounds: int = 3, impl: str = "auto") -> tuple[int, dict]:
+    """``fastest_setup`` for the device count alone, with the layers' ``impl`` fixed. Returns
+    ``(count, seconds per step by count)``."""
+    setup = fastest_setup(model, config, train_ids, counts, (impl,), steps, rounds)
+    return setup.devices, {int(k.split(":")[0]): v for k, v in setup.seconds.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "chunk_len"))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import CharLM, CharLMConfig, ConfigError, GRUCell, LSTMCarry, LSTMCell, onednn, scan_cell
+from lstm_jax import CharLM, CharLMConfig, ConfigError, GRUCell, LSTMCarry, LSTMCell, RNNCell, onednn, scan_cell
 from lstm_jax.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.model import cross_entropy
 from lstm_jax.training import TrainConfig, Trainer
@@ -35,22 +35,24 @@ def _close(actual, desired, tol):
 
 
 @needs_onednn
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("tokens", [False, True], ids=["features", "tokens"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype, tol", [(None, 2e-5), (jnp.bfloat16, 3e-2)], ids=["f32", "bf16"])
-def test_onednn_matches_the_fused_layer_values_and_gradients(tokens, reverse, dtype, tol):
-    if dtype is not None and not onednn.supports(9, 6, 11, 32, dtype):
-        pytest.skip("oneDNN has no bf16 LSTM on this CPU")
-    cell = LSTMCell(32, dtype=dtype, token_inputs=tokens)
-    params = _perturbed(cell, 11)
+def test_onednn_matches_the_fused_layer_values_and_gradients(kind, tokens, reverse, dtype, tol):
+    if dtype is not None and not onednn.supports(9, 6, 11, 32, dtype, kind):
+        pytest.skip(f"oneDNN has no bf16 {kind} on this CPU")
+    cell = (LSTMCell if kind == "lstm" else GRUCell)(32, dtype=dtype, token_inputs=tokens)
+    params = _perturbed(cell, 11)  # every bias non-zero: the GRU's four oneDNN biases are sums of ours
     batch = (3, 2)  # two batch axes: flattened for oneDNN and restored
     x = jax.random.randint(KEY, (*batch, 9), 0, 11) if tokens else jax.random.normal(KEY, (*batch, 9, 11))
-    carry0 = LSTMCarry(*(0.5 * jax.random.normal(k, (*batch, 32)) for k in jax.random.split(KEY)))
+    states = [0.5 * jax.random.normal(k, (*batch, 32)) for k in jax.random.split(KEY)]
+    carry0 = LSTMCarry(*states) if kind == "lstm" else states[0]
 
     def loss(params, carry0, impl):
         carry, ys = scan_cell(cell, params, x, initial_carry=carry0, reverse=reverse, impl=impl)
         weights = jnp.cos(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
-        return jnp.sum(ys * weights) + jnp.sum(jnp.sin(carry.h)) + jnp.sum(carry.c ** 2)
+        return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin((i + 1) * c)) for i, c in enumerate(jax.tree.leaves(carry)))
 
     v_o, g_o = jax.jit(jax.value_and_grad(lambda p, c: loss(p, c, "onednn"), argnums=(0, 1)))(params, carry0)
     v_f, g_f = jax.jit(jax.value_and_grad(lambda p, c: loss(p, c, "fused"), argnums=(0, 1)))(params, carry0)
@@ -59,12 +61,13 @@ def test_onednn_matches_the_fused_layer_values_and_gradients(tokens, reverse, dt
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_o))
     # The program really contains the custom call (and the fused one does not).
     hlo = jax.jit(lambda p, c: loss(p, c, "onednn")).lower(params, carry0).as_text()
-    assert "lstm_jax_onednn_lstm_forward" in hlo
+    assert f"lstm_jax_onednn_{kind}_forward" in hlo
 
 
 @needs_onednn
-def test_char_model_with_dropout_gives_the_same_loss_and_gradients():
-    model = CharLM(CharLMConfig(vocab_size=40, hidden_size=24, num_layers=2, dropout=0.2, embed_size=8))
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_char_model_with_dropout_gives_the_same_loss_and_gradients(kind):
+    model = CharLM(CharLMConfig(vocab_size=40, cell=kind, hidden_size=24, num_layers=2, dropout=0.2, embed_size=8))
     params = model.init(KEY)
     tokens = jax.random.randint(jax.random.key(1), (4, 13), 0, 40)
 
@@ -169,15 +172,18 @@ def test_auto_measures_once_and_caches_the_choice(tmp_path, monkeypatch):
     assert all(t > 0 for t in entry["seconds"].values())
     monkeypatch.setattr(onednn, "_decided", {})  # a new process: reads the file, measures nothing
     assert onednn.pays(5, 4, 3, 8) == threads and len(calls) == 1
+    gru = onednn.pays(5, 4, 3, 8, cell="gru")  # the GRU's choice is its own entry
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if "onednn-gru|5x4x3x8" in k]
+    assert entry["threads"] == gru and len(calls) == 2
     monkeypatch.setenv(onednn.ENV, "0")
     assert onednn.pays(5, 4, 3, 8) == 0
 
 
 def test_onednn_refuses_what_it_does_not_run_with_one_clear_error():
     x = jnp.ones((2, 5, 3))
-    gru = GRUCell(4)
-    with pytest.raises(ConfigError, match="impl='onednn' supports LSTMCell"):
-        scan_cell(gru, gru.init(KEY, 3), x, impl="onednn")
+    for other in (GRUCell(4, reset_after=False), RNNCell(4)):
+        with pytest.raises(ConfigError, match="impl='onednn' supports LSTMCell and GRUCell.reset_after=True."):
+            scan_cell(other, other.init(KEY, 3), x, impl="onednn")
     lstm = LSTMCell(4)
     with pytest.raises(ConfigError, match="impl='onednn' supports LSTMCell"):
         scan_cell(lstm, lstm.init(KEY, 3), x, impl="onednn", seq_lengths=jnp.array([5, 3]))
@@ -213,3 +219,56 @@ def test_a_call_leaves_the_process_openmp_thread_count_as_it_found_it():
                                                    p["bias"], jnp.zeros((2, 8)), jnp.zeros((2, 8)), None, threads))
         jax.block_until_ready(run(params))
         assert gomp.omp_get_max_threads() == 3
+
+
+def _tiny_lm(text_corpus):
+    train, val = split_documents(load_corpus(str(text_corpus)), 1992)
+    train_ids = Vocabulary.from_text(train, val).encode(train)
+    return CharLM(CharLMConfig(int(train_ids.max()) + 1, hidden_size=16, num_layers=1)), train_ids
+
+
+@needs_onednn
+def test_fastest_setup_times_whole_trainer_steps_for_each_layer_and_caches_the_answer(text_corpus, tmp_path,
+                                                                                      monkeypatch):
+    """The fused layer against 'auto' (here forced onto oneDNN) on real Trainer steps; the answer
+    is the Trainer set-up to build, read back from the cache without timing anything."""
+    from lstm_jax.training import fastest_setup
+
+    monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(onednn.ENV, "1")
+    model, train_ids = _tiny_lm(text_corpus)
+    config = TrainConfig(batch_size=4, seq_len=20, chunk_steps=4)
+    setup = fastest_setup(model, config, train_ids, [1], steps=2, rounds=1)
+    assert set(setup.seconds) == {"1:fused", "1:auto"} and all(s > 0 for s in setup.seconds.values())
+    expected = "fused" if setup.seconds["1:fused"] < 1.1 * setup.seconds["1:auto"] else "auto"
+    assert (setup.devices, setup.impl) == (1, expected)
+    monkeypatch.setattr(Trainer, "run_chunk", lambda *a: pytest.fail("measured again"))
+    assert fastest_setup(model, config, train_ids, [1], steps=2, rounds=1) == setup
+    trainer = Trainer(model, config, train_ids, impl=setup.impl)  # what train.py then builds
+    hlo = trainer._chunk.lower(trainer.init_state(), trainer.data, num_steps=2).as_text()
+    assert ("lstm_jax_onednn" in hlo) == (setup.impl == "auto")
+
+
+@needs_onednn
+def test_fastest_setup_does_not_time_auto_where_it_compiles_to_the_fused_layer(text_corpus, tmp_path, monkeypatch):
+    from lstm_jax.training import fastest_setup
+
+    monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(onednn.ENV, raising=False)  # a 16-unit layer is under MIN_FLOPS: 'auto' keeps it fused
+    model, train_ids = _tiny_lm(text_corpus)
+    setup = fastest_setup(model, TrainConfig(batch_size=4, seq_len=20), train_ids, [1], steps=2, rounds=1)
+    assert (setup.devices, setup.impl, list(setup.seconds)) == (1, "fused", ["1:fused"])
+
+
+def test_the_simplest_candidate_is_kept_unless_a_later_one_is_ten_percent_faster():
+    from lstm_jax.calibrate import simplest_fast_enough
+
+    assert simplest_fast_enough({"1:fused": 1.0, "1:auto": 0.95, "2:fused": 0.93}) == "1:fused"
+    assert simplest_fast_enough({"1:fused": 1.0, "1:auto": 0.85, "2:fused": 0.80, "2:auto": 0.70}) == "2:auto"
+    assert simplest_fast_enough({"1:fused": 1.0, "1:auto": 0.85, "2:fused": 0.80, "2:auto": 0.78}) == "1:auto"
+
+
+def test_trainer_names_a_wrong_impl():
+    model = CharLM(CharLMConfig(10, hidden_size=8, num_layers=1))
+    with pytest.raises(ConfigError, match="impl must be one of 'auto', 'fused', 'onednn', 'scan', got 'cudnn'"):
+        Trainer(model, TrainConfig(batch_size=2, seq_len=5), np.arange(200) % 10, impl="cudnn")

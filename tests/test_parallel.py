@@ -223,12 +223,13 @@ def test_train_py_splits_the_cpu_where_measured_faster_and_caches_the_answer(tmp
            "--sample-length", "20", "--eval-streams", "2"]
     first = subprocess.run(cmd + ["--epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    (line,) = [l for l in first.stdout.splitlines() if l.startswith("CPU devices: ")]
-    chosen = int(line.rsplit(" ", 1)[1])
-    assert "1: " in line and "2: " in line and chosen in (1, 2), line
+    (line,) = [l for l in first.stdout.splitlines() if l.startswith("CPU set-up (devices:layers): ")]
+    chosen, impl = line.rsplit(" ", 1)[1].split(":")
+    chosen = int(chosen)  # a 16-unit LSTM keeps the fused layer under 'auto': one program per count
+    assert f"1:{impl}: " in line and f"2:{impl}: " in line and chosen in (1, 2), line
     assert f"{chosen} device(s) in 1 process(es)" in first.stdout
     (entry,) = [v for k, v in json.loads((tmp_path / "cache" / "layouts.json").read_text()).items() if "|trainer|" in k]
-    assert entry["devices"] == chosen and set(entry["seconds_per_step"]) == {"1", "2"}
+    assert entry["setup"] == f"{chosen}:{impl}" and set(entry["seconds_per_step"]) == {f"1:{impl}", f"2:{impl}"}
     again = subprocess.run(cmd + ["--epochs", "2", "--cpu-devices", "1"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)  # resumed on one device, whatever the first run used
     assert again.returncode == 0 and "resumed" in again.stdout and "1 device(s)" in again.stdout, again.stderr[-2000:]
