@@ -517,7 +517,7 @@ def markdown(out) -> str:
         if not dnnl["available"]:
             lines += ["", f"oneDNN LSTM layer (lstm_jax.onednn): not available ({dnnl['unavailable_reason']})."]
         else:
-            chosen = [f"{k.split('|onednn-')[1].replace('|', ' ')}: "
+            chosen = [f"{k.split('|onednn-')[1].replace(f'|v{onednn.MEASURE_VERSION}|', ' ').replace('|', ' ')}: "
                       f"{f'oneDNN, {v} thread(s)' if v else 'fused'}" for k, v in dnnl["threads_per_layer_shape"].items()]
             lines += ["", "LSTM and GRU layers (cell, steps x rows x inputs x hidden, dtype, cores per device) as `impl='auto'` "
                       "chose them by measurement (lstm_jax.onednn.pays): " + "; ".join(chosen) + "."]

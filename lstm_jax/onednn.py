@@ -50,6 +50,10 @@ __all__ = ["available", "unavailable_reason", "supports", "pays", "measure", "co
 
 ENV = "LSTM_JAX_ONEDNN"  # 0: never; 1: wherever supported, unmeasured; unset/auto: where measured faster
 MIN_FLOPS = 2**28  # a layer's training pass below this: not measured, the fused loop is kept
+# In the cache keys of measured choices: bumped when the extension's speed changes, so that
+# choices measured with an older build are measured again (2: primitives created with their own
+# thread count, see GetLayer in the extension).
+MEASURE_VERSION = 2
 ROUNDS = 5
 _TARGETS = {"lstm": ("lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"),
             "gru": ("lstm_jax_onednn_gru_forward", "lstm_jax_onednn_gru_backward")}
@@ -168,7 +172,8 @@ def pays(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, 
         return 0
     name = jnp.dtype(_compute_dtype(dtype)).name
     what = "tokens" if tokens else "features"
-    key = f"{calibrate.machine_key()}|onednn-{cell}|{steps}x{batch}x{features}x{hidden}|{what}|{name}|{cores} cores"
+    key = (f"{calibrate.machine_key()}|onednn-{cell}|v{MEASURE_VERSION}|{steps}x{batch}x{features}x{hidden}|{what}|"
+           f"{name}|{cores} cores")
     with _decide_lock:  # re-entrant: the measurement traces the fused layer, which asks for its layout
         if key not in _decided:
             def timed() -> dict:

@@ -275,7 +275,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
         return Setup(counts[0], impls[0], {})
     timed = dataclasses.replace(config, chunk_steps=steps)
     cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("learning_rate", "seed", "chunk_steps")}
-    key = f"{calibrate.machine_key()}|trainer|{model.config}|{cost}|{counts}|{impls}"
+    key = f"{calibrate.machine_key()}|trainer|onednn v{onednn.MEASURE_VERSION}|{model.config}|{cost}|{counts}|{impls}"
 
     def measure() -> dict:
         runs, programs = {}, set()

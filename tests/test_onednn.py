@@ -167,13 +167,13 @@ def test_auto_measures_once_and_caches_the_choice(tmp_path, monkeypatch):
     real = onednn.measure
     monkeypatch.setattr(onednn, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
     threads = onednn.pays(5, 4, 3, 8)
-    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if "onednn-lstm|5x4x3x8" in k]
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-lstm|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
     assert entry["threads"] == threads and set(entry["seconds"]) >= {"fused", "1"}
     assert all(t > 0 for t in entry["seconds"].values())
     monkeypatch.setattr(onednn, "_decided", {})  # a new process: reads the file, measures nothing
     assert onednn.pays(5, 4, 3, 8) == threads and len(calls) == 1
     gru = onednn.pays(5, 4, 3, 8, cell="gru")  # the GRU's choice is its own entry
-    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if "onednn-gru|5x4x3x8" in k]
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-gru|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
     assert entry["threads"] == gru and len(calls) == 2
     monkeypatch.setenv(onednn.ENV, "0")
     assert onednn.pays(5, 4, 3, 8) == 0
@@ -219,6 +219,39 @@ def test_a_call_leaves_the_process_openmp_thread_count_as_it_found_it():
                                                    p["bias"], jnp.zeros((2, 8)), jnp.zeros((2, 8)), None, threads))
         jax.block_until_ready(run(params))
         assert gomp.omp_get_max_threads() == 3
+
+
+ONE_THREAD_STARTS_NO_TEAM = """
+import os, jax, jax.numpy as jnp
+from lstm_jax import onednn
+threads_now = lambda: len(os.listdir("/proc/self/task"))
+x, w_x, w_h, b = jnp.ones((20, 32, 64)), jnp.ones((64, 512)) * 0.01, jnp.ones((128, 512)) * 0.01, jnp.zeros(512)
+h0 = jnp.zeros((32, 128))
+layer = lambda x, w_x: jnp.sum(onednn.onednn_lstm(x, w_x, w_h, b, h0, h0, jnp.bfloat16, 1)[2])
+step = jax.jit(jax.grad(layer, argnums=(0, 1))).lower(x, w_x).compile()  # the primitives are created here
+other = jax.jit(lambda x: jnp.tanh(x @ x.T)).lower(x[0]).compile()
+for _ in range(3):
+    jax.block_until_ready(other(x[0]))  # XLA's own threads are up
+before = threads_now()
+for _ in range(3):
+    jax.block_until_ready(step(x, w_x))
+print(before, threads_now())
+"""
+
+
+@needs_onednn
+def test_a_one_thread_bf16_call_runs_on_the_calling_thread_alone():
+    """A primitive runs with the thread count it was created with: a one-thread bf16 layer created
+    at trace time (on a thread with more) once ran on two threads, from a second OpenMP team,
+    which slowed every later multi-thread call of the process by half."""
+    if not onednn.supports(20, 32, 64, 128, jnp.bfloat16):
+        pytest.skip("oneDNN has no bf16 LSTM on this CPU")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", ONE_THREAD_STARTS_NO_TEAM], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split())
+    assert after == before, f"the calls started {after - before} thread(s)"
 
 
 def _tiny_lm(text_corpus):

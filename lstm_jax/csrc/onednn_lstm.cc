@@ -109,14 +109,7 @@ std::unique_ptr<L> MakeLayer(const Shape &s) {
 }
 
 template <class L>
-L &GetLayer(const Shape &s) {
-  static std::mutex mutex;
-  static std::map<Shape, std::unique_ptr<L>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto &slot = cache[s];
-  if (!slot) slot = MakeLayer<L>(s);
-  return *slot;
-}
+L &GetLayer(const Shape &s);
 
 // Sets this thread's OpenMP thread count for one call and puts it back afterwards: the OpenMP
 // runtime is shared by the whole process (PyTorch's libgomp and oneDNN's have the same soname),
@@ -129,6 +122,24 @@ class OmpThreads {
  private:
   int before_;
 };
+
+// The cached primitives of one shape. They are created with the OpenMP thread count they will
+// run with: oneDNN's bf16 (brgemm) RNN fixes its thread count when the primitive is created, so a
+// one-thread primitive created on a thread with two (JAX's, at trace time) ran on two, from a
+// second OpenMP team, at every call; that slowed every later multi-thread call in the process
+// (a float32 seed Trainer step on 2 threads, 31 -> 48 ms after one bf16 Trainer had run).
+template <class L>
+L &GetLayer(const Shape &s) {
+  static std::mutex mutex;
+  static std::map<Shape, std::unique_ptr<L>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto &slot = cache[s];
+  if (!slot) {
+    OmpThreads omp_threads(s.threads);
+    slot = MakeLayer<L>(s);
+  }
+  return *slot;
+}
 
 // Calls with more than one thread all run on one dedicated thread, so the process holds a single
 // OpenMP team for them. libgomp counts every OpenMP thread of the process, and once there are
