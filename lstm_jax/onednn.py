@@ -17,10 +17,11 @@ on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onedn
 ``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, the Trainer on
-one device, same run): the bf16 char-model step 1.25x (seed), 1.48x (default) and 1.70x (large)
-faster than on the fused layer; float32 1.12x at large. oneDNN here is 3.2 (the newest CPU-only
-build on PyPI), whose float32 RNN is a reference loop around its GEMM: at the smaller float32
-shapes the fused layer is as fast or faster, which is why the choice is measured.
+one device, same run): the bf16 LSTM char-model step 1.19x (seed), 2.19x (default) and 2.25x
+(large) faster than on the fused layer, the bf16 GRU 1.00x, 1.23x and 1.34x; float32 0.98x to
+1.19x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
+loop around its GEMM: at the smaller float32 shapes the fused layer is as fast or faster, which
+is why the choice is measured.
 
 Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between
 steps is held in bf16 (oneDNN's convention; the pure-JAX path keeps it in float32 and rounds only

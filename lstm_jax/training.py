@@ -251,10 +251,9 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     Layer ``impl`` (default: ``('fused', 'auto')`` where the oneDNN extension is loaded and the
     model is an LSTM or GRU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that
     layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
-    2-core Intel Xeon it took oneDNN on 2 threads for the float32 ``seed`` layer, and in one
-    ``benchmarks/speed.py`` run the one-device Trainer step on it ran at 0.74x the speed of the
-    same step on the fused layer (in another, alone, at 1.10x: 28.3 against 31.2 ms). The whole
-    step is what training runs, so the whole step decides.
+    2-core Intel Xeon (``benchmarks/results/speed-cpu-intel-avx512-amx.md``) the two-device
+    float32 ``seed`` LSTM step and the two-device bf16 ``default`` GRU step ran at 0.98x and 0.96x
+    on the layers ``'auto'`` chose. The whole step is what training runs, so the whole step decides.
     Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
     timed twice.
 
