@@ -143,10 +143,11 @@ def main() -> None:
     vocab = Vocabulary.from_text(train_text, val_text)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
     devices, impl = train_args.devices or 1, "auto"
-    if jax.default_backend() == "cpu":  # as train.py: the device count and LSTM layer measured faster here
+    if jax.default_backend() == "cpu":  # as train.py: the device count and the layers measured faster here
         model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in train_script.MODEL_KEYS}))
+        counts = [devices] if train_args.devices else sorted({1, most})
         devices, impl, seconds = fastest_setup(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}),
-                                               train_ids, sorted({devices, most if train_args.devices is None else devices}))
+                                               train_ids, counts)
         print(f"CPU set-up (devices:layers): {seconds}; training on {devices}:{impl}", flush=True)
     runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices,
                                      impl)}
@@ -188,7 +189,7 @@ def plot(out: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Title": "Validation bpc against training minutes", "Description": where})
     plt.close(fig)
 
 

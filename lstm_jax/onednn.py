@@ -100,9 +100,8 @@ def _load() -> ctypes.CDLL | None:
                     workspace = getattr(lib, f"lstm_jax_onednn_{kind}_workspace_bytes")
                     workspace.restype = ctypes.c_int64
                     workspace.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64]
-                    name = {"lstm": "Lstm", "gru": "Gru"}[kind]
                     for target, handler in ((forward, "Forward"), (backward, "Backward")):
-                        capsule = jax.ffi.pycapsule(getattr(lib, f"LstmJaxOnednn{name}{handler}"))
+                        capsule = jax.ffi.pycapsule(getattr(lib, f"LstmJaxOnednn{kind.capitalize()}{handler}"))
                         jax.ffi.register_ffi_target(target, capsule, platform="cpu")
                 _state["lib"] = lib
             except (OSError, AttributeError) as e:
@@ -236,7 +235,8 @@ def _compute_dtype(dtype: Any) -> Any:
 
 
 def _forward(kind: str, args: tuple, dtype, threads, training):
-    """oneDNN's forward pass of one layer; ``args``: x, w_x, w_h, b, h0 (and c0 for the LSTM)."""
+    """oneDNN's forward pass of one layer; ``args``: x, w_x, w_h, b, h0 (and c0 for the LSTM).
+    Returns the outputs and, for the backward pass, the inputs as passed and every output."""
     if _load() is None:
         raise RuntimeError(f"onednn_{kind} is not available: {unavailable_reason()}.")
     dt = _compute_dtype(dtype)
@@ -250,7 +250,7 @@ def _forward(kind: str, args: tuple, dtype, threads, training):
             *[c.astype(jnp.float32) for c in c0])
     outputs = jax.ffi.ffi_call(_TARGETS[kind][0], out, vmap_method="sequential")(
         *args, threads=np.int64(threads), training=training)
-    return outputs[:-1], (args, outputs, threads)
+    return outputs[:-1], (args, outputs)
 
 
 def _backward(kind: str, threads, args: tuple, outputs: tuple, cotangents: tuple) -> tuple:
@@ -280,7 +280,7 @@ def onednn_lstm(x, w_x, w_h, b, h0, c0, dtype: Any = None, threads: int | None =
 
 
 def _onednn_lstm_fwd(x, w_x, w_h, b, h0, c0, dtype, threads):
-    (ys, h, c), (args, outputs, _) = _forward("lstm", (x, w_x, w_h, b, h0, c0), dtype, threads, training=True)
+    (ys, h, c), (args, outputs) = _forward("lstm", (x, w_x, w_h, b, h0, c0), dtype, threads, training=True)
     dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (x, w_x, w_h, b, h0, c0))  # residuals must be arrays
     return (h.astype(h0.dtype), c.astype(c0.dtype), ys.astype(h0.dtype)), ((args, outputs), dtypes)
 
@@ -321,7 +321,7 @@ def _onednn_gru(x, w_x, w_h, bias, h0, dtype, threads):
 
 
 def _onednn_gru_fwd(x, w_x, w_h, bias, h0, dtype, threads):
-    (ys, h), (args, outputs, _) = _forward("gru", (x, w_x, w_h, bias, h0), dtype, threads, training=True)
+    (ys, h), (args, outputs) = _forward("gru", (x, w_x, w_h, bias, h0), dtype, threads, training=True)
     dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (x, w_x, w_h, bias, h0))
     return (h.astype(h0.dtype), ys.astype(h0.dtype)), ((args, outputs), dtypes)
 

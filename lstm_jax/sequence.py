@@ -203,30 +203,23 @@ def _run_onednn(cell: LSTMCell | GRUCell, params: dict, x: Array, carry: Any, ba
     steps, hidden = x.shape[0], cell.hidden_size
     xs = x.reshape(steps, -1, *x.shape[1 + len(batch_shape):])
     xs = xs[::-1] if reverse else xs
-    lstm = isinstance(cell, LSTMCell)
-    state = (carry.h, carry.c) if lstm else (carry,)
-    state = tuple(a.reshape(-1, hidden) for a in state)
+    flat = jax.tree.map(lambda a: a.reshape(-1, hidden), carry)
 
-    def on_cpu(xs, params, state):
+    def on_cpu(xs, params, flat):
         if cell.token_inputs:
             xs = jax.nn.one_hot(xs, params["input_kernel"].shape[0], dtype=cell.dtype or params["bias"].dtype)
-        if lstm:
-            return onednn.onednn_lstm(xs, params["input_kernel"], params["recurrent_kernel"], params["bias"], *state,
-                                      cell.dtype, threads)
-        return onednn.onednn_gru(xs, params["input_kernel"], params["recurrent_kernel"], params["bias"],
-                                 params["recurrent_bias"], *state, cell.dtype, threads)
+        w = (xs, params["input_kernel"], params["recurrent_kernel"], params["bias"])
+        if isinstance(cell, LSTMCell):
+            h, c, ys = onednn.onednn_lstm(*w, flat.h, flat.c, cell.dtype, threads)
+            return LSTMCarry(h=h, c=c), ys
+        return onednn.onednn_gru(*w, params["recurrent_bias"], flat, cell.dtype, threads)
 
-    def elsewhere(xs, params, state):
-        x_proj = cell.input_projection(params, xs)
-        if lstm:
-            return fused_lstm(params["recurrent_kernel"], x_proj, *state, cell.dtype, unroll)
-        return fused_gru(params["recurrent_kernel"], params["recurrent_bias"], x_proj, *state, cell.dtype, unroll)
+    def elsewhere(xs, params, flat):
+        return _run_fused(cell, params, cell.input_projection(params, xs), flat, xs.shape[1:2], False, unroll)
 
-    *state, ys = jax.lax.platform_dependent(xs, params, state, cpu=on_cpu, default=elsewhere)
+    flat, ys = jax.lax.platform_dependent(xs, params, flat, cpu=on_cpu, default=elsewhere)
     ys = ys[::-1] if reverse else ys
-    state = [a.reshape(*batch_shape, hidden) for a in state]
-    carry = LSTMCarry(h=state[0], c=state[1]) if lstm else state[0]
-    return carry, ys.reshape(steps, *batch_shape, hidden)
+    return jax.tree.map(lambda a: a.reshape(*batch_shape, hidden), flat), ys.reshape(steps, *batch_shape, hidden)
 
 
 @dataclasses.dataclass(frozen=True)
