@@ -53,8 +53,9 @@ ENV = "LSTM_JAX_ONEDNN"  # 0: never; 1: wherever supported, unmeasured; unset/au
 MIN_FLOPS = 2**28  # a layer's training pass below this: not measured, the fused loop is kept
 # In the cache keys of measured choices: bumped when the extension's speed changes, so that
 # choices measured with an older build are measured again (2: primitives created with their own
-# thread count, see GetLayer in the extension).
-MEASURE_VERSION = 2
+# thread count, see GetLayer in the extension; 3: weights and scratchpad on cache-line
+# boundaries, see Arena).
+MEASURE_VERSION = 3
 ROUNDS = 5
 _TARGETS = {"lstm": ("lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"),
             "gru": ("lstm_jax_onednn_gru_forward", "lstm_jax_onednn_gru_backward")}
