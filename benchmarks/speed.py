@@ -40,6 +40,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy  # noqa: E402
 from lstm_jax import onednn, parallel  # noqa: E402
+from lstm_jax.training import scan_steps  # noqa: E402
 from lstm_jax.sampling import generate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,23 +115,22 @@ def _serve(conn, builder: str, args, kwargs) -> None:
 
 def jax_case(step, state: tuple, batch: tuple, per_dispatch: int = 1) -> Case:
     """``step(*state, *batch) -> (*state, loss)`` (a plain function), jitted here. ``per_dispatch > 1``
-    runs that many steps in one dispatch (``lax.scan``), as lstm_jax's Trainer does."""
+    runs that many steps per call through ``lstm_jax.scan_steps`` (one ``lax.scan``, the state
+    donated), on that many copies of the batch, as a user of the library would."""
 
     def one(state, batch):
         *state, loss = step(*state, *batch)
         return tuple(state), loss
 
-    def many(state, batch):
-        state, losses = jax.lax.scan(lambda st, _: one(st, batch), state, None, length=per_dispatch)
-        return state, losses[-1]
-
-    dispatch = jax.jit(one if per_dispatch == 1 else many)
+    if per_dispatch > 1:
+        batch = jax.tree.map(lambda b: jnp.broadcast_to(b, (per_dispatch, *b.shape)), batch)
+    dispatch = jax.jit(one) if per_dispatch == 1 else scan_steps(one)
     box = [tuple(state)]
 
     def run(n: int) -> None:
         loss = None
         for _ in range(max(1, n // per_dispatch)):
-            box[0], loss = dispatch(box[0], batch)
+            box[0], loss = dispatch(box[0], batch)  # one loss, or one per step
         jax.block_until_ready(loss)
 
     t0 = time.perf_counter()
@@ -358,6 +358,8 @@ def main():
         for cell in args.cells:
             builders = {"lstm_jax Trainer (10 steps/dispatch)": lambda: case_lstm_jax_trainer(cell, b, t, h, layers),
                         "lstm_jax, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
+                        "lstm_jax, scan_steps (10 steps/dispatch)":
+                            lambda: case_lstm_jax(cell, b, t, h, layers, "auto", per_dispatch=10),
                         "lstm_jax autodiff scan (10 steps/dispatch)":
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
             n = parallel.devices_for_batch(b)  # train.py's candidate on CPU: one device per core

@@ -11,7 +11,8 @@ The library layers, each importing only from the ones above it:
 * ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
 * ``model`` — ``CharLM``, the character language model.
 * ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
-* ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``generate``, ``Checkpointer``.
+* ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``scan_steps`` (your own train step,
+  several per call), ``generate``, ``Checkpointer``.
 * ``parallel`` — the data-parallel mesh over every device of every process (``data_mesh``,
   ``shard_batch``, ``replicate``, ``value_and_grad``, ``initialize``, ``cpu_devices_per_core``).
 
@@ -43,7 +44,7 @@ from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
 from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
 from lstm_jax.data import Corpus, Document, Vocabulary, load_corpus, split_documents
 from lstm_jax.training import (Setup, Trainer, TrainConfig, TrainState, evaluate_bpc, fastest_device_count, fastest_setup,
-                               make_optimizer)
+                               make_optimizer, scan_steps)
 from lstm_jax.sampling import generate, generate_stream
 from lstm_jax.checkpoint import Checkpointer, load_run
 from lstm_jax import parallel
@@ -61,7 +62,7 @@ __all__ = [
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
-    "fastest_device_count",
+    "fastest_device_count", "scan_steps",
     "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",

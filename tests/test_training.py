@@ -289,3 +289,46 @@ def test_keras_preset_runs_on_the_real_corpus_briefly(tmp_path):
     assert trainer.num_windows == (len(vocab.encode(train)) - 41) // 3 + 1
     state, losses = trainer.run_chunk(trainer.init_state(), 20)
     assert losses[-1] < losses[0]
+
+
+def test_scan_steps_equals_one_jitted_step_per_batch_and_donates_the_state():
+    """A user's own step (CharLM + optax) k times in one call: the same losses and params as k calls."""
+    import optax
+    from lstm_jax import ConfigError, cross_entropy, scan_steps
+
+    model = CharLM(CharLMConfig(vocab_size=20, hidden_size=16, num_layers=2, dropout=0.1))
+    tx = optax.rmsprop(1e-2)
+
+    def step(state, batch):
+        params, opt_state = state
+        x, y, key = batch
+        loss, grads = jax.value_and_grad(
+            lambda p: cross_entropy(model.apply(p, None, x, dropout_key=jax.random.split(key, x.shape[0]))[1], y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss, "step_key": key}
+
+    params = model.init(jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (5, 4, 13), 0, 20)
+    keys = jax.random.split(jax.random.key(2), 5)
+    batches = (ids[..., :-1], ids[..., 1:], keys)
+
+    one = jax.jit(step)
+    state, losses = (params, tx.init(params)), []
+    for i in range(5):
+        state, metrics = one(state, jax.tree.map(lambda b: b[i], batches))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+
+    start = (params, tx.init(params))
+    start = jax.tree.map(jnp.copy, start)
+    many_state, many_metrics = scan_steps(step)(start, batches)
+    np.testing.assert_allclose(many_metrics["loss"], losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), many_state, state)
+    assert jax.random.key_data(many_metrics["step_key"]).shape[0] == 5
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(start))  # donated: given to the new state
+    kept = jax.tree.map(jnp.copy, state)
+    scan_steps(step, donate_state=False)(kept, batches)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept))
+
+    with pytest.raises(ConfigError, match=r"same leading \(step\) axis.*jnp.stack"):
+        scan_steps(step)(kept, (ids[:3, :, :-1], ids[..., 1:], keys))
