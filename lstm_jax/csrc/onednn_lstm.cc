@@ -205,6 +205,8 @@ struct Arena {
     used = 0;
     if (size >= n) return;
     n = (n + 4095) / 4096 * 4096;
+    bytes.reset();  // free the old block first; on failure the arena stays empty, not stale
+    size = 0;
     bytes.reset(static_cast<uint8_t *>(std::aligned_alloc(4096, n)));
     if (!bytes) throw std::bad_alloc();
     size = n;
@@ -296,6 +298,9 @@ ffi::Error Forward(const Shape &s, const Io &io, void *workspace, size_t workspa
       stream.wait();
     } catch (const dnnl::error &e) {
       return ffi::Error::Internal(std::string("onednn forward: ") + e.what());
+    } catch (const std::bad_alloc &) {  // the arena: an XLA error, not an exception through XLA
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "onednn forward: out of memory for the layer's weights and scratchpad");
     }
     return ffi::Error::Success();
   });
@@ -353,6 +358,9 @@ ffi::Error Backward(const Shape &s, const Io &io, void *workspace, size_t worksp
       stream.wait();
     } catch (const dnnl::error &e) {
       return ffi::Error::Internal(std::string("onednn backward: ") + e.what());
+    } catch (const std::bad_alloc &) {  // the arena: an XLA error, not an exception through XLA
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "onednn backward: out of memory for the layer's weights and scratchpad");
     }
     return ffi::Error::Success();
   });
