@@ -189,30 +189,26 @@ ffi::Error OnThreads(int64_t threads, std::function<ffi::Error()> body) {
   return threads <= 1 ? body() : Executor::Get().Run(std::move(body));
 }
 
-// Per-thread bump allocator for the scratchpad and the weights in the primitive's layout, on a
-// page-aligned block (every piece on a 64-byte cache line). It was a std::vector, aligned to 16
-// bytes only, so the AMX kernels read their reordered weights across cache lines whenever
-// malloc's address happened to be off a line: on the Intel Xeon (AMX) the bf16 training forward
-// of a T=100, N=64, H=512 layer took 66-97 ms on 1 thread against 52-59 ms aligned, and the
-// `large` bf16 Trainer step 252-274 ms against 232-235 ms (old and new builds taking turns).
+// Per-thread bump allocator for the scratchpad and the weights in the primitive's layout, every
+// piece on a 64-byte (cache-line) boundary. A plain std::vector is aligned to 16 bytes only, so
+// the AMX kernels read their reordered weights across cache lines whenever malloc's address
+// happened to be off a line: on the Intel Xeon (AMX) the bf16 training forward of a T=100, N=64,
+// H=512 layer took 66-97 ms on 1 thread against 52-59 ms aligned, and the `large` bf16 Trainer
+// step 252-274 ms against 232-235 ms (old and new builds taking turns). The block stays one
+// std::vector (64 bytes longer, `base` its first line boundary): a page-aligned aligned_alloc
+// block instead made glibc fault about 1,000-2,700 pages per `seed` step back in despite
+// lstm_jax.runtime's malloc setting (against 3-870; tests/test_runtime.py counts them).
 struct Arena {
-  struct Free {
-    void operator()(uint8_t *p) const { std::free(p); }
-  };
-  std::unique_ptr<uint8_t, Free> bytes;
-  size_t size = 0, used = 0;
+  std::vector<uint8_t> bytes;
+  uint8_t *base = nullptr;
+  size_t used = 0;
   void Reserve(size_t n) {
     used = 0;
-    if (size >= n) return;
-    n = (n + 4095) / 4096 * 4096;
-    bytes.reset();  // free the old block first; on failure the arena stays empty, not stale
-    size = 0;
-    bytes.reset(static_cast<uint8_t *>(std::aligned_alloc(4096, n)));
-    if (!bytes) throw std::bad_alloc();
-    size = n;
+    if (bytes.size() < n + 64) bytes.resize(n + 64);
+    base = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
   }
   void *Take(size_t n) {
-    void *p = bytes.get() + used;
+    void *p = base + used;
     used += (n + 63) / 64 * 64;
     return p;
   }
@@ -298,7 +294,7 @@ ffi::Error Forward(const Shape &s, const Io &io, void *workspace, size_t workspa
       stream.wait();
     } catch (const dnnl::error &e) {
       return ffi::Error::Internal(std::string("onednn forward: ") + e.what());
-    } catch (const std::bad_alloc &) {  // the arena: an XLA error, not an exception through XLA
+    } catch (const std::bad_alloc &) {  // the arena or a primitive: an XLA error, not an exception
       return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                         "onednn forward: out of memory for the layer's weights and scratchpad");
     }
@@ -358,7 +354,7 @@ ffi::Error Backward(const Shape &s, const Io &io, void *workspace, size_t worksp
       stream.wait();
     } catch (const dnnl::error &e) {
       return ffi::Error::Internal(std::string("onednn backward: ") + e.what());
-    } catch (const std::bad_alloc &) {  // the arena: an XLA error, not an exception through XLA
+    } catch (const std::bad_alloc &) {  // the arena or a primitive: an XLA error, not an exception
       return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                         "onednn backward: out of memory for the layer's weights and scratchpad");
     }
