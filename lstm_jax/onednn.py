@@ -17,9 +17,9 @@ on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onedn
 ``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, the Trainer on
-one device, same run): the bf16 LSTM char-model step 1.19x (seed), 2.19x (default) and 2.25x
-(large) faster than on the fused layer, the bf16 GRU 1.00x, 1.23x and 1.34x; float32 0.98x to
-1.19x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
+one device, same run): the bf16 LSTM char-model step 1.49x (seed), 2.25x (default) and 2.35x
+(large) faster than on the fused layer, the bf16 GRU 0.96x, 1.08x and 1.31x; float32 0.77x to
+1.20x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
 loop around its GEMM: at the smaller float32 shapes the fused layer is as fast or faster, which
 is why the choice is measured.
 

@@ -9,8 +9,9 @@ Two ways to cut the corpus into batches, both gathered on the device from one in
   ``window_step`` (3), shuffled each epoch, predicting only the character after each window.
 
 ``run_chunk`` runs ``num_steps`` train steps inside one jitted ``lax.scan``; the host sees only
-the chunk's losses. ``scan_steps`` does the same for a train step the library user writes. The train step is a pure function of ``(state, step)``; everything a bitwise
-resume needs is in ``TrainState``.
+the chunk's losses (``scan_steps`` does the same for a train step the library user writes). The
+train step is a pure function of ``(state, step)``; everything a bitwise resume needs is in
+``TrainState``.
 
 Devices: the trainer runs on a ``jax.sharding.Mesh`` with one ``data`` axis (``lstm_jax.parallel``;
 default: every device of every process). The lm streams, the carried state and every batch are
@@ -251,7 +252,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     model is an LSTM or GRU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that
     layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
     2-core Intel Xeon (``benchmarks/results/speed-cpu-intel-avx512-amx.md``) the two-device
-    float32 ``seed`` LSTM step and the two-device bf16 ``default`` GRU step ran at 0.98x and 0.96x
+    float32 ``seed`` LSTM step and the two-device bf16 ``default`` GRU step ran at 0.86x and 0.96x
     on the layers ``'auto'`` chose. The whole step is what training runs, so the whole step decides.
     Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
     timed twice.
@@ -354,7 +355,8 @@ def evaluate_bpc(model: CharLM, params, ids: np.ndarray, streams: int = 16, chun
 
 # -- the library user's own step, several per call ---------------------------------------------
 
-def scan_steps(step: Callable[[Any, Any], tuple[Any, Any]], donate_state: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
+def scan_steps(step: Callable[[Any, Any], tuple[Any, Any]],
+               donate_state: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
     """Your own train step, run once per batch of a stack of batches in one jitted call.
 
     ``step(state, batch) -> (state, metrics)`` is any pure train step (``state`` and ``batch``
@@ -394,10 +396,9 @@ def scan_steps(step: Callable[[Any, Any], tuple[Any, Any]], donate_state: bool =
     """
 
     def many(state, batches):
-        leaves = jax.tree.leaves(batches)
-        lengths = sorted({leaf.shape[0] if getattr(leaf, "ndim", 0) else None for leaf in leaves}, key=str)
-        if not leaves or len(lengths) != 1 or lengths[0] is None:
-            shapes = jax.tree.map(lambda l: tuple(getattr(l, "shape", ())), batches)
+        leading = {jnp.shape(leaf)[:1] for leaf in jax.tree.leaves(batches)}  # {(k,)} when stacked right
+        if len(leading) != 1 or leading == {()}:
+            shapes = jax.tree.map(jnp.shape, batches)
             raise ConfigError(
                 f"scan_steps: every leaf of `batches` must carry the same leading (step) axis, got shapes {shapes}; "
                 f"stack k batches with jax.tree.map(lambda *b: jnp.stack(b), *list_of_batches).")

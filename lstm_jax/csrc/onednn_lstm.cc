@@ -19,7 +19,6 @@
 
 #include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -190,14 +189,12 @@ ffi::Error OnThreads(int64_t threads, std::function<ffi::Error()> body) {
 }
 
 // Per-thread bump allocator for the scratchpad and the weights in the primitive's layout, every
-// piece on a 64-byte (cache-line) boundary. A plain std::vector is aligned to 16 bytes only, so
-// the AMX kernels read their reordered weights across cache lines whenever malloc's address
-// happened to be off a line: on the Intel Xeon (AMX) the bf16 training forward of a T=100, N=64,
-// H=512 layer took 66-97 ms on 1 thread against 52-59 ms aligned, and the `large` bf16 Trainer
-// step 252-274 ms against 232-235 ms (old and new builds taking turns). The block stays one
-// std::vector (64 bytes longer, `base` its first line boundary): a page-aligned aligned_alloc
-// block instead made glibc fault about 1,000-2,700 pages per `seed` step back in despite
-// lstm_jax.runtime's malloc setting (against 3-870; tests/test_runtime.py counts them).
+// piece on a 64-byte (cache-line) boundary: `base` is the first one in the vector (64 bytes
+// longer than asked), as a std::vector is aligned to 16 bytes only. Unaligned, the AMX kernels
+// read their reordered weights across cache lines whenever malloc's address fell off a line: on
+// the Intel Xeon (AMX) the bf16 training forward of a T=100, N=64, H=512 layer took 66-97 ms on 1
+// thread against 52-59 ms aligned, and the `large` bf16 Trainer step 252-274 ms against 232-235
+// ms (old and new builds taking turns).
 struct Arena {
   std::vector<uint8_t> bytes;
   uint8_t *base = nullptr;
