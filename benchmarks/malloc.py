@@ -2,14 +2,19 @@
 C library's allocator defaults against the tuned settings, each in its own processes.
 
     python benchmarks/malloc.py                    # seed and large, 3 rounds
-    python benchmarks/malloc.py --configs seed --rounds 2
+    python benchmarks/malloc.py --configs large --rounds 2 --dtype bfloat16
 
-Every round starts one process per setting (``LSTM_JAX_MALLOC=default`` or unset), the settings
-taking turns. A process times, taking turns step by step group: a plain user-written ``jax.jit``
-train step around ``CharLM.apply`` (one step per call, the library user's path), lstm_jax's
-``Trainer`` (10 steps per call) and PyTorch's ``nn.LSTM`` step (the same process, so it runs under
-the same allocator settings). Reported: median ms per step, minor page faults per step (getrusage,
-over all three) and peak resident memory. Writes ``benchmarks/results/malloc-<cpu>.{json,md}``.
+Every round starts one process per setting, the settings taking turns: glibc's defaults
+(``LSTM_JAX_MALLOC=default``), ``import lstm_jax``'s (``M_MMAP_MAX=0``, a 512 MiB trim threshold)
+and, measured but not adopted, those plus a single malloc arena and a 2 GiB trim threshold, given
+to glibc as ``GLIBC_TUNABLES`` (a user can set the same; see the README). A process times, taking turns step by step group: a plain user-written
+``jax.jit`` train step around ``CharLM.apply`` (one step per call, the library user's path),
+lstm_jax's ``Trainer`` (10 steps per call) and PyTorch's ``nn.LSTM`` step. PyTorch runs in a child
+process with the same environment, so under the same allocator settings: in one process its
+OpenMP threads and the oneDNN layer's share libgomp and slow each other down (see the extension's
+``Executor``). Reported: median ms per step, minor page faults per step of the two lstm_jax steps
+(getrusage) and their process's peak resident memory. Writes
+``benchmarks/results/malloc-<cpu>[-bf16].{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,21 +32,28 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import machine  # noqa: E402
 
-SETTINGS = {"glibc defaults (LSTM_JAX_MALLOC=default)": "default", "tuned (import lstm_jax)": ""}
+ONE_ARENA = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.arena_max=1"
+SETTINGS = {  # name: environment of the child process; the second is the reference of the ratios
+    "glibc defaults": {"LSTM_JAX_MALLOC": "default"},
+    "tuned (import lstm_jax)": {},
+    "tuned + one arena (GLIBC_TUNABLES)": {"LSTM_JAX_MALLOC": "default", "GLIBC_TUNABLES": ONE_ARENA},
+}
 
 
-def child(config: str, rounds: int) -> None:
+def child(config: str, rounds: int, dtype: str) -> None:
     sys.path.insert(0, str(ROOT))
     import lstm_jax  # noqa: F401  (applies the setting under test)
     import speed
 
     b, t, h, layers = speed.CONFIGS[config]
-    cases = {"jax.jit user step (1 step/call)": speed.case_lstm_jax("lstm", b, t, h, layers, "auto"),
-             "lstm_jax Trainer (10 steps/call)": speed.case_lstm_jax_trainer("lstm", b, t, h, layers),
-             "torch nn.LSTM": speed.case_torch("lstm", b, t, h, layers)}
+    bf16 = dtype == "bfloat16"
+    cases = {"jax.jit user step (1 step/call)": speed.case_lstm_jax("lstm", b, t, h, layers, "auto", dtype),
+             "lstm_jax Trainer (10 steps/call)": speed.case_lstm_jax_trainer("lstm", b, t, h, layers, dtype=dtype),
+             "torch nn.LSTM" + (" bf16 autocast" if bf16 else ""): speed.in_own_process(
+                 "case_torch", "lstm", b, t, h, layers, autocast_bf16=bf16)}
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = speed.measure(cases, rounds, 10)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * 10 * len(cases))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * 10 * 2)
     print(json.dumps({"ms": {k: v * 1e3 for k, v in times.items()}, "faults_per_step": faults,
                       "tuned": lstm_jax.runtime.malloc_tuned(),
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -51,10 +63,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["seed", "large"])
     ap.add_argument("--rounds", type=int, default=3, help="processes per setting, taking turns")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, 3)
+        return child(args.child, 3, args.dtype)
     import statistics
 
     info = machine.describe()
@@ -62,12 +75,10 @@ def main() -> None:
     for config in args.configs:
         runs = {name: [] for name in SETTINGS}
         for _ in range(args.rounds):
-            for name, value in SETTINGS.items():
-                env = {k: v for k, v in os.environ.items() if k != "LSTM_JAX_MALLOC"}
-                if value:
-                    env["LSTM_JAX_MALLOC"] = value
-                proc = subprocess.run([sys.executable, __file__, "--child", config], env=env, capture_output=True,
-                                      text=True, check=True)
+            for name, setting in SETTINGS.items():
+                env = {k: v for k, v in os.environ.items() if k not in ("LSTM_JAX_MALLOC", "GLIBC_TUNABLES")}
+                proc = subprocess.run([sys.executable, __file__, "--child", config, "--dtype", args.dtype],
+                                      env=env | setting, capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(config, name, runs[name][-1], flush=True)
         out["results"][config] = {
@@ -75,7 +86,7 @@ def main() -> None:
                    "faults_per_step": statistics.median(r["faults_per_step"] for r in rs),
                    "max_rss_mb": max(r["max_rss_mb"] for r in rs), "tuned": rs[0]["tuned"], "runs": rs}
             for name, rs in runs.items()}
-    tag = f"malloc-{machine.cpu_tag()}"
+    tag = f"malloc-{machine.cpu_tag()}" + ("-bf16" if args.dtype == "bfloat16" else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
     (RESULTS / f"{tag}.md").write_text(markdown(out))
@@ -83,19 +94,22 @@ def main() -> None:
 
 
 def markdown(out: dict) -> str:
+    names = list(next(iter(out["results"].values())))
+    ref, others = names[1], [n for i, n in enumerate(names) if i != 1]
     lines = [f"# Allocator settings and train-step time ({machine.describe_line(out['machine'])})", "",
              f"Command: `{out['command']}`. Median over processes (each: median of 3 rounds of 10 steps); "
-             "ratios are default / tuned time, so above 1 means the tuned setting is faster.", "",
-             "| config | step | glibc defaults ms | tuned ms | default / tuned |", "|---|---|---|---|---|"]
+             f"ratios are a setting's time / the time of '{ref}', so above 1 means '{ref}' is faster.",
+             *([out["note"]] if "note" in out else []),
+             "", "| config | step | " + " | ".join(f"{n} ms" for n in names) + " | " +
+             " | ".join(f"{n} / tuned" for n in others) + " |", "|---|---|" + "---|" * (len(names) + len(others))]
     for config, res in out["results"].items():
-        default, tuned = res.values()
-        for k in default["ms"]:
-            lines.append(f"| {config} | {k} | {default['ms'][k]:.1f} | {tuned['ms'][k]:.1f} | "
-                         f"{default['ms'][k] / tuned['ms'][k]:.2f}x |")
-        lines.append(f"| {config} | minor page faults per step (all three) | {default['faults_per_step']:,.0f} | "
-                     f"{tuned['faults_per_step']:,.0f} | |")
-        lines.append(f"| {config} | peak resident memory, MB | {default['max_rss_mb']:,.0f} | "
-                     f"{tuned['max_rss_mb']:,.0f} | |")
+        for k in res[ref]["ms"]:
+            lines.append(f"| {config} | {k} | " + " | ".join(f"{res[n]['ms'][k]:.1f}" for n in names) + " | " +
+                         " | ".join(f"{res[n]['ms'][k] / res[ref]['ms'][k]:.2f}x" for n in others) + " |")
+        lines.append(f"| {config} | minor page faults per lstm_jax step | " +
+                     " | ".join(f"{res[n]['faults_per_step']:,.0f}" for n in names) + " |" + " |" * len(others))
+        lines.append(f"| {config} | peak resident memory (lstm_jax's process), MB | " +
+                     " | ".join(f"{res[n]['max_rss_mb']:,.0f}" for n in names) + " |" + " |" * len(others))
     return "\n".join(lines) + "\n"
 
 

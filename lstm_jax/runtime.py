@@ -9,10 +9,18 @@ unmaps the same megabytes again: page faults the kernel has to zero-fill. ``tune
 
 Measured side by side on a 2-core Intel Xeon with AVX-512 (``python benchmarks/malloc.py``, each
 setting in its own processes, taking turns; ``benchmarks/results/malloc-*.md``): a plain
-``jax.jit`` seed LSTM train step ran about 25% faster and the page faults per step fell from
-about 8,000 to under 300; PyTorch's step in the same processes gains as well, so comparisons
-within one process stay fair. The price is a higher resident set: memory freed by one step is
-kept for the next rather than returned to the system (about 10% more peak RSS at ``seed``).
+``jax.jit`` seed LSTM train step ran 1.42x faster and its page faults fell from about 4,800 per
+step to about 440; PyTorch's step, run under the same settings, gains as well (1.40x), so
+comparisons stay fair. The price is a higher resident set: memory freed by one step is kept for
+the next (peak RSS 554 MB against 694 at ``seed``).
+
+Not covered: a step whose temporaries XLA allocates on one of its worker threads in blocks larger
+than that thread's malloc arena can hold (64 MiB heaps) gets them from ``mmap`` whatever
+``M_MMAP_MAX`` says, so the ``large`` LSTM step faults about 44,000 pages per call either way.
+``M_ARENA_MAX = 1`` (one arena for all threads) removes that, and made the ``large`` one-step call
+1.12x (float32) to 1.37x (bf16) faster, but the ``seed`` one-step call and Trainer 1.2x slower
+(likely the threads contending for the one arena's lock), so it is left to the user: ``GLIBC_TUNABLES``, as the
+README shows.
 
 ``import lstm_jax`` applies it on Linux with glibc. Set ``LSTM_JAX_MALLOC=default`` in the
 environment before the import to keep the C library's defaults (e.g. in a process that holds

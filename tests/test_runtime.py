@@ -32,11 +32,12 @@ p = model.init(jax.random.PRNGKey(0))
 o, x = tx.init(p), jax.random.randint(jax.random.PRNGKey(1), (128, 40), 0, 92)
 for _ in range(3):
     p, o = jax.block_until_ready(step(p, o, x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(15):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     p, o = jax.block_until_ready(step(p, o, x))
-print(json.dumps({"tuned": lstm_jax.runtime.malloc_tuned(),
-                  "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"tuned": lstm_jax.runtime.malloc_tuned(), "faults": sorted(faults)[len(faults) // 2]}))
 """
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -57,9 +58,10 @@ def _probe(**env) -> dict:
 def test_import_keeps_freed_memory_for_the_next_call_and_can_be_opted_out():
     tuned, default = _probe(), _probe(LSTM_JAX_MALLOC="default")
     assert tuned["tuned"] and not default["tuned"]
-    # glibc's defaults give the step's freed temporaries back to the kernel and fault them in
-    # again at the next call (about 6,000-8,000 faults of 4 KiB per step measured); tuned, the
-    # next call reuses the pages the last one freed
+    # the median step: glibc's defaults give the step's freed temporaries back to the kernel and
+    # fault them in again at the next call (about 8,700 faults of 4 KiB per step measured); tuned,
+    # the next call reuses the pages the last one freed (0 in most steps: while the heap settles,
+    # an early step may still fault its temporaries in once, which a mean over 10 steps counted)
     assert default["faults"] > 1000, default
     assert tuned["faults"] < default["faults"] / 4, (tuned, default)
 
