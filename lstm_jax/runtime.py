@@ -19,8 +19,8 @@ than that thread's malloc arena can hold (64 MiB heaps) gets them from ``mmap`` 
 ``M_MMAP_MAX`` says, so the ``large`` LSTM step faults about 44,000 pages per call either way.
 ``M_ARENA_MAX = 1`` (one arena for all threads) removes that, and made the ``large`` one-step call
 1.12x (float32) to 1.37x (bf16) faster, but the ``seed`` one-step call and Trainer 1.2x slower
-(likely the threads contending for the one arena's lock), so it is left to the user: ``GLIBC_TUNABLES``, as the
-README shows.
+(likely the threads contending for the one arena's lock), so it is left to the user: set
+``GLIBC_TUNABLES`` as the README shows.
 
 ``import lstm_jax`` applies it on Linux with glibc. Set ``LSTM_JAX_MALLOC=default`` in the
 environment before the import to keep the C library's defaults (e.g. in a process that holds
