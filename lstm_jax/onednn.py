@@ -17,11 +17,12 @@ on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onedn
 ``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, the Trainer on
-one device, same run): the bf16 LSTM char-model step 1.49x (seed), 2.25x (default) and 2.35x
-(large) faster than on the fused layer, the bf16 GRU 0.96x, 1.08x and 1.31x; float32 0.77x to
-1.20x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
-loop around its GEMM: at the smaller float32 shapes the fused layer is as fast or faster, which
-is why the choice is measured.
+one device, same run): the bf16 LSTM char-model step 1.91x (seed), 2.79x (default) and 2.95x
+(large) faster than on the fused layer, the bf16 GRU 0.98x, 1.55x and 1.56x; float32 1.07x to
+1.44x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
+loop around its GEMM: with one core per device (2 devices) the fused layer was as fast in the
+same run (0.97x to 1.01x), and faster at ``seed`` in an earlier one, which is why the choice is
+measured.
 
 Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between
 steps is held in bf16 (oneDNN's convention; the pure-JAX path keeps it in float32 and rounds only
