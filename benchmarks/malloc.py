@@ -1,13 +1,16 @@
 """What ``lstm_jax.runtime.tune_malloc`` (applied by ``import lstm_jax``) buys: train steps with the
-C library's allocator defaults against the tuned settings, each in its own processes.
+C library's allocator defaults against the tuned settings, each in its own processes; and two
+more settings a user can choose, measured the same way.
 
     python benchmarks/malloc.py                    # seed and large, 3 rounds
     python benchmarks/malloc.py --configs large --rounds 2 --dtype bfloat16
 
 Every round starts one process per setting, the settings taking turns: glibc's defaults
-(``LSTM_JAX_MALLOC=default``), ``import lstm_jax``'s (``M_MMAP_MAX=0``, a 512 MiB trim threshold)
-and, measured but not adopted, those plus a single malloc arena and a 2 GiB trim threshold, given
-to glibc as ``GLIBC_TUNABLES`` (a user can set the same; see the README). A process times, taking turns step by step group: a plain user-written
+(``LSTM_JAX_MALLOC=default``), ``import lstm_jax``'s (``M_MMAP_MAX=0``, a 2 GiB trim threshold),
+those plus a single malloc arena (``GLIBC_TUNABLES``; measured, not adopted) and those with JAX's
+synchronous CPU dispatch (``jax.config.update("jax_cpu_enable_async_dispatch", False)``, which
+JAX reads from no environment variable: a one-device program runs on the calling thread, so its
+temporaries come from the main malloc arena; see the README). A process times, taking turns step by step group: a plain user-written
 ``jax.jit`` train step around ``CharLM.apply`` (one step per call, the library user's path),
 lstm_jax's ``Trainer`` (10 steps per call) and PyTorch's ``nn.LSTM`` step. PyTorch runs in a child
 process with the same environment, so under the same allocator settings: in one process its
@@ -32,18 +35,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import machine  # noqa: E402
 
+SYNC = "LSTM_JAX_BENCH_SYNC_DISPATCH"  # read by the child, which sets JAX's flag
 ONE_ARENA = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.arena_max=1"
 SETTINGS = {  # name: environment of the child process; the second is the reference of the ratios
     "glibc defaults": {"LSTM_JAX_MALLOC": "default"},
     "tuned (import lstm_jax)": {},
     "tuned + one arena (GLIBC_TUNABLES)": {"LSTM_JAX_MALLOC": "default", "GLIBC_TUNABLES": ONE_ARENA},
+    "tuned + synchronous dispatch": {SYNC: "1"},
 }
 
 
 def child(config: str, rounds: int, dtype: str) -> None:
     sys.path.insert(0, str(ROOT))
+    import jax
+
     import lstm_jax  # noqa: F401  (applies the setting under test)
     import speed
+
+    if os.environ.get(SYNC) == "1":
+        jax.config.update("jax_cpu_enable_async_dispatch", False)  # before the CPU client exists
 
     b, t, h, layers = speed.CONFIGS[config]
     bf16 = dtype == "bfloat16"
@@ -76,7 +86,8 @@ def main() -> None:
         runs = {name: [] for name in SETTINGS}
         for _ in range(args.rounds):
             for name, setting in SETTINGS.items():
-                env = {k: v for k, v in os.environ.items() if k not in ("LSTM_JAX_MALLOC", "GLIBC_TUNABLES")}
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("LSTM_JAX_MALLOC", "GLIBC_TUNABLES", SYNC)}
                 proc = subprocess.run([sys.executable, __file__, "--child", config, "--dtype", args.dtype],
                                       env=env | setting, capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))

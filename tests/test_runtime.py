@@ -74,3 +74,45 @@ def test_tune_malloc_is_idempotent_and_honours_the_environment(monkeypatch):
     monkeypatch.delenv("LSTM_JAX_MALLOC")
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert runtime.tune_malloc() is expected and runtime.tune_malloc() is expected
+
+
+BIG_TEMPORARY = r"""
+import json, resource, sys
+import jax, jax.numpy as jnp
+if sys.argv[1] == "sync":
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+import lstm_jax
+
+@jax.jit
+def f(x):
+    t = jnp.cumsum(x, axis=0)  # a 96 MiB temporary, more than a thread's malloc heap (64 MiB)
+    return (t[::-1] * x).sum()
+
+x = jnp.ones((6144, 4096), jnp.float32)
+for _ in range(3):
+    f(x).block_until_ready()
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"tuned": lstm_jax.runtime.malloc_tuned(), "faults": sorted(faults)[len(faults) // 2]}))
+"""
+
+
+@glibc_only
+def test_synchronous_dispatch_reuses_temporaries_too_big_for_a_worker_threads_arena():
+    # What the README recommends for a large model trained one step per call: with JAX's default
+    # asynchronous dispatch a one-device program runs on a worker thread, whose malloc arena maps
+    # a block over 64 MiB with mmap whatever M_MMAP_MAX says (about 50,000 faults of 4 KiB per
+    # call here); run on the calling thread, the block comes from the main heap and is reused
+    def probe(mode: str) -> dict:
+        environ = {k: v for k, v in os.environ.items() if k != "LSTM_JAX_MALLOC"} | {"JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", BIG_TEMPORARY, mode], env=environ, capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    asynchronous, synchronous = probe("async"), probe("sync")
+    assert asynchronous["tuned"] and synchronous["tuned"]
+    assert asynchronous["faults"] > 10_000, asynchronous
+    assert synchronous["faults"] < asynchronous["faults"] / 10, (synchronous, asynchronous)
