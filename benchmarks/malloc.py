@@ -10,9 +10,11 @@ Every round starts one process per setting, the settings taking turns: glibc's d
 those plus a single malloc arena (``GLIBC_TUNABLES``; measured, not adopted) and those with JAX's
 synchronous CPU dispatch (``jax.config.update("jax_cpu_enable_async_dispatch", False)``, which
 JAX reads from no environment variable: a one-device program runs on the calling thread, so its
-temporaries come from the main malloc arena; see the README). A process times, taking turns step by step group: a plain user-written
-``jax.jit`` train step around ``CharLM.apply`` (one step per call, the library user's path),
-lstm_jax's ``Trainer`` (10 steps per call) and PyTorch's ``nn.LSTM`` step. PyTorch runs in a child
+temporaries come from the main malloc arena; see the README).
+
+A process times, taking turns step by step group: a plain user-written ``jax.jit`` train step
+around ``CharLM.apply`` (one step per call, the library user's path), lstm_jax's ``Trainer`` (10
+steps per call) and PyTorch's ``nn.LSTM`` step. PyTorch runs in a child
 process with the same environment, so under the same allocator settings: in one process its
 OpenMP threads and the oneDNN layer's share libgomp and slow each other down (see the extension's
 ``Executor``). Reported: median ms per step, minor page faults per step of the two lstm_jax steps
@@ -37,9 +39,10 @@ import machine  # noqa: E402
 
 SYNC = "LSTM_JAX_BENCH_SYNC_DISPATCH"  # read by the child, which sets JAX's flag
 ONE_ARENA = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.arena_max=1"
-SETTINGS = {  # name: environment of the child process; the second is the reference of the ratios
+REFERENCE = "tuned (import lstm_jax)"  # the ratios' denominator
+SETTINGS = {  # name: environment of the child process
     "glibc defaults": {"LSTM_JAX_MALLOC": "default"},
-    "tuned (import lstm_jax)": {},
+    REFERENCE: {},
     "tuned + one arena (GLIBC_TUNABLES)": {"LSTM_JAX_MALLOC": "default", "GLIBC_TUNABLES": ONE_ARENA},
     "tuned + synchronous dispatch": {SYNC: "1"},
 }
@@ -61,9 +64,10 @@ def child(config: str, rounds: int, dtype: str) -> None:
              "lstm_jax Trainer (10 steps/call)": speed.case_lstm_jax_trainer("lstm", b, t, h, layers, dtype=dtype),
              "torch nn.LSTM" + (" bf16 autocast" if bf16 else ""): speed.in_own_process(
                  "case_torch", "lstm", b, t, h, layers, autocast_bf16=bf16)}
+    in_process = len(cases) - 1  # PyTorch's steps fault in its own process
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = speed.measure(cases, rounds, 10)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * 10 * 2)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (rounds * 10 * in_process)
     print(json.dumps({"ms": {k: v * 1e3 for k, v in times.items()}, "faults_per_step": faults,
                       "tuned": lstm_jax.runtime.malloc_tuned(),
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -106,11 +110,10 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     names = list(next(iter(out["results"].values())))
-    ref, others = names[1], [n for i, n in enumerate(names) if i != 1]
+    ref, others = REFERENCE, [n for n in names if n != REFERENCE]
     lines = [f"# Allocator settings and train-step time ({machine.describe_line(out['machine'])})", "",
              f"Command: `{out['command']}`. Median over processes (each: median of 3 rounds of 10 steps); "
              f"ratios are a setting's time / the time of '{ref}', so above 1 means '{ref}' is faster.",
-             *([out["note"]] if "note" in out else []),
              "", "| config | step | " + " | ".join(f"{n} ms" for n in names) + " | " +
              " | ".join(f"{n} / tuned" for n in others) + " |", "|---|---|" + "---|" * (len(names) + len(others))]
     for config, res in out["results"].items():

@@ -253,7 +253,8 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
     2-core Intel Xeon (``benchmarks/results/speed-cpu-intel-avx512-amx.md``) the two-device
     float32 ``seed`` LSTM step and the two-device float32 and bf16 ``large`` GRU steps ran at 0.96x
-    to 0.98x on the layers ``'auto'`` chose (0.86x for that LSTM in an earlier run). The whole step is what training runs, so the whole step decides.
+    to 0.98x on the layers ``'auto'`` chose (0.86x for that LSTM in an earlier run). The whole step
+    is what training runs, so the whole step decides.
     Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
     timed twice.
 

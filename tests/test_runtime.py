@@ -11,10 +11,23 @@ import sys
 
 import pytest
 
-PROBE = r"""
+# Appended to each probe: the median minor page faults of ``calls`` calls of ``call()`` (the
+# median, as a step of the tuned run may still fault its temporaries in once while the heap settles)
+MEDIAN_FAULTS = r"""
 import json, resource
-import jax, jax.numpy as jnp, optax
 import lstm_jax
+
+def report(call, calls):
+    faults = []
+    for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        call()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"tuned": lstm_jax.runtime.malloc_tuned(), "faults": sorted(faults)[calls // 2]}))
+"""
+
+PROBE = r"""
+import jax, jax.numpy as jnp, optax
 from lstm_jax import CharLM, CharLMConfig, cross_entropy
 
 # a library user's own train step, one step per call (the seed LSTM: B=128, T=40, H=128)
@@ -29,28 +42,28 @@ def step(p, o, x):
     return optax.apply_updates(p, u), o
 
 p = model.init(jax.random.PRNGKey(0))
-o, x = tx.init(p), jax.random.randint(jax.random.PRNGKey(1), (128, 40), 0, 92)
+state, x = [p, tx.init(p)], jax.random.randint(jax.random.PRNGKey(1), (128, 40), 0, 92)
+
+def call():
+    state[:] = jax.block_until_ready(step(*state, x))
+
 for _ in range(3):
-    p, o = jax.block_until_ready(step(p, o, x))
-faults = []
-for _ in range(15):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    p, o = jax.block_until_ready(step(p, o, x))
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"tuned": lstm_jax.runtime.malloc_tuned(), "faults": sorted(faults)[len(faults) // 2]}))
+    call()
+report(call, 15)
 """
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the setting applies to glibc only")
 
 
-def _probe(**env) -> dict:
+def _probe(script: str = PROBE, *argv: str, **env) -> dict:
     environ = {k: v for k, v in os.environ.items() if k != "LSTM_JAX_MALLOC"} | env
     environ["JAX_PLATFORMS"] = "cpu"
     # XLA's own temporaries only: a layer measured faster on oneDNN runs on the extension's thread,
     # whose malloc arena made the tuned count vary from 3 to 7,000 faults per step between runs
     environ["LSTM_JAX_ONEDNN"] = "0"
-    out = subprocess.run([sys.executable, "-c", PROBE], env=environ, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", MEDIAN_FAULTS + script, *argv], env=environ, capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -77,11 +90,10 @@ def test_tune_malloc_is_idempotent_and_honours_the_environment(monkeypatch):
 
 
 BIG_TEMPORARY = r"""
-import json, resource, sys
+import sys
 import jax, jax.numpy as jnp
 if sys.argv[1] == "sync":
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-import lstm_jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)  # before the first computation
 
 @jax.jit
 def f(x):
@@ -91,12 +103,7 @@ def f(x):
 x = jnp.ones((6144, 4096), jnp.float32)
 for _ in range(3):
     f(x).block_until_ready()
-faults = []
-for _ in range(9):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    f(x).block_until_ready()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"tuned": lstm_jax.runtime.malloc_tuned(), "faults": sorted(faults)[len(faults) // 2]}))
+report(lambda: f(x).block_until_ready(), 9)
 """
 
 
@@ -106,13 +113,7 @@ def test_synchronous_dispatch_reuses_temporaries_too_big_for_a_worker_threads_ar
     # asynchronous dispatch a one-device program runs on a worker thread, whose malloc arena maps
     # a block over 64 MiB with mmap whatever M_MMAP_MAX says (about 50,000 faults of 4 KiB per
     # call here); run on the calling thread, the block comes from the main heap and is reused
-    def probe(mode: str) -> dict:
-        environ = {k: v for k, v in os.environ.items() if k != "LSTM_JAX_MALLOC"} | {"JAX_PLATFORMS": "cpu"}
-        out = subprocess.run([sys.executable, "-c", BIG_TEMPORARY, mode], env=environ, capture_output=True,
-                             text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    asynchronous, synchronous = probe("async"), probe("sync")
+    asynchronous, synchronous = _probe(BIG_TEMPORARY, "async"), _probe(BIG_TEMPORARY, "sync")
     assert asynchronous["tuned"] and synchronous["tuned"]
     assert asynchronous["faults"] > 10_000, asynchronous
     assert synchronous["faults"] < asynchronous["faults"] / 10, (synchronous, asynchronous)
