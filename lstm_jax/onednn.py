@@ -48,15 +48,15 @@ import numpy as np
 from lstm_jax import calibrate
 
 __all__ = ["available", "unavailable_reason", "supports", "pays", "measure", "cores_per_device", "onednn_lstm",
-           "onednn_gru", "ENV"]
+           "onednn_gru", "one_hot_inputs", "ENV"]
 
 ENV = "LSTM_JAX_ONEDNN"  # 0: never; 1: wherever supported, unmeasured; unset/auto: where measured faster
 MIN_FLOPS = 2**28  # a layer's training pass below this: not measured, the fused loop is kept
 # In the cache keys of measured choices: bumped when the extension's speed changes, so that
 # choices measured with an older build are measured again (2: primitives created with their own
 # thread count, see GetLayer in the extension; 3: weights and scratchpad on cache-line
-# boundaries, see Arena).
-MEASURE_VERSION = 3
+# boundaries, see Arena; 4: token inputs padded to oneDNN's blocks, see one_hot_inputs).
+MEASURE_VERSION = 4
 ROUNDS = 5
 _TARGETS = {"lstm": ("lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"),
             "gru": ("lstm_jax_onednn_gru_forward", "lstm_jax_onednn_gru_backward")}
@@ -205,7 +205,6 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
     zeros = np.zeros((batch, hidden), np.float32)
 
     ids = rng.integers(0, features, (steps, batch)).astype(np.int32)
-    dt = _compute_dtype(dtype)
 
     def fused(x, w_x, w_h, b, b_h):
         x_proj = (jnp.take(w_x, ids, axis=0) if tokens else matmul(x, w_x, dtype, jnp.float32)) + b
@@ -214,7 +213,8 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
         return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, dtype, 1)[2])
 
     def through_onednn(x, w_x, w_h, b, b_h, threads):
-        x = jax.nn.one_hot(ids, features, dtype=dt) if tokens else x
+        if tokens:
+            x, w_x = one_hot_inputs(ids, w_x, dtype)
         if cell == "gru":
             return jnp.sum(onednn_gru(x, w_x, w_h, b, b_h, zeros, dtype, threads)[1])
         return jnp.sum(onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])
@@ -226,6 +226,24 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
         for run in runs.values():
             jax.block_until_ready(run(*args))  # compile
         return calibrate.median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, ROUNDS)
+
+
+def one_hot_inputs(ids: jax.Array, w_x: jax.Array, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Token ids ``(T, N)`` as the one-hot inputs ``(T, N, C')`` oneDNN multiplies, and the input
+    kernel ``w_x (C, G*H)`` to match: the vocabulary ``C`` padded with zero rows to a multiple of
+    32 in bf16 (16 in float32), the blocks oneDNN's kernels run on (AMX tiles take 32 bf16 values
+    a row). The padded rows' gradient is dropped by autodiff (``jnp.pad``'s transpose), so the
+    layer's value and gradients are those of the unpadded one-hot product.
+
+    Measured on the Intel Xeon with AMX (one LSTM layer, training forward and backward, 2 threads,
+    same process): bf16 ``C`` = 92 against 96 at T=100, N=64, H=512: 54.4 against 51.7 ms; H=256:
+    20.9 against 19.1 ms; T=40, N=128, H=128: 6.3 against 5.9 ms (9.6 against 7.6 on 1 thread);
+    float32 within 2%.
+    """
+    block = 32 if _compute_dtype(dtype) == jnp.bfloat16 else 16
+    pad = -w_x.shape[0] % block
+    x = jax.nn.one_hot(ids, w_x.shape[0] + pad, dtype=_compute_dtype(dtype))
+    return x, jnp.pad(w_x, ((0, pad), (0, 0)))
 
 
 def _compute_dtype(dtype: Any) -> Any:

@@ -206,9 +206,10 @@ def _run_onednn(cell: LSTMCell | GRUCell, params: dict, x: Array, carry: Any, ba
     flat = jax.tree.map(lambda a: a.reshape(-1, hidden), carry)
 
     def on_cpu(xs, params, flat):
+        w_x = params["input_kernel"]
         if cell.token_inputs:
-            xs = jax.nn.one_hot(xs, params["input_kernel"].shape[0], dtype=cell.dtype or params["bias"].dtype)
-        w = (xs, params["input_kernel"], params["recurrent_kernel"], params["bias"])
+            xs, w_x = onednn.one_hot_inputs(xs, w_x, cell.dtype)
+        w = (xs, w_x, params["recurrent_kernel"], params["bias"])
         if isinstance(cell, LSTMCell):
             h, c, ys = onednn.onednn_lstm(*w, flat.h, flat.c, cell.dtype, threads)
             return LSTMCarry(h=h, c=c), ys

@@ -34,6 +34,18 @@ def _close(actual, desired, tol):
     np.testing.assert_allclose(actual, desired, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("dtype, block", [(None, 16), (jnp.bfloat16, 32)], ids=["float32", "bf16"])
+def test_one_hot_inputs_pad_the_vocabulary_to_onednn_blocks_and_keep_the_product(dtype, block):
+    ids = jax.random.randint(KEY, (7, 5), 0, 92)
+    w_x = jax.random.normal(KEY, (92, 12))
+    x, padded = onednn.one_hot_inputs(ids, w_x, dtype)
+    assert x.shape == (7, 5, 96) and padded.shape == (96, 12) and 96 % block == 0
+    assert x.dtype == (dtype or jnp.float32)
+    np.testing.assert_array_equal(x.astype(jnp.float32) @ padded, w_x[ids])
+    grad = jax.grad(lambda w: jnp.sum(onednn.one_hot_inputs(ids, w, dtype)[1] ** 2))(w_x)
+    np.testing.assert_allclose(grad, 2 * w_x)  # the padded rows' gradient is dropped
+
+
 @needs_onednn
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("tokens", [False, True], ids=["features", "tokens"])
