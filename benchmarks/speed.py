@@ -183,6 +183,19 @@ def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_di
     return jax_case(step, state, _tokens(b, t), per_dispatch)
 
 
+def case_lstm_jax_synchronous(*args, **kwargs) -> Case:
+    """``case_lstm_jax`` under JAX's synchronous CPU dispatch, the option the README gives a user's
+    own one-step calls (the program runs on the calling thread, from the main malloc heap; see
+    ``lstm_jax.runtime``). The setting is process-wide and read when JAX's CPU client starts, so
+    this runs in a child process of its own (``in_own_process``), before its first computation."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("synchronous dispatch must be set before JAX's first computation in this process")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return case_lstm_jax(*args, **kwargs)
+
+
 def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devices=1) -> Case:
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
     batches gathered on the device, state donated, losses copied to the host after each chunk;
@@ -362,6 +375,9 @@ def main():
                             lambda: case_lstm_jax(cell, b, t, h, layers, "auto", per_dispatch=10),
                         "lstm_jax autodiff scan (10 steps/dispatch)":
                             lambda: case_lstm_jax(cell, b, t, h, layers, "scan", per_dispatch=10)}
+            if backend == "cpu":
+                builders["lstm_jax, 1 step/dispatch, synchronous dispatch"] = lambda: in_own_process(
+                    "case_lstm_jax_synchronous", cell, b, t, h, layers, "auto")
             n = parallel.devices_for_batch(b)  # train.py's candidate on CPU: one device per core
             if backend == "cpu" and n > 1:
                 builders[f"lstm_jax Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, devices=n)
@@ -379,6 +395,9 @@ def main():
             if bf16_units:
                 builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16")
                 builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16")
+                if backend == "cpu":
+                    builders["lstm_jax bf16, 1 step/dispatch, synchronous dispatch"] = lambda: in_own_process(
+                        "case_lstm_jax_synchronous", cell, b, t, h, layers, "auto", "bfloat16")
             else:
                 rows.append(dict(config=name, cell=cell, impl="lstm_jax bf16", error=no_bf16))
             builders["flax nn.RNN"] = lambda: case_flax(cell, b, t, h, layers)
@@ -477,6 +496,55 @@ def train_py_setup(rows: list[dict], config: str, cell: str, dtype: str) -> dict
                 vs_torch=peer(f"torch nn.{cell.upper()}"), vs_torch_bf16=peer(f"torch nn.{cell.upper()} bf16 autocast"))
 
 
+def _setup_name(impl: str) -> str:
+    """A Trainer row's set-up in the README's words: '2 devices, fused', '1 device'."""
+    devices = impl.split(", ")[1].split()[0] if " CPU devices" in impl else "1"
+    return f"{devices} device{'s' if devices != '1' else ''}" + (", fused" if "fused layer" in impl else "")
+
+
+def summary_tables(rows: list[dict]) -> list[str]:
+    """The README's speed tables, from one run's rows: the Trainer set-up train.py takes (by
+    ``fastest_setup``'s rule) against PyTorch; a user's own step against PyTorch; and the same
+    Trainers on the fused layers against ``impl='auto'`` (oneDNN where it measured faster)."""
+    pairs = list(dict.fromkeys((r["config"], r["cell"]) for r in rows))
+    lines = ["| config | cell | float32: train.py's set-up | chars/s | vs PyTorch | bf16: train.py's set-up | chars/s "
+             "| vs PyTorch bf16 autocast |", "|---|---|---|---|---|---|---|---|"]
+    for cfg, cell in pairs:
+        f32, bf16 = (train_py_setup(rows, cfg, cell, dt) for dt in ("float32", "bfloat16"))
+        if f32 is None:
+            continue
+        bf = (f"{_setup_name(bf16['impl'])} | {bf16['chars_per_s']:,.0f} | {bf16['vs_torch_bf16']}" if bf16
+              else "- | - | -")
+        lines.append(f"| {cfg} | {cell} | {_setup_name(f32['impl'])} | {f32['chars_per_s']:,.0f} | {f32['vs_torch']} | {bf} |")
+    user = [("lstm_jax, 1 step/dispatch", "torch"), ("lstm_jax, 1 step/dispatch, synchronous dispatch", "torch"),
+            ("lstm_jax, scan_steps (10 steps/dispatch)", "torch"), ("lstm_jax bf16, 1 step/dispatch", "bf16"),
+            ("lstm_jax bf16, 1 step/dispatch, synchronous dispatch", "bf16")]
+    lines += ["", "| config | cell | float32, 1 step per call | synchronous dispatch | 10 per call (`scan_steps`) "
+              "| bf16, 1 step per call | synchronous dispatch |", "|---|---|---|---|---|---|---|"]
+    for cfg, cell in pairs:
+        same = {r["impl"]: r for r in rows if r["config"] == cfg and r["cell"] == cell and "error" not in r}
+        peers = {"torch": same.get(f"torch nn.{cell.upper()}"), "bf16": same.get(f"torch nn.{cell.upper()} bf16 autocast")}
+        cells = [f"{same[impl]['chars_per_s'] / peers[peer]['chars_per_s']:.2f}x" if impl in same and peers[peer] else "-"
+                 for impl, peer in user]
+        lines.append(f"| {cfg} | {cell} | " + " | ".join(cells) + " |")
+    lines += ["", "| config | cell | float32, 1 device: fused | oneDNN (auto) | 2 devices: fused | oneDNN (auto) "
+              "| bf16, 1 device: fused | oneDNN (auto) | 2 devices: fused | oneDNN (auto) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for cfg, cell in pairs:
+        same = {r["impl"]: r["chars_per_s"] for r in rows if r["config"] == cfg and r["cell"] == cell and "error" not in r}
+        cells = []
+        for bf in ("", " bf16"):
+            for auto in (f"lstm_jax{bf} Trainer (10 steps/dispatch)", f"lstm_jax{bf} Trainer, 2 CPU devices"):
+                where = ", 2 CPU devices" if "2 CPU" in auto else ""
+                fused = same.get(f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)")
+                ours = same.get(auto)
+                cells += [f"{fused:,.0f}" if fused else "-",
+                          f"{ours:,.0f} ({ours / fused:.2f}x)" if fused and ours else "-"]
+        if any(c != "-" for c in cells[::2]):
+            lines.append(f"| {cfg} | {cell} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(out) -> str:
     where = machine.describe_line(out["machine"]) if isinstance(out["machine"], dict) else out["machine"]
     lines = [f"# Train-step speed on {out['backend']}: {where}", "",
@@ -514,6 +582,9 @@ def markdown(out) -> str:
         for pick in filter(None, picks):
             lines.append(f"| {pick['config']} | {pick['cell']} | {pick['dtype']} | {pick['impl']} | {pick['chars_per_s']:,.0f} | "
                          f"{pick['vs_torch']} | {pick['vs_torch_bf16']} |")
+        lines += ["", "The README's tables (train.py's set-up; a user's own step on one device, `impl='auto'`, against "
+                  "PyTorch in the same dtype; fused layers against `impl='auto'` in the same Trainers):", "",
+                  *summary_tables(out["rows"])]
     dnnl = out.get("onednn")
     if dnnl is not None:
         if not dnnl["available"]:
