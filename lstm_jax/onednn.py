@@ -17,11 +17,11 @@ on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onedn
 ``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, the Trainer on
-one device, same run): the bf16 LSTM char-model step 1.91x (seed), 2.79x (default) and 2.95x
-(large) faster than on the fused layer, the bf16 GRU 0.98x, 1.55x and 1.56x; float32 1.07x to
-1.44x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
-loop around its GEMM: with one core per device (2 devices) the fused layer was as fast in the
-same run (0.97x to 1.01x), and faster at ``seed`` in an earlier one, which is why the choice is
+one device, same run): the bf16 LSTM char-model step 2.12x (seed), 2.46x (default) and 2.21x
+(large) faster than on the fused layer, the bf16 GRU 0.99x, 1.32x and 1.29x; float32 1.08x to
+1.50x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
+loop around its GEMM: with one core per device (2 devices) the float32 steps were 0.95x to 1.18x
+the fused layer's in the same run, and the bf16 GRU's 0.96x to 1.07x, which is why the choice is
 measured.
 
 Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between
