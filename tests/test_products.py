@@ -52,8 +52,9 @@ def test_bf16_matmul_gradients_are_bf16_products_of_the_rounded_cotangent(rows):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's choice of product kernels")
 @pytest.mark.parametrize("rows", [2048, 64], ids=["many_rows", "few_rows"])
 def test_bf16_matmul_gradients_compile_to_bf16_products_on_cpu(rows):
-    """No float32 copy of an operand in the compiled gradient: XLA:CPU upcasts a bf16 product it
-    cannot run in bf16 (a float32 cotangent, a column-major operand), several times slower on AMX."""
+    """Every product of the compiled gradient has bf16 operands: XLA:CPU upcasts a bf16 product it
+    cannot run in bf16 (a float32 cotangent, a column-major operand) to float32, several times
+    slower on AMX."""
     x, w = (a.astype(jnp.bfloat16) for a in _operands(rows))
     loss = lambda x, w: jnp.sum(jnp.sin(products.matmul(x, w, jnp.bfloat16, jnp.float32)))
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
