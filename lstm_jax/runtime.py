@@ -25,7 +25,9 @@ Both ways out change more than the allocator, so they are the user's choice (REA
 program then runs on the calling thread, from the main heap), or one arena for all threads
 (``GLIBC_TUNABLES=...:glibc.malloc.arena_max=1``), which also made the ``seed`` steps up to 1.25x
 slower. Synchronous dispatch made the ``large`` one-step call 1.43x (bf16) and 1.16x (float32)
-faster, with about 450-750 faults per step left.
+faster, with about 450-750 faults per step left (``benchmarks/malloc.py``); in a later speed run
+(``benchmarks/speed.py``, the "synchronous dispatch" rows) the LSTM's one-step call gained 1.48x
+(float32) and 1.49x (bf16) at ``default``, 1.26x and 1.51x at ``large``.
 
 ``import lstm_jax`` applies it on Linux with glibc. Set ``LSTM_JAX_MALLOC=default`` in the
 environment before the import to keep the C library's defaults (e.g. in a process that holds
