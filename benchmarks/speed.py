@@ -480,8 +480,7 @@ def train_py_setup(rows: list[dict], config: str, cell: str, dtype: str) -> dict
 
     same = {r["impl"]: r for r in rows if r["config"] == config and r["cell"] == cell and "error" not in r}
     bf = " bf16" if dtype == "bfloat16" else ""
-    devices = sorted({1} | {int(k.split(", ")[1].split()[0]) for k in same if k.startswith(f"lstm_jax{bf} Trainer, ")
-                            and "CPU devices" in k})
+    devices = _device_counts(same, bf)
     order = []
     for d in devices:
         where = f", {d} CPU devices" if d > 1 else ""
@@ -494,6 +493,12 @@ def train_py_setup(rows: list[dict], config: str, cell: str, dtype: str) -> dict
     peer = lambda name: (f"{same[best]['chars_per_s'] / same[name]['chars_per_s']:.2f}x" if name in same else "-")
     return dict(config=config, cell=cell, dtype=dtype, impl=best, chars_per_s=same[best]["chars_per_s"],
                 vs_torch=peer(f"torch nn.{cell.upper()}"), vs_torch_bf16=peer(f"torch nn.{cell.upper()} bf16 autocast"))
+
+
+def _device_counts(impls, bf: str = "") -> list[int]:
+    """The device counts of the (``bf``: ' bf16') Trainer rows among ``impls``: 1 and one per core."""
+    return sorted({1} | {int(k.split(", ")[1].split()[0]) for k in impls
+                         if k.startswith(f"lstm_jax{bf} Trainer, ") and "CPU devices" in k})
 
 
 def _setup_name(impl: str) -> str:
@@ -527,17 +532,19 @@ def summary_tables(rows: list[dict]) -> list[str]:
         cells = [f"{same[impl]['chars_per_s'] / peers[peer]['chars_per_s']:.2f}x" if impl in same and peers[peer] else "-"
                  for impl, peer in user]
         lines.append(f"| {cfg} | {cell} | " + " | ".join(cells) + " |")
-    lines += ["", "| config | cell | float32, 1 device: fused | oneDNN (auto) | 2 devices: fused | oneDNN (auto) "
-              "| bf16, 1 device: fused | oneDNN (auto) | 2 devices: fused | oneDNN (auto) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    n = _device_counts(r["impl"] for r in rows)[-1]  # one device per core
+    counts = sorted({1, n})
+    lines += ["", "| config | cell | " + " | ".join(
+        f"{dt if d == 1 else ''}{', ' if d == 1 else ''}{d} device{'s' if d > 1 else ''}: fused | oneDNN (auto)"
+        for dt in ("float32", "bf16") for d in counts) + " |", "|---|---|" + "---|---|" * 2 * len(counts)]
     for cfg, cell in pairs:
         same = {r["impl"]: r["chars_per_s"] for r in rows if r["config"] == cfg and r["cell"] == cell and "error" not in r}
         cells = []
         for bf in ("", " bf16"):
-            for auto in (f"lstm_jax{bf} Trainer (10 steps/dispatch)", f"lstm_jax{bf} Trainer, 2 CPU devices"):
-                where = ", 2 CPU devices" if "2 CPU" in auto else ""
+            for d in counts:
+                where = f", {d} CPU devices" if d > 1 else ""
                 fused = same.get(f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)")
-                ours = same.get(auto)
+                ours = same.get(f"lstm_jax{bf} Trainer{where}" if d > 1 else f"lstm_jax{bf} Trainer (10 steps/dispatch)")
                 cells += [f"{fused:,.0f}" if fused else "-",
                           f"{ours:,.0f} ({ours / fused:.2f}x)" if fused and ours else "-"]
         if any(c != "-" for c in cells[::2]):
@@ -572,18 +579,11 @@ def markdown(out) -> str:
         lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | {r['chars_per_s']:,.0f} | "
                      f"{r['compile_s']:.1f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_peak']:.0f}% | "
                      f"{ratio('torch')} | {ratio('torch_bf16')} | {ratio('flax')} | {ratio('flax10')} |")
-    picks = [train_py_setup(out["rows"], cfg, cell, dtype) for cfg, cell in dict.fromkeys((r["config"], r["cell"]) for r in out["rows"])
-             for dtype in ("float32", "bfloat16")]
-    if any(picks):
-        lines += ["", "The Trainer set-up `train.py` takes by `fastest_setup`'s rule (candidates from the simplest: fewest "
-                  "devices, fused layer first; a later one must be 1.1x faster than the best before it), applied to "
-                  "the rows above:", "", "| config | cell | dtype | set-up | chars/s | vs torch | vs torch bf16 |",
-                  "|---|---|---|---|---|---|---|"]
-        for pick in filter(None, picks):
-            lines.append(f"| {pick['config']} | {pick['cell']} | {pick['dtype']} | {pick['impl']} | {pick['chars_per_s']:,.0f} | "
-                         f"{pick['vs_torch']} | {pick['vs_torch_bf16']} |")
-        lines += ["", "The README's tables (train.py's set-up; a user's own step on one device, `impl='auto'`, against "
-                  "PyTorch in the same dtype; fused layers against `impl='auto'` in the same Trainers):", "",
+    if any(r["impl"].startswith("lstm_jax") and "error" not in r for r in out["rows"]):
+        lines += ["", "The README's tables: the Trainer set-up `train.py` takes by `fastest_setup`'s rule (candidates "
+                  "from the simplest: fewest devices, fused layer first; a later one must be 1.1x faster than the best "
+                  "before it), applied to the rows above; a user's own step on one device, `impl='auto'`, against "
+                  "PyTorch in the same dtype; fused layers against `impl='auto'` in the same Trainers:", "",
                   *summary_tables(out["rows"])]
     dnnl = out.get("onednn")
     if dnnl is not None:

@@ -240,9 +240,9 @@ def one_hot_inputs(ids: jax.Array, w_x: jax.Array, dtype: Any = None) -> tuple[j
     20.9 against 19.1 ms; T=40, N=128, H=128: 6.3 against 5.9 ms (9.6 against 7.6 on 1 thread);
     float32 within 2%.
     """
-    block = 32 if _compute_dtype(dtype) == jnp.bfloat16 else 16
-    pad = -w_x.shape[0] % block
-    x = jax.nn.one_hot(ids, w_x.shape[0] + pad, dtype=_compute_dtype(dtype))
+    dt = _compute_dtype(dtype)
+    pad = -w_x.shape[0] % (32 if dt == jnp.bfloat16 else 16)
+    x = jax.nn.one_hot(ids, w_x.shape[0] + pad, dtype=dt)
     return x, jnp.pad(w_x, ((0, pad), (0, 0)))
 
 
