@@ -19,11 +19,13 @@ import gc
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,7 @@ class Checkpointer:
     def _skip(self, path: Path, err: Exception) -> None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         self.damaged.append(path)
+        _REPORTED_READ_FAILURES.watch(path)
         self.notes.append(f"checkpoint {path} is damaged ({first}); skipping it.")
 
     def quarantine(self) -> list[Path]:
@@ -242,6 +245,42 @@ def _quiet_background_errors():
     finally:
         gc.collect()
         sys.unraisablehook = previous
+
+
+class _ReportedReadFailures(logging.Filter):
+    """Drops asyncio's "Task / Future / _GatheringFuture exception was never retrieved" records
+    about reads of a checkpoint this process has already reported as damaged, and nothing else.
+
+    When one of orbax's array reads fails, ``asyncio.gather`` raises its error to the restore
+    (which reports the checkpoint and skips it) while the sibling reads still run; their failures
+    are never awaited, so asyncio logs each one, with its traceback, when the task is collected.
+    That can be after ``restore`` has returned, or at exit, so the filter lives as long as the
+    process. A record is dropped only if its text or its exception's traceback names the folder of
+    a checkpoint in ``paths``: the same failure in any other file or code still prints.
+    """
+
+    _UNRETRIEVED = "exception was never retrieved"
+
+    def __init__(self):
+        super().__init__()
+        self.paths: set[str] = set()
+
+    def watch(self, path: Path) -> None:
+        self.paths.update({str(path), str(Path(path).resolve())})
+        logger = logging.getLogger("asyncio")
+        if self not in logger.filters:
+            logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._UNRETRIEVED not in message.split("\n", 1)[0]:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            message += "".join(traceback.format_exception(*record.exc_info))
+        return not any(path + os.sep in message for path in self.paths)
+
+
+_REPORTED_READ_FAILURES = _ReportedReadFailures()
 
 
 class _WithoutClosedLoopTracebacks(io.TextIOBase):
