@@ -4,11 +4,14 @@ With ``embed_size=0`` (the default) the input is one-hot, done as a row gather o
 layer's input kernel (``token_inputs``): the lesson's one-hot LSTM without the one-hot matrix.
 With ``embed_size > 0`` an embedding table ``(V, E)``, initialised N(0, 1) as in PyTorch and Flax,
 feeds the first layer. Embedding then input projection, ``embedding[x] @ W_i``, equals the row
-gather ``(embedding @ W_i)[x]``: ``apply`` folds the two into one ``(V, G*H)`` table before the
-scan (a ``V x E x G*H`` matmul) instead of multiplying every character's embedding, which saves
-the first layer's largest matmul in the forward pass and two in the backward pass. The
-parameters are the usual ones (``embedding`` and the layer's ``(E, G*H)`` input kernel) and the
-gradients reach both by the chain rule; results equal the unfolded model to float32 rounding.
+gather ``(embedding @ W_i)[x]``: ``apply`` hands the table to the first layer, which folds the two
+into one ``(V, G*H)`` table before the scan (a ``V x E x G*H`` matmul) instead of multiplying
+every character's embedding, which saves the first layer's largest matmul in the forward pass and
+two in the backward pass. Where oneDNN runs the first layer (``lstm_jax.onednn``) it multiplies
+either way, and there the narrower embedding rows can be the faster input than the one-hot of the
+vocabulary: the layer measures both (``scan_cell``, ``onednn.embedded_inputs``). The parameters
+are the usual ones (``embedding`` and the layer's ``(E, G*H)`` input kernel) and the gradients
+reach both by the chain rule; results equal the unfolded model to float32 rounding.
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ class CharLM:
               remat: bool = False, impl: str = "auto", unroll: int | bool = 1) -> tuple[Any, Array]:
         """Tokens ``(*batch, T)`` int -> ``(carry, logits (*batch, T, V) float32)``; ``remat``,
         ``impl`` and ``unroll`` as in ``scan_cell``."""
-        params = self.fold_embedding(params)
+        if "embedding" in params:  # the first layer folds it or feeds its rows to oneDNN (scan_cell)
+            first, *rest = params["rnn"]
+            params = {"rnn": [{**first, "embedding": params["embedding"]}, *rest], "head": params["head"]}
         # Time-major through the stack and the head, so the head is one 2-D matmul: XLA:CPU
         # differentiates a product over (*batch, T) rows up to 1.5x slower.
         carry, ys = self.stack.apply(params["rnn"], jnp.moveaxis(tokens, -1, 0), initial_carry=carry,
@@ -101,8 +106,10 @@ class CharLM:
         """The same function's params without the embedding: it is folded into the first layer's
         input kernel, ``(V, E) @ (E, G*H) -> (V, G*H)``, a table the first layer gathers rows of.
 
-        ``apply`` does this itself; fold once outside a loop that calls ``apply`` many times
-        (generation). ``apply(fold_embedding(p), ...) == apply(p, ...)``; differentiable.
+        ``apply`` hands the embedding to the first layer, which folds it the same way (or, on
+        oneDNN, may feed it the embedding rows instead; ``scan_cell``); fold once outside a loop
+        that calls ``apply`` many times (generation). ``apply(fold_embedding(p), ...) ==
+        apply(p, ...)`` to rounding; differentiable.
         """
         if "embedding" not in params:
             return params

@@ -17,6 +17,7 @@ from lstm_jax.cells import Cell, GRUCell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.errors import ConfigError
 from lstm_jax import onednn
 from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
+from lstm_jax.products import matmul
 
 __all__ = ["scan_cell", "reverse_padded", "RecurrentStack"]
 
@@ -89,7 +90,11 @@ def scan_cell(
 
     Args:
       cell: an ``LSTMCell``, ``GRUCell`` or ``RNNCell``.
-      params: the cell's params (``cell.init``).
+      params: the cell's params (``cell.init``). A ``token_inputs`` cell's params may also hold an
+        ``'embedding'`` table ``(V, E)``; the ``input_kernel`` is then ``(E, G*H)`` and step t's
+        input is ``embedding[x_t] @ input_kernel``. The layer folds the two into one ``(V, G*H)``
+        table it gathers rows of, or, where oneDNN runs the layer, may feed it the embedding rows
+        (``onednn.embedded_inputs``), whichever measured faster; the numbers agree to rounding.
       inputs: ``(*batch, T, F)`` floats, or ``(*batch, T)`` token ids for ``token_inputs`` cells;
         with ``time_major=True`` the time axis comes first: ``(T, *batch, F)``.
       initial_carry: the carry at the first step (default: zeros).
@@ -140,18 +145,20 @@ def scan_cell(
             f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths "
             f"or remat; got {cell.name}{' with those options' if seq_lengths is not None or remat else ''}. "
             f"Use impl='scan' or 'auto'.")
+    embed = _check_embedding(cell, params)
     if fusable and onednn_kind and impl in ("onednn", "auto") and not empty:
         cell.check_inputs(params, x)
-        features = params["input_kernel"].shape[0]
+        features = params["embedding" if embed else "input_kernel"].shape[0]
         rows = int(np.prod(batch_shape))
         if impl == "onednn" and not onednn.available():
             raise ConfigError(f"impl='onednn' is not available here: {onednn.unavailable_reason()}. "
                               f"Use impl='auto' (it falls back to the fused layer).")
         threads = None if impl == "onednn" else onednn.pays(x.shape[0], rows, features, cell.hidden_size, cell.dtype,
-                                                                   cell.token_inputs, onednn_kind)
+                                                                   cell.token_inputs, onednn_kind, embed)
         if threads != 0:
             carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, threads)
             return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+    params = _folded(cell, params)
     x_proj = cell.input_projection(params, x)
     if fusable and impl in ("fused", "auto"):
         carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse, unroll)
@@ -174,6 +181,27 @@ def scan_cell(
     if reverse and seq_lengths is not None:
         ys = reverse_padded(ys, seq_lengths)
     return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+
+
+def _check_embedding(cell: Cell, params: dict) -> int:
+    """The width ``E`` of the ``'embedding'`` in a token-input layer's params (0 without one)."""
+    if "embedding" not in params:
+        return 0
+    table, kernel = params["embedding"], params["input_kernel"]
+    if not cell.token_inputs or table.ndim != 2 or table.shape[1] != kernel.shape[0]:
+        raise ConfigError(
+            f"scan_cell: an 'embedding' in the params needs a cell with token_inputs=True and a (vocab, E) table "
+            f"matching the input_kernel's {kernel.shape[0]} rows; got {cell.name}(token_inputs={cell.token_inputs}) "
+            f"and an embedding of shape {table.shape}. Drop the embedding or fix its shape.")
+    return table.shape[1]
+
+
+def _folded(cell: Cell, params: dict) -> dict:
+    """The params with an ``'embedding'`` folded into the input kernel: ``(V, E) @ (E, G*H)``."""
+    if "embedding" not in params:
+        return params
+    rest = {k: v for k, v in params.items() if k != "embedding"}
+    return {**rest, "input_kernel": matmul(params["embedding"], params["input_kernel"], cell.dtype, jnp.float32)}
 
 
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
@@ -207,7 +235,9 @@ def _run_onednn(cell: LSTMCell | GRUCell, params: dict, x: Array, carry: Any, ba
 
     def on_cpu(xs, params, flat):
         w_x = params["input_kernel"]
-        if cell.token_inputs:
+        if "embedding" in params:
+            xs, w_x = onednn.embedded_inputs(xs, params["embedding"], w_x, cell.dtype)
+        elif cell.token_inputs:
             xs, w_x = onednn.one_hot_inputs(xs, w_x, cell.dtype)
         w = (xs, w_x, params["recurrent_kernel"], params["bias"])
         if isinstance(cell, LSTMCell):
@@ -216,6 +246,7 @@ def _run_onednn(cell: LSTMCell | GRUCell, params: dict, x: Array, carry: Any, ba
         return onednn.onednn_gru(*w, params["recurrent_bias"], flat, cell.dtype, threads)
 
     def elsewhere(xs, params, flat):
+        params = _folded(cell, params)
         return _run_fused(cell, params, cell.input_projection(params, xs), flat, xs.shape[1:2], False, unroll)
 
     flat, ys = jax.lax.platform_dependent(xs, params, flat, cpu=on_cpu, default=elsewhere)

@@ -46,16 +46,41 @@ def test_one_hot_inputs_pad_the_vocabulary_to_onednn_blocks_and_keep_the_product
     np.testing.assert_allclose(grad, 2 * w_x)  # the padded rows' gradient is dropped
 
 
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("vocab, embed, route", [(92, 64, "rows"), (92, 40, "rows"), (20, 64, "one-hot")])
+def test_embedded_inputs_feed_the_narrower_input_and_keep_the_product_and_its_gradients(dtype, vocab, embed, route):
+    ids = jax.random.randint(KEY, (7, 5), 0, vocab)
+    table, w_x = jax.random.normal(KEY, (vocab, embed)), jax.random.normal(jax.random.key(3), (embed, 12))
+    x, kernel = onednn.embedded_inputs(ids, table, w_x, dtype)
+    block = 32 if dtype else 16
+    width = embed + -embed % block if route == "rows" else vocab + -vocab % block
+    assert x.shape == (7, 5, width) and kernel.shape == (width, 12) and x.dtype == (dtype or jnp.float32)
+    weights = jax.random.normal(jax.random.key(4), (7, 5, 12))
+    product = lambda t, w: jnp.sum((onednn.embedded_inputs(ids, t, w, dtype)[0].astype(jnp.float32)
+                                    @ onednn.embedded_inputs(ids, t, w, dtype)[1]) * weights)
+    reference = lambda t, w: jnp.sum((t[ids] @ w) * weights)
+    tol = 2e-2 if dtype else 1e-5  # bf16: the rows (or the folded table) are rounded to bf16
+    _close(product(table, w_x), reference(table, w_x), tol)
+    for got, want in zip(jax.grad(product, argnums=(0, 1))(table, w_x), jax.grad(reference, argnums=(0, 1))(table, w_x)):
+        assert got.shape == want.shape
+        _close(got, want, tol)
+
+
 @needs_onednn
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("tokens", [False, True], ids=["features", "tokens"])
+@pytest.mark.parametrize("tokens", [False, True, "embedded-rows", "embedded-one-hot"],
+                         ids=["features", "tokens", "embedded-rows", "embedded-one-hot"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype, tol", [(None, 2e-5), (jnp.bfloat16, 3e-2)], ids=["f32", "bf16"])
 def test_onednn_matches_the_fused_layer_values_and_gradients(kind, tokens, reverse, dtype, tol):
     if dtype is not None and not onednn.supports(9, 6, 11, 32, dtype, kind):
         pytest.skip(f"oneDNN has no bf16 {kind} on this CPU")
-    cell = (LSTMCell if kind == "lstm" else GRUCell)(32, dtype=dtype, token_inputs=tokens)
-    params = _perturbed(cell, 11)  # every bias non-zero: the GRU's four oneDNN biases are sums of ours
+    cell = (LSTMCell if kind == "lstm" else GRUCell)(32, dtype=dtype, token_inputs=bool(tokens))
+    # embedded: an (11, E) table before the input kernel; E=5 runs oneDNN on the rows, E=40 on the one-hot
+    embed = {"embedded-rows": 5, "embedded-one-hot": 40}.get(tokens, 0)
+    params = _perturbed(cell, embed or 11)  # every bias non-zero: the GRU's four oneDNN biases are sums of ours
+    if embed:
+        params["embedding"] = jax.random.normal(jax.random.key(9), (11, embed))
     batch = (3, 2)  # two batch axes: flattened for oneDNN and restored
     x = jax.random.randint(KEY, (*batch, 9), 0, 11) if tokens else jax.random.normal(KEY, (*batch, 9, 11))
     states = [0.5 * jax.random.normal(k, (*batch, 32)) for k in jax.random.split(KEY)]
@@ -74,6 +99,10 @@ def test_onednn_matches_the_fused_layer_values_and_gradients(kind, tokens, rever
     # The program really contains the custom call (and the fused one does not).
     hlo = jax.jit(lambda p, c: loss(p, c, "onednn")).lower(params, carry0).as_text()
     assert f"lstm_jax_onednn_{kind}_forward" in hlo
+    if embed:  # the embedding is really used: the same value as a plain token cell on the product of the two
+        folded = {**{k: v for k, v in params.items() if k != "embedding"},
+                  "input_kernel": params["embedding"] @ params["input_kernel"]}
+        _close(v_o, loss(folded, carry0, "fused"), tol)
 
 
 @needs_onednn
@@ -187,6 +216,9 @@ def test_auto_measures_once_and_caches_the_choice(tmp_path, monkeypatch):
     gru = onednn.pays(5, 4, 3, 8, cell="gru")  # the GRU's choice is its own entry
     entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-gru|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
     assert entry["threads"] == gru and len(calls) == 2
+    embedded = onednn.pays(5, 4, 3, 8, tokens=True, embed=2)  # through an embedding: another entry
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if "|tokens-embed2|" in k]
+    assert entry["threads"] == embedded and set(entry["seconds"]) >= {"fused", "1"} and len(calls) == 3
     monkeypatch.setenv(onednn.ENV, "0")
     assert onednn.pays(5, 4, 3, 8) == 0
 
@@ -201,6 +233,11 @@ def test_onednn_refuses_what_it_does_not_run_with_one_clear_error():
         scan_cell(lstm, lstm.init(KEY, 3), x, impl="onednn", seq_lengths=jnp.array([5, 3]))
     with pytest.raises(ConfigError, match="impl must be"):
         scan_cell(lstm, lstm.init(KEY, 3), x, impl="cudnn")
+    # an embedding in the params: only before a token-input cell, and only (vocab, E) for an (E, G*H) kernel
+    tokens = LSTMCell(4, token_inputs=True)
+    for cell, table in ((lstm, jnp.ones((7, 3))), (tokens, jnp.ones((7, 2))), (tokens, jnp.ones((3,)))):
+        with pytest.raises(ConfigError, match="an 'embedding' in the params needs a cell with token_inputs=True"):
+            scan_cell(cell, {**cell.init(KEY, 3), "embedding": table}, jnp.ones((2, 5), jnp.int32))
 
 
 def test_without_the_extension_auto_runs_the_fused_layer_and_onednn_says_why(monkeypatch):
