@@ -55,8 +55,9 @@ MIN_FLOPS = 2**28  # a layer's training pass below this: not measured, the fused
 # In the cache keys of measured choices: bumped when the extension's speed changes, so that
 # choices measured with an older build are measured again (2: primitives created with their own
 # thread count, see GetLayer in the extension; 3: weights and scratchpad on cache-line
-# boundaries, see Arena; 4: token inputs padded to oneDNN's blocks, see one_hot_inputs).
-MEASURE_VERSION = 4
+# boundaries, see Arena; 4: token inputs padded to oneDNN's blocks, see one_hot_inputs; 5: an
+# embedding's rows may feed the first layer, see embedded_inputs, which changes the Trainer's pick).
+MEASURE_VERSION = 5
 ROUNDS = 5
 _TARGETS = {"lstm": ("lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"),
             "gru": ("lstm_jax_onednn_gru_forward", "lstm_jax_onednn_gru_backward")}
