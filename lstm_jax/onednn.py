@@ -17,11 +17,11 @@ on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onedn
 ``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, the Trainer on
-one device, same run): the bf16 LSTM char-model step 2.12x (seed), 2.46x (default) and 2.21x
-(large) faster than on the fused layer, the bf16 GRU 0.99x, 1.32x and 1.29x; float32 1.08x to
-1.50x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
-loop around its GEMM: with one core per device (2 devices) the float32 steps were 0.95x to 1.18x
-the fused layer's in the same run, and the bf16 GRU's 0.96x to 1.07x, which is why the choice is
+one device, same run): the bf16 LSTM char-model step 2.16x (seed), 2.09x (default) and 1.76x
+(large) faster than on the fused layer, the bf16 GRU 1.02x, 1.11x and 1.02x; float32 0.98x to
+1.25x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
+loop around its GEMM: with one core per device (2 devices) the float32 steps were 0.93x to 1.04x
+the fused layer's in the same run, and the bf16 GRU's 1.01x to 1.06x, which is why the choice is
 measured.
 
 Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between
@@ -270,10 +270,14 @@ def embedded_inputs(ids: jax.Array, embedding: jax.Array, w_x: jax.Array,
     ``embedding @ w_x`` (``one_hot_inputs``). Either way the layer's value and gradients are those
     of ``embedding[ids] @ w_x``, to rounding.
 
-    Measured on the Intel Xeon with AMX (one LSTM layer's training pass with these inputs' own
-    gradients, 2 threads, same process; ``measure``): float32 T=40, N=128, V=92, E=64, H=128:
-    19 ms on the embedding rows against 22-25 ms on the one-hot inputs; bf16 7.4-7.7 against
-    7.7-8.2 ms.
+    Measured on the Intel Xeon with AMX (one LSTM layer's training pass, the embedding's and the
+    kernels' gradients included, V=92, E=64, the two routes taking turns 25 times in one process;
+    median): float32 at ``seed``'s shape (T=40, N=128, H=128, 2 threads) 20.4 ms on the rows
+    against 22.5 ms on the one-hot; at half that batch on 1 thread (one of 2 devices) 19.2 against
+    25.9; at ``large``'s first layer (T=100, N=64, H=512) 254 against 260. bf16 at ``seed``'s shape
+    8.5 either way. A user's whole float32 ``seed`` step (``jax.jit``, synchronous dispatch, old
+    and new code in turns): 27.9-28.2 -> 23.3-26.2 ms; bf16 ``seed`` and float32 ``default``
+    unchanged within the noise. ``pays`` measures the choice per shape.
     """
     from lstm_jax.products import matmul
 

@@ -252,9 +252,9 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     model is an LSTM or GRU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that
     layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
     2-core Intel Xeon (``benchmarks/results/speed-cpu-intel-avx512-amx.md``) the two-device
-    float32 ``seed`` LSTM step and the two-device bf16 ``default`` GRU step ran at 0.95x and 0.96x
-    on the layers ``'auto'`` chose (0.86x for that LSTM in an earlier run). The whole step is what
-    training runs, so the whole step decides.
+    float32 ``seed`` LSTM step ran at 0.95x and 0.97x on the layers ``'auto'`` chose in two runs
+    (0.86x in an earlier one), and the two-device float32 ``default`` GRU step at 0.96x. The
+    whole step is what training runs, so the whole step decides.
     Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
     timed twice.
 
@@ -372,8 +372,9 @@ def scan_steps(step: Callable[[Any, Any], tuple[Any, Any]],
     ``k`` compiles once.
 
     Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, README,
-    Benchmarks): a user-written LSTM model step (``CharLM.apply``, ``optax.rmsprop``) took 19.7 ms
-    ten per call against 21.1 ms one per call at ``seed``, and 472 against 592 ms at ``large``.
+    Benchmarks): a user-written LSTM model step (``CharLM.apply``, ``optax.rmsprop``) took 26.8 ms
+    ten per call against 29.1 ms one per call at ``seed``, and 818 against 916 ms at ``large``
+    (a slow run; 19.7 against 21.1 and 472 against 592 ms in the one before).
 
     Example::
 
