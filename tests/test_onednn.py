@@ -78,6 +78,8 @@ def test_onednn_matches_the_fused_layer_values_and_gradients(kind, tokens, rever
     cell = (LSTMCell if kind == "lstm" else GRUCell)(32, dtype=dtype, token_inputs=bool(tokens))
     # embedded: an (11, E) table before the input kernel; E=5 runs oneDNN on the rows, E=40 on the one-hot
     embed = {"embedded-rows": 5, "embedded-one-hot": 40}.get(tokens, 0)
+    if embed and reverse:
+        pytest.skip("the input route does not depend on the direction; the token cases cover reverse")
     params = _perturbed(cell, embed or 11)  # every bias non-zero: the GRU's four oneDNN biases are sums of ours
     if embed:
         params["embedding"] = jax.random.normal(jax.random.key(9), (11, embed))
