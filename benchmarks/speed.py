@@ -478,21 +478,28 @@ def train_py_setup(rows: list[dict], config: str, cell: str, dtype: str) -> dict
     later one taken only if 1.1x faster than the best before it."""
     from lstm_jax.calibrate import simplest_fast_enough
 
-    same = {r["impl"]: r for r in rows if r["config"] == config and r["cell"] == cell and "error" not in r}
+    same = _measured(rows, config, cell)
     bf = " bf16" if dtype == "bfloat16" else ""
-    devices = _device_counts(same, bf)
-    order = []
-    for d in devices:
-        where = f", {d} CPU devices" if d > 1 else ""
-        order += [f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)",
-                  f"lstm_jax{bf} Trainer{where}" if d > 1 else f"lstm_jax{bf} Trainer (10 steps/dispatch)"]
-    order = [k for k in order if k in same]
+    order = [k for d in _device_counts(same, bf) for k in _trainer_rows(bf, d) if k in same]
     if not order:
         return None
     best = simplest_fast_enough({k: same[k]["ms_per_step"] for k in order})
     peer = lambda name: (f"{same[best]['chars_per_s'] / same[name]['chars_per_s']:.2f}x" if name in same else "-")
     return dict(config=config, cell=cell, dtype=dtype, impl=best, chars_per_s=same[best]["chars_per_s"],
                 vs_torch=peer(f"torch nn.{cell.upper()}"), vs_torch_bf16=peer(f"torch nn.{cell.upper()} bf16 autocast"))
+
+
+def _measured(rows: list[dict], config: str, cell: str) -> dict[str, dict]:
+    """One config's and cell's rows that have a measurement, by implementation name."""
+    return {r["impl"]: r for r in rows if r["config"] == config and r["cell"] == cell and "error" not in r}
+
+
+def _trainer_rows(bf: str, devices: int) -> tuple[str, str]:
+    """The names of the Trainer rows (``bf``: '' or ' bf16') on ``devices``: the fused layers, then
+    ``impl='auto'``, in ``fastest_setup``'s order."""
+    where = f", {devices} CPU devices" if devices > 1 else ""
+    return (f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)",
+            f"lstm_jax{bf} Trainer{where}" if devices > 1 else f"lstm_jax{bf} Trainer (10 steps/dispatch)")
 
 
 def _device_counts(impls, bf: str = "") -> list[int]:
@@ -527,7 +534,7 @@ def summary_tables(rows: list[dict]) -> list[str]:
     lines += ["", "| config | cell | float32, 1 step per call | synchronous dispatch | 10 per call (`scan_steps`) "
               "| bf16, 1 step per call | synchronous dispatch |", "|---|---|---|---|---|---|---|"]
     for cfg, cell in pairs:
-        same = {r["impl"]: r for r in rows if r["config"] == cfg and r["cell"] == cell and "error" not in r}
+        same = _measured(rows, cfg, cell)
         peers = {"torch": same.get(f"torch nn.{cell.upper()}"), "bf16": same.get(f"torch nn.{cell.upper()} bf16 autocast")}
         cells = [f"{same[impl]['chars_per_s'] / peers[peer]['chars_per_s']:.2f}x" if impl in same and peers[peer] else "-"
                  for impl, peer in user]
@@ -538,13 +545,11 @@ def summary_tables(rows: list[dict]) -> list[str]:
         f"{dt if d == 1 else ''}{', ' if d == 1 else ''}{d} device{'s' if d > 1 else ''}: fused | oneDNN (auto)"
         for dt in ("float32", "bf16") for d in counts) + " |", "|---|---|" + "---|---|" * 2 * len(counts)]
     for cfg, cell in pairs:
-        same = {r["impl"]: r["chars_per_s"] for r in rows if r["config"] == cfg and r["cell"] == cell and "error" not in r}
+        same = {impl: r["chars_per_s"] for impl, r in _measured(rows, cfg, cell).items()}
         cells = []
         for bf in ("", " bf16"):
             for d in counts:
-                where = f", {d} CPU devices" if d > 1 else ""
-                fused = same.get(f"lstm_jax{bf} Trainer{where}, fused layer (no oneDNN)")
-                ours = same.get(f"lstm_jax{bf} Trainer{where}" if d > 1 else f"lstm_jax{bf} Trainer (10 steps/dispatch)")
+                fused, ours = (same.get(k) for k in _trainer_rows(bf, d))
                 cells += [f"{fused:,.0f}" if fused else "-",
                           f"{ours:,.0f} ({ours / fused:.2f}x)" if fused and ours else "-"]
         if any(c != "-" for c in cells[::2]):

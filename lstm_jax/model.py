@@ -28,7 +28,7 @@ import optax
 from lstm_jax.cells import make_cell
 from lstm_jax.products import matmul
 from lstm_jax.errors import ConfigError
-from lstm_jax.sequence import RecurrentStack
+from lstm_jax.sequence import RecurrentStack, fold_embedding
 
 __all__ = ["CharLMConfig", "CharLM", "cross_entropy", "nats_to_bpc"]
 
@@ -90,9 +90,7 @@ class CharLM:
               remat: bool = False, impl: str = "auto", unroll: int | bool = 1) -> tuple[Any, Array]:
         """Tokens ``(*batch, T)`` int -> ``(carry, logits (*batch, T, V) float32)``; ``remat``,
         ``impl`` and ``unroll`` as in ``scan_cell``."""
-        if "embedding" in params:  # the first layer folds it or feeds its rows to oneDNN (scan_cell)
-            first, *rest = params["rnn"]
-            params = {"rnn": [{**first, "embedding": params["embedding"]}, *rest], "head": params["head"]}
+        params = self._embedding_in_first_layer(params)  # it folds it or feeds its rows to oneDNN (scan_cell)
         # Time-major through the stack and the head, so the head is one 2-D matmul: XLA:CPU
         # differentiates a product over (*batch, T) rows up to 1.5x slower.
         carry, ys = self.stack.apply(params["rnn"], jnp.moveaxis(tokens, -1, 0), initial_carry=carry,
@@ -111,11 +109,16 @@ class CharLM:
         that calls ``apply`` many times (generation). ``apply(fold_embedding(p), ...) ==
         apply(p, ...)`` to rounding; differentiable.
         """
+        first, *rest = self._embedding_in_first_layer(params)["rnn"]
+        return {"rnn": [fold_embedding(self.stack.cell, first), *rest], "head": params["head"]}
+
+    @staticmethod
+    def _embedding_in_first_layer(params: dict) -> dict:
+        """The params with the ``embedding`` moved into the first layer's (``scan_cell``'s form)."""
         if "embedding" not in params:
             return params
         first, *rest = params["rnn"]
-        table = matmul(params["embedding"], first["input_kernel"], DTYPES[self.config.dtype], jnp.float32)
-        return {"rnn": [{**first, "input_kernel": table}, *rest], "head": params["head"]}
+        return {"rnn": [{**first, "embedding": params["embedding"]}, *rest], "head": params["head"]}
 
 
 def cross_entropy(logits: Array, targets: Array, weights: Array | None = None) -> Array:

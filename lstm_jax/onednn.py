@@ -253,7 +253,7 @@ def one_hot_inputs(ids: jax.Array, w_x: jax.Array, dtype: Any = None) -> tuple[j
     float32 within 2%.
     """
     dt = _compute_dtype(dtype)
-    pad = -w_x.shape[0] % (32 if dt == jnp.bfloat16 else 16)
+    pad = -w_x.shape[0] % _block(dt)
     x = jax.nn.one_hot(ids, w_x.shape[0] + pad, dtype=dt)
     return x, jnp.pad(w_x, ((0, pad), (0, 0)))
 
@@ -282,12 +282,16 @@ def embedded_inputs(ids: jax.Array, embedding: jax.Array, w_x: jax.Array,
     from lstm_jax.products import matmul
 
     dt = _compute_dtype(dtype)
-    block = 32 if dt == jnp.bfloat16 else 16
-    (vocab, embed), pad = embedding.shape, -embedding.shape[1] % block
-    if embed + pad > vocab + (-vocab % block):
+    (vocab, embed), pad = embedding.shape, -embedding.shape[1] % _block(dt)
+    if embed + pad > vocab + (-vocab % _block(dt)):
         return one_hot_inputs(ids, matmul(embedding, w_x, dtype, jnp.float32), dtype)
     rows = jnp.take(jnp.pad(embedding, ((0, 0), (0, pad))).astype(dt), ids, axis=0)
     return rows, jnp.pad(w_x, ((0, pad), (0, 0)))
+
+
+def _block(dt: Any) -> int:
+    """The input width oneDNN's RNN kernels run in blocks of: 32 bf16 values (an AMX tile row), 16 float32."""
+    return 32 if dt == jnp.bfloat16 else 16
 
 
 def _compute_dtype(dtype: Any) -> Any:

@@ -158,7 +158,7 @@ def scan_cell(
         if threads != 0:
             carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, threads)
             return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
-    params = _folded(cell, params)
+    params = fold_embedding(cell, params)
     x_proj = cell.input_projection(params, x)
     if fusable and impl in ("fused", "auto"):
         carry, ys = _run_fused(cell, params, x_proj, carry, batch_shape, reverse, unroll)
@@ -196,8 +196,9 @@ def _check_embedding(cell: Cell, params: dict) -> int:
     return table.shape[1]
 
 
-def _folded(cell: Cell, params: dict) -> dict:
-    """The params with an ``'embedding'`` folded into the input kernel: ``(V, E) @ (E, G*H)``."""
+def fold_embedding(cell: Cell, params: dict) -> dict:
+    """A token-input layer's params with an ``'embedding'`` folded into the input kernel:
+    ``(V, E) @ (E, G*H) -> (V, G*H)``, a table the layer gathers rows of (``CharLM.fold_embedding``)."""
     if "embedding" not in params:
         return params
     rest = {k: v for k, v in params.items() if k != "embedding"}
@@ -246,7 +247,7 @@ def _run_onednn(cell: LSTMCell | GRUCell, params: dict, x: Array, carry: Any, ba
         return onednn.onednn_gru(*w, params["recurrent_bias"], flat, cell.dtype, threads)
 
     def elsewhere(xs, params, flat):
-        params = _folded(cell, params)
+        params = fold_embedding(cell, params)
         return _run_fused(cell, params, cell.input_projection(params, xs), flat, xs.shape[1:2], False, unroll)
 
     flat, ys = jax.lax.platform_dependent(xs, params, flat, cpu=on_cpu, default=elsewhere)

@@ -56,8 +56,10 @@ def test_embedded_inputs_feed_the_narrower_input_and_keep_the_product_and_its_gr
     width = embed + -embed % block if route == "rows" else vocab + -vocab % block
     assert x.shape == (7, 5, width) and kernel.shape == (width, 12) and x.dtype == (dtype or jnp.float32)
     weights = jax.random.normal(jax.random.key(4), (7, 5, 12))
-    product = lambda t, w: jnp.sum((onednn.embedded_inputs(ids, t, w, dtype)[0].astype(jnp.float32)
-                                    @ onednn.embedded_inputs(ids, t, w, dtype)[1]) * weights)
+    def product(t, w):
+        x, kernel = onednn.embedded_inputs(ids, t, w, dtype)
+        return jnp.sum((x.astype(jnp.float32) @ kernel) * weights)
+
     reference = lambda t, w: jnp.sum((t[ids] @ w) * weights)
     tol = 2e-2 if dtype else 1e-5  # bf16: the rows (or the folded table) are rounded to bf16
     _close(product(table, w_x), reference(table, w_x), tol)
