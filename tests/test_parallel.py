@@ -233,3 +233,28 @@ def test_train_py_splits_the_cpu_where_measured_faster_and_caches_the_answer(tmp
     again = subprocess.run(cmd + ["--epochs", "2", "--cpu-devices", "1"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)  # resumed on one device, whatever the first run used
     assert again.returncode == 0 and "resumed" in again.stdout and "1 device(s)" in again.stdout, again.stderr[-2000:]
+
+
+def test_value_and_grad_on_one_device_runs_no_all_reduce_and_keeps_its_outputs():
+    """On a one-device mesh there is nothing to average, so the program holds no collective (XLA:CPU
+    ran a one-device all-reduce, a copy of every gradient); values, aux and gradients are
+    jax.value_and_grad's."""
+    import jax.numpy as jnp
+
+    from lstm_jax import parallel
+
+    def loss(w, x):
+        out = jnp.tanh(x @ w)
+        return jnp.mean(out**2), out[:, 0]
+
+    w = jax.random.normal(jax.random.key(0), (6, 3))
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    for n in sorted({1, jax.device_count()}):
+        fn = jax.jit(parallel.value_and_grad(loss, parallel.data_mesh(n), has_aux=True))
+        hlo = fn.lower(w, x).compile().as_text()
+        assert ("all-reduce" in hlo) == (n > 1), (n, hlo[:2000])
+        (value, aux), grads = fn(w, x)
+        (ref, ref_aux), ref_grads = jax.value_and_grad(loss, has_aux=True)(w, x)
+        np.testing.assert_allclose(value, ref, rtol=1e-6)
+        np.testing.assert_allclose(aux, ref_aux, rtol=1e-6)
+        np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-7)
