@@ -17,11 +17,11 @@ on this machine (``pays``, cached through ``lstm_jax.calibrate``); ``impl='onedn
 ``LSTM_JAX_ONEDNN=0`` turns it off.
 
 Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, the Trainer on
-one device, same run): the bf16 LSTM char-model step 2.16x (seed), 2.09x (default) and 1.76x
-(large) faster than on the fused layer, the bf16 GRU 1.02x, 1.11x and 1.02x; float32 0.98x to
-1.25x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
-loop around its GEMM: with one core per device (2 devices) the float32 steps were 0.93x to 1.04x
-the fused layer's in the same run, and the bf16 GRU's 1.01x to 1.06x, which is why the choice is
+one device, same run): the bf16 LSTM char-model step 2.00x (seed), 2.41x (default) and 2.31x
+(large) faster than on the fused layer, the bf16 GRU 0.99x, 1.28x and 1.13x; float32 1.21x to
+1.52x. oneDNN here is 3.2 (the newest CPU-only build on PyPI), whose float32 RNN is a reference
+loop around its GEMM: with one core per device (2 devices) the float32 steps were 0.91x to 1.05x
+the fused layer's in the same run, and the bf16 GRU's 1.00x to 1.02x, which is why the choice is
 measured.
 
 Differences from the pure-JAX path, all within rounding: in bf16 mode the hidden state between

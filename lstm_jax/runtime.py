@@ -25,9 +25,12 @@ Both ways out change more than the allocator, so they are the user's choice (REA
 program then runs on the calling thread, from the main heap), or one arena for all threads
 (``GLIBC_TUNABLES=...:glibc.malloc.arena_max=1``), which also made the ``seed`` steps up to 1.25x
 slower. Synchronous dispatch made the ``large`` one-step call 1.43x (bf16) and 1.16x (float32)
-faster, with about 450-750 faults per step left (``benchmarks/malloc.py``); in a later speed run
-(``benchmarks/speed.py``, the "synchronous dispatch" rows) the LSTM's one-step call gained 1.48x
-(float32) and 1.49x (bf16) at ``default``, 1.26x and 1.51x at ``large``.
+faster, with about 450-750 faults per step left (``benchmarks/malloc.py``); in the latest speed run
+(``benchmarks/speed.py``, the "synchronous dispatch" rows) the LSTM's one-step call gained 1.55x
+(float32) and 1.68x (bf16) at ``default``, 1.30x and 1.40x at ``large``. Transparent huge pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``) do not help: they cut the float32 ``large`` step's
+faults from about 80,000 to 800 but not its time (521-560 against 566-584 ms, two processes
+each), as the kernel still zero-fills every page the freed block brings back.
 
 ``import lstm_jax`` applies it on Linux with glibc. Set ``LSTM_JAX_MALLOC=default`` in the
 environment before the import to keep the C library's defaults (e.g. in a process that holds

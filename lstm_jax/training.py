@@ -372,9 +372,9 @@ def scan_steps(step: Callable[[Any, Any], tuple[Any, Any]],
     ``k`` compiles once.
 
     Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, README,
-    Benchmarks): a user-written LSTM model step (``CharLM.apply``, ``optax.rmsprop``) took 26.8 ms
-    ten per call against 29.1 ms one per call at ``seed``, and 818 against 916 ms at ``large``
-    (a slow run; 19.7 against 21.1 and 472 against 592 ms in the one before).
+    Benchmarks): a user-written LSTM model step (``CharLM.apply``, ``optax.rmsprop``) took 21.5 ms
+    ten per call against 29.7 ms one per call at ``seed``, and 467 against 592 ms at ``large``
+    (26.8 against 29.1 and 818 against 916 ms in the slow run before).
 
     Example::
 
