@@ -201,7 +201,7 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
     ``embed`` > 0 as well, through an embedding table ``(features, embed)`` (gradients included):
     a gather from the folded table for the fused layer, ``embedded_inputs`` for oneDNN."""
     from lstm_jax.fused import fused_gru, fused_lstm
-    from lstm_jax.products import matmul
+    from lstm_jax.products import folded_table, matmul
 
     cpu = jax.devices("cpu")[0]
     gates = _GATES[cell]
@@ -216,7 +216,7 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
 
     def fused(x, w_x, w_h, b, b_h, table):
         if embed:
-            w_x = matmul(table, w_x, dtype, jnp.float32)
+            w_x = folded_table(table, w_x, dtype)
         x_proj = (jnp.take(w_x, ids, axis=0) if tokens else matmul(x, w_x, dtype, jnp.float32)) + b
         if cell == "gru":
             return jnp.sum(fused_gru(w_h, b_h, x_proj, zeros, dtype, 1)[1])
@@ -279,12 +279,12 @@ def embedded_inputs(ids: jax.Array, embedding: jax.Array, w_x: jax.Array,
     and new code in turns): 27.9-28.2 -> 23.3-26.2 ms; bf16 ``seed`` and float32 ``default``
     unchanged within the noise. ``pays`` measures the choice per shape.
     """
-    from lstm_jax.products import matmul
+    from lstm_jax.products import folded_table
 
     dt = _compute_dtype(dtype)
     (vocab, embed), pad = embedding.shape, -embedding.shape[1] % _block(dt)
     if embed + pad > vocab + (-vocab % _block(dt)):
-        return one_hot_inputs(ids, matmul(embedding, w_x, dtype, jnp.float32), dtype)
+        return one_hot_inputs(ids, folded_table(embedding, w_x, dtype), dtype)
     rows = jnp.take(jnp.pad(embedding, ((0, 0), (0, pad))).astype(dt), ids, axis=0)
     return rows, jnp.pad(w_x, ((0, pad), (0, 0)))
 

@@ -165,8 +165,8 @@ def value_and_grad(loss_fn: Callable, mesh: Mesh, *, has_aux: bool = False) -> C
     batch onto every device; here every such reshape is local to a device.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
-    if mesh.size == 1:  # nothing to average: XLA:CPU would still run a one-device
-        return grad_fn              # all-reduce, a copy of every gradient (2 ms a `large` step)
+    if mesh.size == 1:  # nothing to average; XLA:CPU would still run the one-device all-reduce,
+        return grad_fn  # a copy of every gradient (2.1 ms of a `large` LSTM step)
     mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
 
     def local(params, *batch):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-__all__ = ["matmul", "weight_gradient", "transposed_product", "in_dtype"]
+__all__ = ["matmul", "folded_table", "weight_gradient", "transposed_product", "in_dtype"]
 
 Array = jax.Array
 
@@ -59,6 +59,13 @@ def matmul(x: Array, w: Array, dtype: Any, out_dtype: Any) -> Array:
     if w.ndim == 2 and math.prod(x.shape[:-1]) >= MANY_ROWS:
         return _many_rows_product(x, w, out_dtype)
     return _product(x, w, out_dtype)
+
+
+def folded_table(embedding: Array, kernel: Array, dtype: Any) -> Array:
+    """``embedding (V, E) @ kernel (E, N) -> (V, N)`` in ``dtype``, accumulated in float32: the
+    table whose row ``x`` is ``embedding[x] @ kernel``, one definition for every layer route that
+    folds an embedding into its input kernel (``sequence.fold_embedding``, ``onednn``)."""
+    return matmul(embedding, kernel, dtype, jnp.float32)
 
 
 def transposed_product(a: Array, b: Array, out_dtype: Any) -> Array:

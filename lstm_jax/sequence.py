@@ -17,7 +17,7 @@ from lstm_jax.cells import Cell, GRUCell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.errors import ConfigError
 from lstm_jax import onednn
 from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
-from lstm_jax.products import matmul
+from lstm_jax.products import folded_table
 
 __all__ = ["scan_cell", "reverse_padded", "RecurrentStack"]
 
@@ -202,7 +202,7 @@ def fold_embedding(cell: Cell, params: dict) -> dict:
     if "embedding" not in params:
         return params
     rest = {k: v for k, v in params.items() if k != "embedding"}
-    return {**rest, "input_kernel": matmul(params["embedding"], params["input_kernel"], cell.dtype, jnp.float32)}
+    return {**rest, "input_kernel": folded_table(params["embedding"], params["input_kernel"], cell.dtype)}
 
 
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,

@@ -252,7 +252,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     model is an LSTM or GRU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that
     layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
     2-core Intel Xeon (``benchmarks/results/speed-cpu-intel-avx512-amx.md``) the two-device
-    float32 ``seed`` LSTM step ran at 0.95x and 0.97x on the layers ``'auto'`` chose in two runs
+    float32 ``seed`` LSTM step ran at 0.91x-0.97x on the layers ``'auto'`` chose in three runs
     (0.86x in an earlier one), and the two-device float32 ``default`` GRU step at 0.96x. The
     whole step is what training runs, so the whole step decides.
     Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
