@@ -1,9 +1,9 @@
-"""Builds the optional oneDNN LSTM extension (``lstm_jax/csrc/onednn_lstm.cc``) during ``pip install``.
+"""Builds the optional oneDNN LSTM extension (``lstm_jax/kernels/csrc/onednn_lstm.cc``) during ``pip install``.
 
 Everything else is in pyproject.toml. The extension needs a C++ compiler, jaxlib's XLA FFI headers
 and the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (build requirements on Linux
 x86-64). If any is missing the build prints one line and the install goes on: ``lstm_jax`` then
-runs its pure-JAX layers (``lstm_jax.onednn.available()`` is False and says why).
+runs its pure-JAX layers (``lstm_jax.onednn.available()`` is False and ``unavailable_reason()`` says why).
 """
 
 import importlib.metadata
@@ -39,8 +39,8 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=[Extension(
-        "lstm_jax._onednn_lstm",
-        sources=["lstm_jax/csrc/onednn_lstm.cc"],
+        "lstm_jax.kernels._onednn_lstm",
+        sources=["lstm_jax/kernels/csrc/onednn_lstm.cc"],
         language="c++",
         extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-Wno-attributes",
                             "-Wno-return-type"],

@@ -1,7 +1,7 @@
 """lstm_jax's NNX module against the functional stack it wraps and Flax's own nnx.RNN, side by side.
 
-    python benchmarks/flax_modules.py            # seed, default, large; LSTM and GRU
-    python benchmarks/flax_modules.py --quick
+    python -m benchmarks.flax_modules            # seed, default, large; LSTM and GRU
+    python -m benchmarks.flax_modules --quick
 
 The same char model three ways, one jitted train step per call (a library user's own loop):
 nnx.Embed (V=92 -> 64), L recurrent layers, a dense head to 92 logits, mean cross-entropy,
@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import jax
 import optax
 from flax import nnx
+from lstm_jax import runtime
+from benchmarks import machine
+from benchmarks.speed import CONFIGS, E, RESULTS, V, jax_case, measure, rmsprop_step, _tokens
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import machine  # noqa: E402
-from speed import CONFIGS, E, RESULTS, V, jax_case, measure, rmsprop_step, _tokens  # noqa: E402
-
-from lstm_jax import RecurrentStack, cross_entropy, make_cell  # noqa: E402
-from lstm_jax import nnx as lj_nnx  # noqa: E402
+from lstm_jax import RecurrentStack, cross_entropy, make_cell
+from lstm_jax import nnx as lj_nnx
 
 
 def case_functional(cell, b, t, h, layers):
@@ -84,6 +80,7 @@ def flax_own(cell, h, layers):
 
 
 def main():
+    runtime.tune_malloc()  # before this process allocates its arrays
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
     p.add_argument("--cells", nargs="+", default=["lstm", "gru"])
@@ -111,7 +108,7 @@ def main():
     lines = [f"# lstm_jax.nnx against the functional stack and Flax nnx.RNN ({info['backend']})", "",
              f"Machine: {machine.describe_line(info)}.", "",
              "ms per train step, one jitted step per call, median of rounds taking turns "
-             "(`python benchmarks/flax_modules.py`).", "",
+             "(`python -m benchmarks.flax_modules`).", "",
              "| config | cell | functional RecurrentStack | lstm_jax.nnx module | Flax nnx.RNN | module / functional | Flax / module |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lstm_jax import calibrate  # noqa: E402  (the library reads /proc/cpuinfo for its own cache keys)
+from lstm_jax.core import host  # the library reads /proc/cpuinfo for its own cache keys
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
 
 def cpu_model() -> str:
-    return calibrate.cpu_model()
+    return host.cpu_model()
 
 
 def cpu_flags() -> dict[str, bool]:
-    flags = calibrate.cpu_flags()
+    flags = host.cpu_flags()
     return {f: f in flags for f in FLAGS}
 
 

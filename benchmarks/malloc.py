@@ -1,12 +1,12 @@
-"""What ``lstm_jax.runtime.tune_malloc`` (applied by ``import lstm_jax``) buys: train steps with the
+"""What ``lstm_jax.runtime.tune_malloc()`` buys: train steps with the
 C library's allocator defaults against the tuned settings, each in its own processes; and two
 more settings a user can choose, measured the same way.
 
-    python benchmarks/malloc.py                    # seed and large, 3 rounds
-    python benchmarks/malloc.py --configs large --rounds 2 --dtype bfloat16
+    python -m benchmarks.malloc                    # seed and large, 3 rounds
+    python -m benchmarks.malloc --configs large --rounds 2 --dtype bfloat16
 
 Every round starts one process per setting, the settings taking turns: glibc's defaults
-(``LSTM_JAX_MALLOC=default``), ``import lstm_jax``'s (``M_MMAP_MAX=0``, a 2 GiB trim threshold),
+(``LSTM_JAX_MALLOC=default``), ``tune_malloc()``'s (``M_MMAP_MAX=0``, a 2 GiB trim threshold),
 those plus a single malloc arena (``GLIBC_TUNABLES``; measured, not adopted) and those with JAX's
 synchronous CPU dispatch (``jax.config.update("jax_cpu_enable_async_dispatch", False)``, which
 JAX reads from no environment variable: a one-device program runs on the calling thread, so its
@@ -32,14 +32,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import machine  # noqa: E402
 
 SYNC = "LSTM_JAX_BENCH_SYNC_DISPATCH"  # read by the child, which sets JAX's flag
 ONE_ARENA = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.arena_max=1"
-REFERENCE = "tuned (import lstm_jax)"  # the ratios' denominator
+REFERENCE = "tuned (runtime.tune_malloc)"  # the ratios' denominator
 SETTINGS = {  # name: environment of the child process
     "glibc defaults": {"LSTM_JAX_MALLOC": "default"},
     REFERENCE: {},
@@ -49,11 +49,12 @@ SETTINGS = {  # name: environment of the child process
 
 
 def child(config: str, rounds: int, dtype: str) -> None:
-    sys.path.insert(0, str(ROOT))
     import jax
 
-    import lstm_jax  # noqa: F401  (applies the setting under test)
-    import speed
+    import lstm_jax
+
+    lstm_jax.runtime.tune_malloc()  # the setting under test (a no-op with LSTM_JAX_MALLOC=default)
+    from benchmarks import speed
 
     if os.environ.get(SYNC) == "1":
         jax.config.update("jax_cpu_enable_async_dispatch", False)  # before the CPU client exists
@@ -85,15 +86,15 @@ def main() -> None:
     import statistics
 
     info = machine.describe()
-    out = {"machine": info, "command": "python benchmarks/malloc.py " + " ".join(sys.argv[1:]), "results": {}}
+    out = {"machine": info, "command": "python -m benchmarks.malloc " + " ".join(sys.argv[1:]), "results": {}}
     for config in args.configs:
         runs = {name: [] for name in SETTINGS}
         for _ in range(args.rounds):
             for name, setting in SETTINGS.items():
                 env = {k: v for k, v in os.environ.items()
                        if k not in ("LSTM_JAX_MALLOC", "GLIBC_TUNABLES", SYNC)}
-                proc = subprocess.run([sys.executable, __file__, "--child", config, "--dtype", args.dtype],
-                                      env=env | setting, capture_output=True, text=True, check=True)
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.malloc", "--child", config, "--dtype", args.dtype],
+                                      env=env | setting, cwd=ROOT, capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(config, name, runs[name][-1], flush=True)
         out["results"][config] = {

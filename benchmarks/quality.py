@@ -6,7 +6,7 @@ every ``--eval-every`` minutes (evaluation time is not counted). With ``--peer t
 PyTorch reference (nn.LSTM, embedding 64, 2x256, RMSprop lr 2e-3, clip 5, B=64, T=100,
 truncated BPTT) runs in the same process afterwards, under the same protocol.
 
-    NLTK_DATA=../shared/nltk_data python benchmarks/quality.py --minutes 8 --peer torch
+    NLTK_DATA=../shared/nltk_data python -m benchmarks.quality --minutes 8 --peer torch
 
 Writes benchmarks/results/quality.json, quality.md and quality.png.
 """
@@ -23,16 +23,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train as train_script  # noqa: E402  (train.py's defaults are what is measured)
-from lstm_jax import parallel  # noqa: E402
-from lstm_jax.data import Vocabulary, load_corpus, split_documents  # noqa: E402
-from lstm_jax.model import CharLM, CharLMConfig, nats_to_bpc  # noqa: E402
-from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import machine  # noqa: E402
+from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
+from lstm_jax.layers import parallel
+from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
+from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup
+from lstm_jax import runtime
+from benchmarks import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -128,6 +125,7 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
 
 
 def main() -> None:
+    runtime.tune_malloc()  # before this process allocates its arrays
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations")
@@ -157,7 +155,7 @@ def main() -> None:
     out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=machine.describe(),
                cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, layers=impl,
                runs=runs,
-               command="NLTK_DATA=../shared/nltk_data python benchmarks/quality.py " + " ".join(sys.argv[1:]))
+               command="NLTK_DATA=../shared/nltk_data python -m benchmarks.quality " + " ".join(sys.argv[1:]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2))
     lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget; "

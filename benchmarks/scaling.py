@@ -1,7 +1,7 @@
 """Data-parallel scaling of the Trainer: per-step time on 1, 2, 4, ... devices, same global batch.
 
-    python benchmarks/scaling.py                      # CPU: 1, 2, 4 forced host devices
-    python benchmarks/scaling.py --devices 1 2 4 8    # a GPU server or TPU host: its real devices
+    python -m benchmarks.scaling                      # CPU: 1, 2, 4 forced host devices
+    python -m benchmarks.scaling --devices 1 2 4 8    # a GPU server or TPU host: its real devices
 
 Each device count runs in its own subprocess (on CPU ``XLA_FLAGS=--xla_force_host_platform_
 device_count=N`` must be set before JAX starts), the counts taking turns over ``--rounds`` so a
@@ -50,9 +50,9 @@ def allreduce_bytes(hlo: str) -> int:
 def child(args) -> None:
     import jax
     import numpy as np
+    from lstm_jax import CharLM, CharLMConfig, Trainer, TrainConfig, parallel, runtime
 
-    sys.path.insert(0, str(ROOT))
-    from lstm_jax import CharLM, CharLMConfig, Trainer, TrainConfig, parallel
+    runtime.tune_malloc()
 
     b, t, h, layers = CONFIGS[args.config]
     ids = np.random.default_rng(0).integers(0, 92, b * t * (args.chunk * 4 + 2), dtype=np.int32)
@@ -86,10 +86,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import jax
-
-    import machine
+    from benchmarks import machine
 
     info = machine.describe()
     on_cpu = info["backend"] == "cpu"
@@ -100,9 +97,9 @@ def main() -> None:
             env = dict(os.environ)
             if on_cpu:
                 env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(args.devices)}"
-            cmd = [sys.executable, __file__, "--child", str(n), "--config", args.config, "--cell", args.cell,
-                   "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            cmd = [sys.executable, "-m", "benchmarks.scaling", "--child", str(n), "--config", args.config, "--cell",
+                   args.cell, "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             runs[n].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}: {n} device(s): {min(runs[n][-1]['step_s']) * 1e3:.1f} ms/step", flush=True)
     import numpy as np
@@ -128,7 +125,7 @@ def main() -> None:
 
 
 def markdown(out: dict) -> str:
-    import machine
+    from benchmarks import machine
 
     c = out["config"]
     lines = [f"# Data-parallel scaling, `{c['name']}` {c['cell'].upper()} (B={c['batch']} T={c['seq_len']} "
@@ -144,7 +141,7 @@ def markdown(out: dict) -> str:
         lines.append(f"| {r['devices']} | {r['step_ms']:.1f} | {r['vs_1_device']:.3f}x | {r['scaling_efficiency']:.2f} "
                      f"| {r['allreduce_bytes_per_step']:,} | {r['param_bytes']:,} |")
     lines += ["", f"Median of {c['rounds']} subprocesses x {c['repeats']} chunks of {c['chunk']} steps per device "
-              "count, taking turns. Reproduce: `python benchmarks/scaling.py`."]
+              "count, taking turns. Reproduce: `python -m benchmarks.scaling`."]
     return "\n".join(lines)
 
 

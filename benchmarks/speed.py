@@ -4,15 +4,15 @@ A train step is: embedding (V=92 -> 64), L recurrent layers, dense to 92 logits 
 mean cross-entropy, backward, RMSprop update. Every implementation does exactly that work; the
 median of ``--steps`` timed steps after warm-up is reported, with the compile (first-call) time.
 
-    python benchmarks/speed.py                 # everything, on every backend JAX sees
-    python benchmarks/speed.py --quick         # fewer steps and no sweeps
+    python -m benchmarks.speed                 # everything, on every backend JAX sees
+    python -m benchmarks.speed --quick         # fewer steps and no sweeps
 
 Peers (when installed): PyTorch nn.LSTM/GRU/RNN (CPU threads = cores; cuDNN on GPU) in float32
 and with bf16 autocast, and Flax linen nn.RNN over OptimizedLSTMCell/GRUCell/SimpleCell. The bf16
 rows (lstm_jax's bf16 mode, PyTorch's autocast) run at every size on GPU and on CPUs with bf16
 units (avx512_bf16 or amx_bf16); on a CPU without them the results say so instead (PyTorch's
 autocast ran 10-25x slower than float32 on such a CPU). The peers take turns round by round, and
-``import lstm_jax``'s allocator setting (``lstm_jax.runtime``) holds for every peer alike.
+the allocator setting (``lstm_jax.runtime.tune_malloc()``, made first) holds for every peer alike.
 PyTorch runs in a child process of its own (``in_own_process``), stepping only when told, so the
 turns are kept: sharing libgomp with lstm_jax's oneDNN layer, whose calls on several threads hold an
 OpenMP team of their own, left the process with more OpenMP threads than cores, at which libgomp
@@ -36,15 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lstm_jax.model import CharLM, CharLMConfig, cross_entropy  # noqa: E402
-from lstm_jax import onednn, parallel  # noqa: E402
-from lstm_jax.training import scan_steps  # noqa: E402
-from lstm_jax.sampling import generate  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import machine  # noqa: E402
+from lstm_jax.charlm.model import CharLM, CharLMConfig, cross_entropy
+from lstm_jax import onednn, parallel, runtime
+from lstm_jax.dispatch import plan
+from lstm_jax import scan_steps
+from lstm_jax.charlm.sampling import generate
+from benchmarks import machine
 
 V, E = 92, 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,7 +74,7 @@ def measure(cases: dict[str, Case], rounds: int, steps: int) -> dict[str, float]
 
 def in_own_process(builder: str, *args, **kwargs) -> Case:
     """``globals()[builder](*args, **kwargs)`` built and run in a child process (spawned: a fresh
-    interpreter, which imports lstm_jax, so the allocator setting holds there too); ``run(n)``
+    interpreter, which tunes the allocator as the parent did); ``run(n)``
     tells it to take ``n`` steps and waits. A builder's RuntimeError is raised here."""
     import multiprocessing
 
@@ -98,6 +95,7 @@ def in_own_process(builder: str, *args, **kwargs) -> Case:
 
 
 def _serve(conn, builder: str, args, kwargs) -> None:
+    runtime.tune_malloc()
     try:
         case = globals()[builder](*args, **kwargs)
     except RuntimeError as err:
@@ -200,7 +198,7 @@ def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devi
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
     batches gathered on the device, state donated, losses copied to the host after each chunk;
     data parallel over the first ``devices`` devices (train.py: one CPU device per core)."""
-    from lstm_jax.training import Trainer, TrainConfig
+    from lstm_jax.charlm.training import Trainer, TrainConfig
 
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E, dtype=dtype))
     ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 8 + 2)).astype(np.int32)
@@ -346,6 +344,7 @@ def memory_bytes(t, remat) -> int:
 
 
 def main():
+    runtime.tune_malloc()  # before this process allocates its arrays, for every peer alike
     parallel.cpu_devices_per_core()  # as train.py: one CPU device per core (before JAX starts)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 10 steps per implementation, taking turns")
@@ -429,9 +428,10 @@ def main():
     out = dict(backend=backend, devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
                machine=info, cpu_tag=machine.cpu_tag(), jax=jax.__version__,
                matmul_peak_gflops={k: v / 1e9 for k, v in peak.items()}, rows=rows, sweeps={},
-               generation=bench_generation(), command="python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+               generation=bench_generation(), command="python -m benchmarks.speed " + " ".join(sys.argv[1:]),
                onednn=dict(available=onednn.available(), unavailable_reason=onednn.unavailable_reason(),
-                           threads_per_layer_shape=dict(onednn._decided)))
+                           threads_per_layer_shape={k: v.get("threads", 0) for k, v in plan.decisions().items()
+                                                    if "|onednn-" in k}))
     write(out)  # the table first; the sweeps take a while
     if not args.quick:
         out["sweeps"] = run_sweeps(lambda sweeps: write(dict(out, sweeps=sweeps)))
@@ -476,7 +476,7 @@ def train_py_setup(rows: list[dict], config: str, cell: str, dtype: str) -> dict
     """The Trainer row ``lstm_jax.training.fastest_setup`` would pick among those measured: the
     candidates in its order (fewest devices first, the fused layer before ``impl='auto'``), each
     later one taken only if 1.1x faster than the best before it."""
-    from lstm_jax.calibrate import simplest_fast_enough
+    from lstm_jax.dispatch.measure import simplest_fast_enough
 
     same = _measured(rows, config, cell)
     bf = " bf16" if dtype == "bfloat16" else ""

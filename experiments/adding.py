@@ -1,8 +1,8 @@
 """The adding problem (Arjovsky et al. 2016's form) with lstm_jax's cells: which cells carry a
 value across T steps?
 
-    python experiments/adding.py --quick                      # minutes on 2 cores
-    python experiments/adding.py --spans 50 100 200 --seeds 3 --steps 4000
+    python -m experiments.adding --quick                      # minutes on 2 cores
+    python -m experiments.adding --spans 50 100 200 --seeds 3 --steps 4000
 
 Each input step is (value ~ U[0, 1], marker); exactly one marker in the first half and one in the
 second half of the sequence; the target is the sum of the two marked values. Predicting 1 always
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lstm_jax import make_cell, scan_cell  # noqa: E402
+from lstm_jax import make_cell, scan_cell
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = {

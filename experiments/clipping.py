@@ -1,7 +1,7 @@
 """Gradient clipping on and off, on a tanh RNN whose gradients explode: the lesson's remedy, measured.
 
-    python experiments/clipping.py --quick     # a minute on 2 cores
-    python experiments/clipping.py             # T = 100, 3 seeds, 3000 steps
+    python -m experiments.clipping --quick     # a minute on 2 cores
+    python -m experiments.clipping             # T = 100, 3 seeds, 3000 steps
 
 The adding problem (see ``adding.py``) with a tanh ``RNNCell`` whose recurrent matrix starts with
 largest singular value ``--sigma`` (above 1: the bound ``sigma_max^(T-t)`` on ``||dh_T/dh_t||``
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lstm_jax import RNNCell, scan_cell  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adding import adding_batch  # noqa: E402
+from lstm_jax import RNNCell, scan_cell
+from experiments.adding import adding_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

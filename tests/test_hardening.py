@@ -1,7 +1,6 @@
 """Bad and unusual input: long samples, damaged checkpoints, leftovers, locked run folders, odd text."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-import sample as sample_script
-import train as train_script
-from lstm_jax.errors import ConfigError
-from lstm_jax.model import CharLM, CharLMConfig
-from lstm_jax.sampling import MAX_SCAN_STEPS, generate, generate_stream
+from lstm_jax.charlm import sample as sample_script
+from lstm_jax.charlm import train as train_script
+from lstm_jax.core.errors import ConfigError
+from lstm_jax.charlm.model import CharLM, CharLMConfig
+from lstm_jax.charlm.sampling import MAX_SCAN_STEPS, generate, generate_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "16", "--num-layers", "1", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",
@@ -51,8 +50,8 @@ def test_a_stream_of_a_million_characters_runs_in_bounded_memory(tmp_path):
     """Peak RSS grows by far less than the output would take (10^9 characters would be 4 GB)."""
     code = """
 import resource, sys, jax, numpy as np
-from lstm_jax.model import CharLM, CharLMConfig
-from lstm_jax.sampling import generate_stream
+from lstm_jax.charlm.model import CharLM, CharLMConfig
+from lstm_jax.charlm.sampling import generate_stream
 model = CharLM(CharLMConfig(12, hidden_size=8, num_layers=1))
 params = model.init(jax.random.PRNGKey(0))
 stream = generate_stream(model, params, np.array([1]), [1.0], 10**9, jax.random.PRNGKey(0), chunk=4096)
@@ -263,7 +262,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused_and_a_dead_ones_lock_tak
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
 def test_text_with_a_byte_order_mark_is_read_as_text(tmp_path, encoding):
-    from lstm_jax.data import load_corpus
+    from lstm_jax.charlm.data import load_corpus
 
     text = "The state of our Union is strong \u2014 caf\u00e9.\r\n" * 20
     data = text.encode(encoding) if encoding != "utf-16-be" else b"\xfe\xff" + text.encode("utf-16-be")
@@ -298,7 +297,7 @@ def test_closed_loop_tracebacks_are_dropped_from_stderr_and_nothing_else():
     closed event loop vanish whole, written in any pieces; every other line and traceback passes."""
     import io
 
-    from lstm_jax.checkpoint import _WithoutClosedLoopTracebacks
+    from lstm_jax.charlm.checkpoint import _WithoutClosedLoopTracebacks
 
     late = ('Traceback (most recent call last):\n  File "base_events.py", line 806, in call_soon_threadsafe\n'
             '    self._check_closed()\nRuntimeError: Event loop is closed\n')
@@ -323,7 +322,7 @@ def test_unretrieved_read_failures_of_a_reported_checkpoint_are_not_logged_and_o
     import gc
     import logging
 
-    from lstm_jax.checkpoint import _REPORTED_READ_FAILURES
+    from lstm_jax.charlm.checkpoint import _REPORTED_READ_FAILURES
 
     reported, other = tmp_path / "checkpoints" / "138", tmp_path / "checkpoints" / "92"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lstm_jax import ConfigError, LSTMCarry, scan_cell
-from lstm_jax.interop import from_flax_gru, from_flax_lstm, from_torch
+from lstm_jax.adapters.interop import from_flax_gru, from_flax_lstm, from_torch
 
 ATOL = 1e-5
 

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from lstm_jax import CharLM, CharLMConfig, ConfigError, GRUCell, LSTMCarry, LSTMCell, RNNCell, onednn, scan_cell
-from lstm_jax.data import Vocabulary, load_corpus, split_documents
-from lstm_jax.model import cross_entropy
-from lstm_jax.training import TrainConfig, Trainer
+from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.charlm.model import cross_entropy
+from lstm_jax.charlm.training import TrainConfig, Trainer
+from lstm_jax.dispatch import measure, plan
+from lstm_jax.kernels import onednn as kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = jax.random.key(0)
@@ -139,7 +141,7 @@ def test_vmap_over_the_onednn_layer():
 def test_trainer_on_onednn_resumes_exactly_and_learns(text_corpus, tmp_path, monkeypatch):
     """LSTM_JAX_ONEDNN=1 takes oneDNN for every LSTM layer; the Trainer's chunked steps then agree
     with the fused layer's to float32 rounding, and a run split in two equals one run bitwise."""
-    from lstm_jax.checkpoint import Checkpointer
+    from lstm_jax.charlm.checkpoint import Checkpointer
 
     train, val = split_documents(load_corpus(str(text_corpus)), 1992)
     train_ids = Vocabulary.from_text(train, val).encode(train)
@@ -150,8 +152,8 @@ def test_trainer_on_onednn_resumes_exactly_and_learns(text_corpus, tmp_path, mon
     fused_losses = fused.run_chunk(fused.init_state(), 8)[1]
     monkeypatch.setenv(onednn.ENV, "1")
     traced = []
-    real = onednn.onednn_lstm
-    monkeypatch.setattr(onednn, "onednn_lstm", lambda *a: traced.append(a[0].shape) or real(*a))
+    real = kernel.onednn_lstm
+    monkeypatch.setattr(kernel, "onednn_lstm", lambda *a: traced.append(a[0].shape) or real(*a))
     trainer = Trainer(model, config, train_ids, epochs=1)
     state, full = trainer.run_chunk(trainer.init_state(), 8)
     assert len(traced) == 2  # both layers, traced once for all chunks
@@ -171,7 +173,7 @@ def test_trainer_on_onednn_resumes_exactly_and_learns(text_corpus, tmp_path, mon
 FOUR_DEVICES = """
 import json, jax, jax.numpy as jnp, numpy as np
 from lstm_jax import CharLM, CharLMConfig, parallel
-from lstm_jax.model import cross_entropy
+from lstm_jax.charlm.model import cross_entropy
 mesh = parallel.data_mesh()
 model = CharLM(CharLMConfig(vocab_size=30, hidden_size=16, num_layers=2))
 params = model.init(jax.random.key(0))
@@ -205,17 +207,17 @@ def test_four_devices_on_onednn_equal_one_device_on_the_fused_layer():
 @needs_onednn
 def test_auto_measures_once_and_caches_the_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(onednn, "MIN_FLOPS", 0)
-    monkeypatch.setattr(onednn, "ROUNDS", 1)
-    monkeypatch.setattr(onednn, "_decided", {})
+    monkeypatch.setattr(plan, "ONEDNN_MIN_LAYER_FLOPS", 0)
+    monkeypatch.setattr(plan, "ROUNDS", 1)
+    monkeypatch.setattr(plan, "_memo", {})
     calls = []
-    real = onednn.measure
-    monkeypatch.setattr(onednn, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = measure.onednn_layer
+    monkeypatch.setattr(measure, "onednn_layer", lambda *a, **k: calls.append(a) or real(*a, **k))
     threads = onednn.pays(5, 4, 3, 8)
     entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-lstm|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
     assert entry["threads"] == threads and set(entry["seconds"]) >= {"fused", "1"}
     assert all(t > 0 for t in entry["seconds"].values())
-    monkeypatch.setattr(onednn, "_decided", {})  # a new process: reads the file, measures nothing
+    monkeypatch.setattr(plan, "_memo", {})  # a new process: reads the file, measures nothing
     assert onednn.pays(5, 4, 3, 8) == threads and len(calls) == 1
     gru = onednn.pays(5, 4, 3, 8, cell="gru")  # the GRU's choice is its own entry
     entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-gru|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
@@ -245,7 +247,6 @@ def test_onednn_refuses_what_it_does_not_run_with_one_clear_error():
 
 
 def test_without_the_extension_auto_runs_the_fused_layer_and_onednn_says_why(monkeypatch):
-    monkeypatch.setattr(onednn, "_state", {})
     monkeypatch.setenv(onednn.ENV, "0")
     assert not onednn.available() and onednn.unavailable_reason() == f"{onednn.ENV}=0"
     lstm = LSTMCell(4)
@@ -254,7 +255,10 @@ def test_without_the_extension_auto_runs_the_fused_layer_and_onednn_says_why(mon
     assert "onednn" not in hlo
     with pytest.raises(ConfigError, match=f"impl='onednn' is not available here: {onednn.ENV}=0"):
         scan_cell(lstm, params, x, impl="onednn")
-    monkeypatch.setattr(onednn, "_state", {})
+    monkeypatch.delenv(onednn.ENV)
+    monkeypatch.setattr(kernel, "_state", {"lib": None, "reason": "the extension was not built"})  # as if absent
+    assert not onednn.available() and onednn.unavailable_reason() == "the extension was not built"
+    assert "onednn" not in jax.jit(lambda p: scan_cell(lstm, p, x, impl="auto")[1]).lower(params).as_text()
 
 
 @needs_onednn
@@ -318,7 +322,7 @@ def test_fastest_setup_times_whole_trainer_steps_for_each_layer_and_caches_the_a
                                                                                       monkeypatch):
     """The fused layer against 'auto' (here forced onto oneDNN) on real Trainer steps; the answer
     is the Trainer set-up to build, read back from the cache without timing anything."""
-    from lstm_jax.training import fastest_setup
+    from lstm_jax.charlm.training import fastest_setup
 
     monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(onednn.ENV, "1")
@@ -337,17 +341,17 @@ def test_fastest_setup_times_whole_trainer_steps_for_each_layer_and_caches_the_a
 
 @needs_onednn
 def test_fastest_setup_does_not_time_auto_where_it_compiles_to_the_fused_layer(text_corpus, tmp_path, monkeypatch):
-    from lstm_jax.training import fastest_setup
+    from lstm_jax.charlm.training import fastest_setup
 
     monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv(onednn.ENV, raising=False)  # a 16-unit layer is under MIN_FLOPS: 'auto' keeps it fused
+    monkeypatch.delenv(onednn.ENV, raising=False)  # a 16-unit layer is under ONEDNN_MIN_LAYER_FLOPS: 'auto' keeps it fused
     model, train_ids = _tiny_lm(text_corpus)
     setup = fastest_setup(model, TrainConfig(batch_size=4, seq_len=20), train_ids, [1], steps=2, rounds=1)
     assert (setup.devices, setup.impl, list(setup.seconds)) == (1, "fused", ["1:fused"])
 
 
 def test_the_simplest_candidate_is_kept_unless_a_later_one_is_ten_percent_faster():
-    from lstm_jax.calibrate import simplest_fast_enough
+    from lstm_jax.dispatch.measure import simplest_fast_enough
 
     assert simplest_fast_enough({"1:fused": 1.0, "1:auto": 0.95, "2:fused": 0.93}) == "1:fused"
     assert simplest_fast_enough({"1:fused": 1.0, "1:auto": 0.85, "2:fused": 0.80, "2:auto": 0.70}) == "2:auto"
@@ -356,5 +360,5 @@ def test_the_simplest_candidate_is_kept_unless_a_later_one_is_ten_percent_faster
 
 def test_trainer_names_a_wrong_impl():
     model = CharLM(CharLMConfig(10, hidden_size=8, num_layers=1))
-    with pytest.raises(ConfigError, match="impl must be one of 'auto', 'fused', 'onednn', 'scan', got 'cudnn'"):
+    with pytest.raises(ConfigError, match="impl must be one of 'auto', 'scan', 'fused', 'onednn', got 'cudnn'"):
         Trainer(model, TrainConfig(batch_size=2, seq_len=5), np.arange(200) % 10, impl="cudnn")

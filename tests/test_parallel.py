@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import parallel_worker
-from lstm_jax.checkpoint import load_run
+from lstm_jax.charlm.checkpoint import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "parallel_worker.py"

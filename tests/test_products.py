@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import products
+from lstm_jax.core import products
 
 KEY = jax.random.key(0)
 

@@ -1,4 +1,4 @@
-"""lstm_jax.runtime: the allocator setting applied at import, its opt-out, and what it changes
+"""lstm_jax.runtime: the allocator setting (an explicit call, never an import's side effect), its opt-out, and what it changes
 (page faults of a repeated jitted call, counted by the kernel; no timing)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 MEDIAN_FAULTS = r"""
 import json, resource
 import lstm_jax
+lstm_jax.runtime.tune_malloc()
 
 def report(call, calls):
     faults = []
@@ -68,7 +69,7 @@ def _probe(script: str = PROBE, *argv: str, **env) -> dict:
 
 
 @glibc_only
-def test_import_keeps_freed_memory_for_the_next_call_and_can_be_opted_out():
+def test_tune_malloc_keeps_freed_memory_for_the_next_call_and_can_be_opted_out():
     tuned, default = _probe(), _probe(LSTM_JAX_MALLOC="default")
     assert tuned["tuned"] and not default["tuned"]
     # the median step: glibc's defaults give the step's freed temporaries back to the kernel and

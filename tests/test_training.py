@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sample as sample_script
-import train as train_script
-from lstm_jax.cells import make_cell
-from lstm_jax.checkpoint import Checkpointer, load_run
-from lstm_jax.data import Vocabulary, load_corpus, split_documents
-from lstm_jax.model import CharLM, CharLMConfig
-from lstm_jax.sampling import generate, generate_stream
-from lstm_jax.sequence import RecurrentStack
-from lstm_jax.training import Trainer, TrainConfig, evaluate_bpc
+from lstm_jax.charlm import sample as sample_script
+from lstm_jax.charlm import train as train_script
+from lstm_jax.core.cells import make_cell
+from lstm_jax.charlm.checkpoint import Checkpointer, load_run
+from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.charlm.model import CharLM, CharLMConfig
+from lstm_jax.charlm.sampling import generate, generate_stream
+from lstm_jax.layers.sequence import RecurrentStack
+from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "16", "--num-layers", "2", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",

@@ -9,7 +9,7 @@ Two ways to cut the corpus into batches, both gathered on the device from one in
   ``window_step`` (3), shuffled each epoch, predicting only the character after each window.
 
 ``run_chunk`` runs ``num_steps`` train steps inside one jitted ``lax.scan``; the host sees only
-the chunk's losses (``scan_steps`` does the same for a train step the library user writes). The
+the chunk's losses (``lstm_jax.scan_steps`` does the same for a train step the library user writes). The
 train step is a pure function of ``(state, step)``; everything a bitwise resume needs is in
 ``TrainState``.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -37,15 +36,17 @@ import optax
 
 from jax.sharding import Mesh
 
-from lstm_jax import calibrate, parallel
-from lstm_jax.errors import ConfigError, CorpusError, NonFiniteLossError
-from lstm_jax.model import CharLM, cross_entropy, nats_to_bpc
+from lstm_jax import dispatch
+from lstm_jax.core.host import machine_key
+from lstm_jax.dispatch import cache, measure
+from lstm_jax.layers import parallel
+from lstm_jax.core.errors import ConfigError, CorpusError, NonFiniteLossError
+from lstm_jax.charlm.model import CharLM, cross_entropy, nats_to_bpc
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "evaluate_bpc", "fastest_setup",
-           "fastest_device_count", "scan_steps"]
+           "fastest_device_count"]
 
 Array = jax.Array
-IMPLS = ("auto", "fused", "onednn", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +64,16 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.preset not in ("lm", "keras"):
-            raise ConfigError(f"--preset must be 'lm' or 'keras', got {self.preset!r}.")
+            raise ConfigError(f"TrainConfig.preset must be 'lm' or 'keras', got {self.preset!r}.", "TrainConfig.preset")
         for name in ("batch_size", "seq_len", "window_step", "chunk_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.", f"TrainConfig.{name}")
         if not self.learning_rate > 0:
-            raise ConfigError(f"--learning-rate must be > 0, got {self.learning_rate}.")
+            raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.",
+                              "TrainConfig.learning_rate")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"--lr-schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+            raise ConfigError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.",
+                              "TrainConfig.lr_schedule")
 
 
 class TrainState(NamedTuple):
@@ -91,8 +94,8 @@ def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, sche
     elif name in ("adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief"):
         opt = getattr(optax, name)(lr)
     else:
-        raise ConfigError(f"--optimizer {name!r} is not supported; use rmsprop, adam, adamw, sgd, "
-                          "adagrad, lion, nadam or adabelief.")
+        raise ConfigError(f"optimizer {name!r} is not supported; use rmsprop, adam, adamw, sgd, "
+                          "adagrad, lion, nadam or adabelief.", "optimizer")
     return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
 
 
@@ -108,12 +111,11 @@ class Trainer:
 
     def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1,
                  mesh: Mesh | None = None, impl: str = "auto"):
-        if impl not in IMPLS:
-            raise ConfigError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}.")
+        dispatch.check_impl(impl)
         self.model, self.config, self.impl = model, config, impl
         self.mesh = parallel.data_mesh() if mesh is None else mesh
         b, t = config.batch_size, config.seq_len
-        parallel.check_divisible(b, self.mesh)
+        parallel.check_divisible(b, self.mesh, "TrainConfig.batch_size")
         n = len(train_ids)
         if config.preset == "lm":
             stream_len = n // b
@@ -128,7 +130,7 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise CorpusError(
                 f"The training text has {n} characters, too short for one batch of {b} x {t + 1}; "
-                f"use a longer corpus or smaller --batch-size / --seq-len."
+                f"use a longer corpus or a smaller TrainConfig.batch_size or TrainConfig.seq_len."
             )
         total = self.steps_per_epoch * epochs  # the length of a cosine schedule
         self.tx = make_optimizer(config.optimizer, config.learning_rate, config.clip_norm, config.lr_schedule, total)
@@ -215,7 +217,7 @@ class Trainer:
             bad = int(np.argmin(np.isfinite(losses)))
             raise NonFiniteLossError(
                 f"The training loss became {losses[bad]} at step {int(state.step) - num_steps + bad + 1}; "
-                f"lower --learning-rate or set --clip-norm (the last good checkpoint is kept)."
+                f"lower TrainConfig.learning_rate or set TrainConfig.clip_norm (the last good checkpoint is kept)."
             )
         return state, losses
 
@@ -244,44 +246,38 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
 
     Device count: on CPU, one device per core lets each core run a share of the batch, where one
     program runs a recurrent loop's small per-step products on about one core; whether that pays
-    depends on the CPU and the model (2-core Intel Xeon, Trainer step on 2 devices against 1: 0.57x
-    the time at ``seed``, 0.82x at ``default``, 1.05x at ``large``, whose products already use both
-    cores; ``benchmarks/results/scaling-*``).
+    depends on the CPU and the model (``benchmarks/scaling.py`` and its results).
 
-    Layer ``impl`` (default: ``('fused', 'auto')`` where the oneDNN extension is loaded and the
-    model is an LSTM or GRU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that
-    layer alone measured faster (``onednn.pays``), but a layer alone is not the whole step: on a
-    2-core Intel Xeon (``benchmarks/results/speed-cpu-intel-avx512-amx.md``) the two-device
-    float32 ``seed`` LSTM step ran at 0.91x-0.97x on the layers ``'auto'`` chose in three runs
-    (0.86x in an earlier one), and the two-device float32 ``default`` GRU step at 0.96x. The
-    whole step is what training runs, so the whole step decides.
-    Where ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not
-    timed twice.
+    Layer ``impl`` (default: ``('fused', 'auto')`` where oneDNN is ready and the model is an LSTM
+    or GRU on CPU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that layer alone
+    measured faster (``lstm_jax.dispatch``), but a layer alone is not the whole step (the head, the
+    optimizer and the devices' split change the balance), so the whole step decides. Where
+    ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not timed
+    twice. With ``LSTM_JAX_DISPATCH=fixed`` nothing is timed: the first candidate is taken.
 
     One compile per candidate, then ``rounds`` rounds of ``steps`` steps, the candidates taking
     turns, the median per step. Candidates are ordered from the simplest (fewest devices, the fused
-    layer first); a later one must beat the best earlier one by ``calibrate.MARGIN``. The answer is
-    cached per machine, model and training set-up (all of it but the learning rate, seed and chunk
-    length; ``lstm_jax.calibrate.cached``), so a resumed or repeated run does not measure again.
+    layer first); a later one must beat the best earlier one by ``dispatch.measure.MARGIN``. The
+    answer is cached per machine, model and training set-up (all of it but the learning rate, seed and chunk
+    length; ``lstm_jax.dispatch.cache``), so a resumed or repeated run does not measure again.
     """
-    from lstm_jax import onednn
-
     counts = sorted(set(counts))
     if impls is None:
         gated = model.config.cell in ("lstm", "gru") and jax.default_backend() == "cpu"
-        impls = ("fused", "auto") if gated and onednn.available() and os.environ.get(onednn.ENV) != "0" else ("auto",)
-    impls = list(dict.fromkeys(impls))
-    if len(counts) * len(impls) == 1:
+        impls = ("fused", "auto") if gated and dispatch.onednn_ready() else ("auto",)
+    impls = [dispatch.check_impl(i) for i in dict.fromkeys(impls)]
+    if len(counts) * len(impls) == 1 or not dispatch.measuring():
         return Setup(counts[0], impls[0], {})
-    timed = dataclasses.replace(config, chunk_steps=steps)
+    short = dataclasses.replace(config, chunk_steps=steps)
     cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("learning_rate", "seed", "chunk_steps")}
-    key = f"{calibrate.machine_key()}|trainer|onednn v{onednn.MEASURE_VERSION}|{model.config}|{cost}|{counts}|{impls}"
+    key = (f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{model.config}|{cost}|{counts}|"
+           f"{impls}")
 
-    def measure() -> dict:
+    def timed() -> dict:
         runs, programs = {}, set()
         for n in counts:
             for impl in impls:
-                trainer = Trainer(model, timed, train_ids, epochs=1, mesh=parallel.data_mesh(n), impl=impl)
+                trainer = Trainer(model, short, train_ids, epochs=1, mesh=parallel.data_mesh(n), impl=impl)
                 state = trainer.init_state()
                 hlo = trainer._chunk.lower(state, trainer.data, num_steps=steps).as_text()
                 if (n, hlo) not in programs:  # 'auto' that took no oneDNN layer is 'fused' again
@@ -293,12 +289,12 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
             runs[k][1], losses = runs[k][0].run_chunk(runs[k][1], steps)  # losses on the host: waited for
             return losses
 
-        seconds = calibrate.median_seconds({k: functools.partial(chunk, k) for k in runs}, rounds)
+        seconds = measure.median_seconds({k: functools.partial(chunk, k) for k in runs}, rounds)
         seconds = {k: v / steps for k, v in seconds.items()}
-        best = calibrate.simplest_fast_enough(seconds)
+        best = measure.simplest_fast_enough(seconds)
         return {"setup": best, "seconds_per_step": seconds}
 
-    entry = calibrate.cached(key, measure)
+    entry = cache.cached(key, timed)
     devices, impl = entry["setup"].split(":")
     return Setup(int(devices), impl, dict(entry["seconds_per_step"]))
 
@@ -352,58 +348,3 @@ def evaluate_bpc(model: CharLM, params, ids: np.ndarray, streams: int = 16, chun
     weights = grid(np.ones(n, np.float32))
     total = _eval_nll(model, params, grid(ids[:-1]), grid(ids[1:]), weights, chunk_len)
     return float(nats_to_bpc(total / n))
-
-
-# -- the library user's own step, several per call ---------------------------------------------
-
-def scan_steps(step: Callable[[Any, Any], tuple[Any, Any]],
-               donate_state: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """Your own train step, run once per batch of a stack of batches in one jitted call.
-
-    ``step(state, batch) -> (state, metrics)`` is any pure train step (``state`` and ``batch``
-    any pytrees). ``scan_steps(step)(state, batches)`` runs it for ``batches[0], batches[1], ...``
-    (every leaf of ``batches`` stacked along a new leading axis of length ``k``) inside one
-    ``jax.lax.scan`` under one ``jax.jit``, and returns the last state and the ``k`` metrics
-    stacked. The numbers are those of ``k`` calls of ``jax.jit(step)`` (the same program, to
-    float32 rounding); what changes is that the host dispatches once per ``k`` steps and XLA reuses
-    the step's buffers from one step to the next instead of allocating them afresh per call, as
-    ``Trainer`` does with ``chunk_steps``. With ``donate_state`` (default) the input state's
-    buffers are given to the output state: do not use ``state`` after the call. Each distinct
-    ``k`` compiles once.
-
-    Measured on a 2-core Intel Xeon with AMX (``python benchmarks/speed.py --quick``, README,
-    Benchmarks): a user-written LSTM model step (``CharLM.apply``, ``optax.rmsprop``) took 21.5 ms
-    ten per call against 29.7 ms one per call at ``seed``, and 467 against 592 ms at ``large``
-    (26.8 against 29.1 and 818 against 916 ms in the slow run before).
-
-    Example::
-
-        import jax, jax.numpy as jnp, optax
-        from lstm_jax import CharLM, CharLMConfig, cross_entropy, scan_steps
-
-        model = CharLM(CharLMConfig(vocab_size=50, hidden_size=64))
-        tx = optax.rmsprop(1e-3)
-
-        def step(state, batch):
-            params, opt_state = state
-            x, y = batch
-            loss, grads = jax.value_and_grad(lambda p: cross_entropy(model.apply(p, None, x)[1], y))(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        params = model.init(jax.random.key(0))
-        ids = jax.random.randint(jax.random.key(1), (10, 8, 33), 0, 50)  # 10 batches of 8 x 33
-        state, losses = scan_steps(step)((params, tx.init(params)), (ids[..., :-1], ids[..., 1:]))
-        print(losses.shape)  # (10,)
-    """
-
-    def many(state, batches):
-        leading = {jnp.shape(leaf)[:1] for leaf in jax.tree.leaves(batches)}  # {(k,)} when stacked right
-        if len(leading) != 1 or leading == {()}:
-            shapes = jax.tree.map(jnp.shape, batches)
-            raise ConfigError(
-                f"scan_steps: every leaf of `batches` must carry the same leading (step) axis, got shapes {shapes}; "
-                f"stack k batches with jax.tree.map(lambda *b: jnp.stack(b), *list_of_batches).")
-        return jax.lax.scan(step, state, batches)
-
-    return jax.jit(many, donate_argnums=(0,) if donate_state else ())

@@ -29,8 +29,8 @@ from typing import Any, Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.errors import ConfigError
-from lstm_jax.products import matmul
+from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.products import matmul
 
 __all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "Cell", "make_cell"]
 

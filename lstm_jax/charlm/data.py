@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lstm_jax.errors import CorpusError
+from lstm_jax.core.errors import CorpusError
 
 __all__ = ["Document", "Corpus", "Vocabulary", "decode_bytes", "load_corpus", "split_documents"]
 
@@ -137,7 +137,7 @@ def load_corpus(spec: str = "state_union") -> Corpus:
         elif path.is_file():
             corpus = Corpus(_read_documents([path], path), f"file {path}")
         else:
-            raise CorpusError(f"--corpus {spec!r} is neither 'state_union' nor an existing file or folder.")
+            raise CorpusError(f"corpus {spec!r} is neither 'state_union' nor an existing file or folder.", "corpus")
     if corpus.num_chars == 0:
         raise CorpusError(f"The corpus from {corpus.source} is empty; pass a file or folder with text in it.")
     log.info("corpus: %s, %d characters", corpus.source, corpus.num_chars)
@@ -194,7 +194,7 @@ class Vocabulary:
         if missing and not drop_unknown:
             raise CorpusError(
                 f"The {what} has {len(missing)} character(s) outside the model's vocabulary: "
-                f"{''.join(missing)!r}; remove them or pass --drop-unknown to skip them."
+                f"{''.join(missing)!r}; remove them or pass drop_unknown=True to skip them.", "drop_unknown"
             )
         index = {c: i for i, c in enumerate(self.chars)}
         return np.array([index[c] for c in text if c in index], dtype=np.int32)

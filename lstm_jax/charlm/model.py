@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lstm_jax.cells import make_cell
-from lstm_jax.products import matmul
-from lstm_jax.errors import ConfigError
-from lstm_jax.sequence import RecurrentStack, fold_embedding
+from lstm_jax.core.cells import make_cell
+from lstm_jax.core.products import matmul
+from lstm_jax.core.errors import ConfigError
+from lstm_jax.layers.sequence import RecurrentStack, fold_embedding
 
 __all__ = ["CharLMConfig", "CharLM", "cross_entropy", "nats_to_bpc"]
 
@@ -50,11 +50,14 @@ class CharLMConfig:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+            raise ConfigError(f"CharLMConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.",
+                              "CharLMConfig.dtype")
         if self.vocab_size < 2:
-            raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}; the corpus needs more than one distinct character.")
+            raise ConfigError(f"CharLMConfig.vocab_size must be at least 2, got {self.vocab_size}; the corpus needs "
+                              "more than one distinct character.", "CharLMConfig.vocab_size")
         if self.embed_size < 0:
-            raise ConfigError(f"embed_size must be >= 0 (0 = one-hot input), got {self.embed_size}.")
+            raise ConfigError(f"CharLMConfig.embed_size must be >= 0 (0 = one-hot input), got {self.embed_size}.",
+                              "CharLMConfig.embed_size")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax.errors import ConfigError
-from lstm_jax.model import CharLM
+from lstm_jax.core.errors import ConfigError
+from lstm_jax.charlm.model import CharLM
 
 __all__ = ["generate", "generate_stream", "check_sampling_args", "default_max_bytes"]
 
@@ -29,16 +29,16 @@ MAX_SCAN_STEPS = 8192  # steps per scan: bounds the pre-drawn noise, steps x sam
 def check_sampling_args(temperatures: Sequence[float], length: int, top_k: int = 0, top_p: float = 1.0) -> None:
     bad = [t for t in temperatures if not t >= 0]
     if bad:
-        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {bad[0]}; pass e.g. 0.5.")
+        raise ConfigError(f"temperatures must be >= 0 (0 = greedy), got {bad[0]}; pass e.g. 0.5.", "temperatures")
     if not temperatures:
-        raise ConfigError("No samples were asked for: give at least one --temperature (e.g. 0.5) and "
-                          "--num-samples >= 1.")
+        raise ConfigError("No samples were asked for: give at least one temperature (e.g. 0.5) and at least one "
+                          "sample.", "temperatures")
     if length <= 0:
-        raise ConfigError(f"--length must be a positive number of characters, got {length}.")
+        raise ConfigError(f"length must be a positive number of characters, got {length}.", "length")
     if top_k < 0:
-        raise ConfigError(f"--top-k must be >= 0 (0 = off), got {top_k}.")
+        raise ConfigError(f"top_k must be >= 0 (0 = off), got {top_k}.", "top_k")
     if not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1] (1 = off), got {top_p}.")
+        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {top_p}.", "top_p")
 
 
 def _filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
@@ -98,7 +98,8 @@ def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: 
     """
     check_sampling_args(list(temperatures), length, top_k, top_p)
     if len(prime_ids) == 0:
-        raise ConfigError("The prime text is empty after encoding; pass --prime with at least one known character.")
+        raise ConfigError("The prime text is empty after encoding; pass a prime of at least one known character.",
+                          "prime")
     if chunk is not None and chunk < 1:
         raise ConfigError(f"chunk must be a positive number of steps, got {chunk}.")
     temps = jnp.asarray(temperatures, jnp.float32)

