@@ -20,11 +20,10 @@ import json
 import jax
 import optax
 from flax import nnx
-from lstm_jax import runtime
-from benchmarks import machine
-from benchmarks.speed import CONFIGS, E, RESULTS, V, jax_case, measure, rmsprop_step, _tokens
 
-from lstm_jax import RecurrentStack, cross_entropy, make_cell
+from benchmarks import machine
+from benchmarks.speed import CONFIGS, RESULTS, E, V, _tokens, jax_case, measure, rmsprop_step
+from lstm_jax import RecurrentStack, cross_entropy, make_cell, runtime
 from lstm_jax import nnx as lj_nnx
 
 

@@ -18,8 +18,9 @@ import json
 from pathlib import Path
 
 import jax
-from lstm_jax.dispatch import measure, plan
+
 from benchmarks import machine
+from lstm_jax.dispatch import measure, plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

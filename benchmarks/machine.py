@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+
 from lstm_jax.core import host  # the library reads /proc/cpuinfo for its own cache keys
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from benchmarks import machine
+from lstm_jax import runtime
 from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
-from lstm_jax.layers import parallel
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
-from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup
-from lstm_jax import runtime
-from benchmarks import machine
+from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc, fastest_setup
+from lstm_jax.layers import parallel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -50,7 +50,8 @@ def allreduce_bytes(hlo: str) -> int:
 def child(args) -> None:
     import jax
     import numpy as np
-    from lstm_jax import CharLM, CharLMConfig, Trainer, TrainConfig, parallel, runtime
+
+    from lstm_jax import CharLM, CharLMConfig, TrainConfig, Trainer, parallel, runtime
 
     runtime.tune_malloc()
 

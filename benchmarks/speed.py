@@ -29,19 +29,20 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from lstm_jax.charlm.model import CharLM, CharLMConfig, cross_entropy
-from lstm_jax import onednn, parallel, runtime
-from lstm_jax.dispatch import plan
-from lstm_jax import scan_steps
-from lstm_jax.charlm.sampling import generate
+
 from benchmarks import machine
+from lstm_jax import onednn, parallel, runtime, scan_steps
+from lstm_jax.charlm.model import CharLM, CharLMConfig, cross_entropy
+from lstm_jax.charlm.sampling import generate
+from lstm_jax.dispatch import plan
 
 V, E = 92, 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -198,7 +199,7 @@ def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devi
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
     batches gathered on the device, state donated, losses copied to the host after each chunk;
     data parallel over the first ``devices`` devices (train.py: one CPU device per core)."""
-    from lstm_jax.charlm.training import Trainer, TrainConfig
+    from lstm_jax.charlm.training import TrainConfig, Trainer
 
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E, dtype=dtype))
     ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 8 + 2)).astype(np.int32)

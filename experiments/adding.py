@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from lstm_jax import make_cell, scan_cell
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from lstm_jax import RNNCell, scan_cell
+
 from experiments.adding import adding_batch
+from lstm_jax import RNNCell, scan_cell
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

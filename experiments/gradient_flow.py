@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from lstm_jax import GRUCell, LeakyRNNCell, LSTMCell, RNNCell
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -49,8 +49,8 @@ _SUBMODULES = {"onednn", "parallel", "runtime", "interop", "nnx", "linen", "disp
 __all__ = [
     # cells and sequences
     "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
-    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm", "onednn_gru",
-    "onednn",
+    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
+    "onednn_gru", "onednn",
     # weight import
     "from_torch", "from_flax_lstm", "from_flax_gru",
     # the character model, data, training, sampling, checkpoints

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from lstm_jax import parallel  # noqa: E402
 from lstm_jax.charlm.checkpoint import Checkpointer  # noqa: E402
 from lstm_jax.charlm.model import CharLM, CharLMConfig  # noqa: E402
-from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc  # noqa: E402
+from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc  # noqa: E402
 
 TEXT = ("The state of our union is strong. We will work together for the good of the nation, "
         "and we will keep the promises we made to the people. ") * 40

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import needs_nltk_state_union
+
 from lstm_jax.charlm.data import Corpus, Document, Vocabulary, decode_bytes, load_corpus, split_documents
 from lstm_jax.core.errors import CorpusError
 
@@ -83,6 +83,6 @@ def test_vocabulary_round_trip_and_unknown_characters():
     vocab = Vocabulary.from_text("hello world")
     ids = vocab.encode("hello")
     assert ids.dtype == np.int32 and vocab.decode(ids) == "hello"
-    with pytest.raises(CorpusError, match=r"outside the model's vocabulary: 'QZ'.*--drop-unknown"):
+    with pytest.raises(CorpusError, match=r"outside the model's vocabulary: 'QZ'.*drop_unknown=True"):
         vocab.encode("hello QZ")
     assert vocab.decode(vocab.encode("hQeZ", drop_unknown=True)) == "he"

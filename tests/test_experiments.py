@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import adding  # noqa: E402
+
 from lstm_jax import LSTMCarry, LSTMCell, RNNCell, scan_cell  # noqa: E402
 
 

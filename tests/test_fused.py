@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax.kernels import fused
-
 from lstm_jax import ConfigError, GRUCell, LSTMCell, RecurrentStack, RNNCell, scan_cell
+from lstm_jax.kernels import fused
 
 KEY = jax.random.key(0)
 

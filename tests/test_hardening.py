@@ -11,9 +11,9 @@ import pytest
 
 from lstm_jax.charlm import sample as sample_script
 from lstm_jax.charlm import train as train_script
-from lstm_jax.core.errors import ConfigError
 from lstm_jax.charlm.model import CharLM, CharLMConfig
 from lstm_jax.charlm.sampling import MAX_SCAN_STEPS, generate, generate_stream
+from lstm_jax.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "16", "--num-layers", "1", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",

@@ -40,11 +40,11 @@ def test_the_public_api_is_pinned_and_every_name_resolves():
 
 
 def test_the_import_paths_users_know_still_work():
+    import lstm_jax.parallel as by_path
     from lstm_jax import interop, linen, nnx, onednn, parallel, runtime  # noqa: F401
     from lstm_jax.interop import from_torch  # noqa: F401
     from lstm_jax.onednn import available, onednn_lstm, pays  # noqa: F401
     from lstm_jax.parallel import data_mesh, value_and_grad  # noqa: F401
-    import lstm_jax.parallel as by_path
 
     assert by_path is lstm_jax.layers.parallel and lstm_jax.parallel is by_path  # one module, not a copy
     assert lstm_jax.nnx is lstm_jax.adapters.nnx and lstm_jax.interop is lstm_jax.adapters.interop

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import parallel_worker
 import pytest
 
-import parallel_worker
 from lstm_jax.charlm.checkpoint import load_run
 
 ROOT = Path(__file__).resolve().parents[1]

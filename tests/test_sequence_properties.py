@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from lstm_jax import ConfigError, GRUCell, LSTMCell, RNNCell, RecurrentStack, scan_cell
+from lstm_jax import ConfigError, GRUCell, LSTMCell, RecurrentStack, RNNCell, scan_cell
 
 CELLS = {"lstm": LSTMCell(3), "gru": GRUCell(3), "rnn": RNNCell(3)}
 F = 2

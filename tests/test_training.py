@@ -15,13 +15,13 @@ import pytest
 
 from lstm_jax.charlm import sample as sample_script
 from lstm_jax.charlm import train as train_script
-from lstm_jax.core.cells import make_cell
 from lstm_jax.charlm.checkpoint import Checkpointer, load_run
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig
 from lstm_jax.charlm.sampling import generate, generate_stream
+from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc
+from lstm_jax.core.cells import make_cell
 from lstm_jax.layers.sequence import RecurrentStack
-from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden-size", "16", "--num-layers", "2", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",
@@ -294,6 +294,7 @@ def test_keras_preset_runs_on_the_real_corpus_briefly(tmp_path):
 def test_scan_steps_equals_one_jitted_step_per_batch_and_donates_the_state():
     """A user's own step (CharLM + optax) k times in one call: the same losses and params as k calls."""
     import optax
+
     from lstm_jax import ConfigError, cross_entropy, scan_steps
 
     model = CharLM(CharLMConfig(vocab_size=20, hidden_size=16, num_layers=2, dropout=0.1))

@@ -14,7 +14,8 @@ tensors are converted with ``.detach().cpu().numpy()``; Flax params are already 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

@@ -61,7 +61,8 @@ class _Recurrent(nn.Module):
                               "directions already; pass one of them.")
         stack = self.stack()
         features = x.shape[-1]
-        layers = [self.param(str(i), lambda key, i=i: _named(stack.init(key, features)[i])) for i in range(self.num_layers)]
+        layers = [self.param(str(i), lambda key, i=i: _named(stack.init(key, features)[i]))
+                  for i in range(self.num_layers)]
         params = [(p["forward"], p["backward"]) if self.bidirectional else p for p in layers]
         drop = self.dropout > 0 and self.num_layers > 1 and not deterministic
         key = self.make_rng("dropout") if drop else None

@@ -93,7 +93,7 @@ class _Recurrent(nnx.Module):
 
     @classmethod
     def from_params(cls, stack: RecurrentStack, params: list, *, time_major: bool = False, impl: str = "auto",
-                    rngs: nnx.Rngs | None = None) -> "_Recurrent":
+                    rngs: nnx.Rngs | None = None) -> _Recurrent:
         """The module holding ``params`` of ``stack`` (e.g. ``from_torch(state_dict)``'s pair)."""
         return from_params(stack, params, time_major=time_major, impl=impl, rngs=rngs, cls=cls)
 

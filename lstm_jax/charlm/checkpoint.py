@@ -13,19 +13,11 @@ target built on the current machine, so a checkpoint written on a GPU restores o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import hashlib
-import io
 import json
-import logging
 import os
-import re
-import sys
-import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +27,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lstm_jax.charlm.data import Vocabulary
-from lstm_jax.core.errors import CheckpointError
 from lstm_jax.charlm.model import CharLM, CharLMConfig
+from lstm_jax.charlm.quiet import (  # noqa: F401  (the last two: where callers found them)
+    _REPORTED_READ_FAILURES,
+    REPORTED_READ_FAILURES,
+    _WithoutClosedLoopTracebacks,
+    quiet_background_errors,
+    silence_background_errors,
+)
+from lstm_jax.charlm.runlock import RunLock  # noqa: F401  (where callers found it)
 from lstm_jax.charlm.training import TrainConfig, TrainState, make_optimizer
+from lstm_jax.core.errors import CheckpointError
+from lstm_jax.core.files import atomic_write_text
 
 __all__ = ["Checkpointer", "RunLock", "read_run_config", "write_run_config", "load_run", "CONFIG_FILE"]
 
@@ -48,9 +49,7 @@ SEAL_FILE = "lstm_jax_sha256.json"  # in each checkpoint folder: the SHA-256 of 
 def write_run_config(run_dir: Path, config: dict) -> None:
     """Write ``config.json`` atomically (a temporary file renamed into place)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -59,8 +58,8 @@ def read_run_config(run_dir: Path) -> dict:
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"run_dir {run_dir} does not exist; pass the run_dir of a training run.", "run_dir")
     if not path.is_file():
-        raise CheckpointError(f"run_dir {run_dir} is not an lstm_jax run folder (no {CONFIG_FILE}); pass the run_dir of a "
-                              "training run.", "run_dir")
+        raise CheckpointError(f"run_dir {run_dir} is not an lstm_jax run folder (no {CONFIG_FILE}); pass the "
+                              "run_dir of a training run.", "run_dir")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -168,7 +167,7 @@ class Checkpointer:
                     f"model's ({len(saved_shapes)} vs {len(target_shapes)} arrays); the run's config.json "
                     f"does not match its checkpoints: restore config.json or use a new run_dir.")
             try:
-                with _quiet_background_errors():
+                with quiet_background_errors():
                     out = manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
                 saved = out["meta"].get("fingerprint")
@@ -187,7 +186,7 @@ class Checkpointer:
     def _skip(self, path: Path, err: Exception) -> None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         self.damaged.append(path)
-        _REPORTED_READ_FAILURES.watch(path)
+        REPORTED_READ_FAILURES.watch(path)
         self.notes.append(f"checkpoint {path} is damaged ({first}); skipping it.")
 
     def quarantine(self) -> list[Path]:
@@ -234,168 +233,6 @@ class Checkpointer:
         self.best.close()
 
 
-@contextlib.contextmanager
-def _quiet_background_errors():
-    """Silence what a failed restore leaves behind: orbax reads arrays in coroutines, and when one
-    read fails the others' exceptions surface later, on garbage collection, as "Exception ignored
-    in <coroutine ...>" tracebacks. The failure itself reaches the caller as the raised error."""
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None
-    try:
-        yield
-    finally:
-        gc.collect()
-        sys.unraisablehook = previous
-
-
-class _ReportedReadFailures(logging.Filter):
-    """Drops asyncio's "Task / Future / _GatheringFuture exception was never retrieved" records
-    about reads of a checkpoint this process has already reported as damaged, and nothing else.
-
-    When one of orbax's array reads fails, ``asyncio.gather`` raises its error to the restore
-    (which reports the checkpoint and skips it) while the sibling reads still run; their failures
-    are never awaited, so asyncio logs each one, with its traceback, when the task is collected.
-    That can be after ``restore`` has returned, or at exit, so the filter lives as long as the
-    process. A record is dropped only if its text or its exception's traceback names the folder of
-    a checkpoint in ``paths``: the same failure in any other file or code still prints.
-    """
-
-    _UNRETRIEVED = "exception was never retrieved"
-
-    def __init__(self):
-        super().__init__()
-        self.paths: set[str] = set()
-
-    def watch(self, path: Path) -> None:
-        self.paths.update({str(path), str(Path(path).resolve())})
-        logger = logging.getLogger("asyncio")
-        if self not in logger.filters:
-            logger.addFilter(self)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self._UNRETRIEVED not in message.split("\n", 1)[0]:
-            return True
-        if record.exc_info and record.exc_info[1] is not None:
-            message += "".join(traceback.format_exception(*record.exc_info))
-        return not any(path + os.sep in message for path in self.paths)
-
-
-_REPORTED_READ_FAILURES = _ReportedReadFailures()
-
-
-class _WithoutClosedLoopTracebacks(io.TextIOBase):
-    """A text stream that passes everything to ``stream`` except whole tracebacks ending in
-    ``RuntimeError: Event loop is closed``. Several threads print them at once, so their lines
-    interleave: lines are held from a ``Traceback`` header until every open traceback has reached
-    its exception line, then dropped if all of those were that error, else written as received.
-    Lines that belong to no traceback pass straight through."""
-
-    _EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
-
-    def __init__(self, stream):
-        self._stream, self._partial, self._held, self._ends, self._open = stream, "", [], [], 0
-
-    def write(self, text: str) -> int:
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._line(line + "\n")
-        return len(text)
-
-    def _line(self, line: str) -> None:
-        if line.startswith("Traceback (most recent call last):"):
-            self._open += 1
-        elif not self._open or not (line[:1] in (" ", "\t") or self._EXCEPTION.match(line)):
-            self._stream.write(line)  # outside any traceback, or between a traceback's lines
-            return
-        self._held.append(line)
-        if line[:1] not in (" ", "\t") and self._EXCEPTION.match(line):
-            self._ends.append(line)
-            self._open -= 1
-            if not self._open:
-                if not all(end.startswith("RuntimeError: Event loop is closed") for end in self._ends):
-                    self._stream.write("".join(self._held))
-                self._held, self._ends = [], []
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def fileno(self) -> int:
-        return self._stream.fileno()
-
-    def isatty(self) -> bool:
-        return self._stream.isatty()
-
-
-def silence_background_errors() -> None:
-    """For command-line scripts: after a failed restore, tensorstore's outstanding reads finish
-    on orbax's closed event loop and print "RuntimeError: Event loop is closed" tracebacks from
-    background threads, some through the exception hooks, some straight to ``sys.stderr``
-    (C++ threads). Hide exactly those; every other exception and line prints as usual."""
-    if not isinstance(sys.stderr, _WithoutClosedLoopTracebacks):
-        sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
-    default = sys.excepthook
-
-    def hook(kind, value, tb):
-        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
-            default(kind, value, tb)
-
-    sys.excepthook = hook
-    previous = threading.excepthook
-    threading.excepthook = lambda args: None if (
-        isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value)) else previous(args)
-
-
-class RunLock:
-    """One trainer per run folder: an exclusive ``flock`` on ``<run>/lstm_jax.lock``, which holds
-    the holder's PID and host. The kernel drops the lock when its process dies, however it dies,
-    so a lock left by a killed run is taken over (``took_over`` then names the dead holder). The
-    processes of one multi-process run share the folder: only process 0 takes the lock. Readers
-    (``sample.py``) never take it.
-    """
-
-    FILE = "lstm_jax.lock"
-
-    def __init__(self, run_dir: Path | str):
-        self.path = Path(run_dir) / self.FILE
-        self.took_over: str | None = None
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-        import socket
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise CheckpointError(f"{self.path.parent} is being trained by {holder}; wait for it to finish, stop it, "
-                                  f"or pass another run_dir (sample.py can read the folder meanwhile).") from None
-        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        self.took_over = previous or None  # written by a holder that died without releasing
-        me = f"PID {os.getpid()} on host {socket.gethostname()}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, me.encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # an empty file: released cleanly
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -407,9 +244,7 @@ def _sha256(path: Path) -> str:
 def _write_seal(path: Path) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != SEAL_FILE)
     seal = {str(p.relative_to(path)): _sha256(p) for p in files}
-    tmp = path / (SEAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(seal, indent=1))
-    os.replace(tmp, path / SEAL_FILE)
+    atomic_write_text(path / SEAL_FILE, json.dumps(seal, indent=1))
 
 
 def _check_seal(path: Path) -> str | None:

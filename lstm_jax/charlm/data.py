@@ -12,8 +12,8 @@ import codecs
 import dataclasses
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -77,7 +77,8 @@ def _check_text(name: str, data: bytes) -> None:
         sample = decode_bytes(data[:65536 * 4])[:65536]
         controls = sum(ord(c) < 32 and c not in "\t\n\x0c\r" for c in sample)
         if controls > 0.01 * max(len(sample), 1):
-            raise CorpusError(f"Corpus file {name} looks binary (control characters); pass a plain-text file or folder.")
+            raise CorpusError(f"Corpus file {name} looks binary (control characters); pass a plain-text file or "
+                              "folder.")
         return
     sample = data[:65536]
     controls = sum(b < 32 and b not in (9, 10, 12, 13) for b in sample)
@@ -178,7 +179,7 @@ class Vocabulary:
     chars: str
 
     @classmethod
-    def from_text(cls, *texts: str) -> "Vocabulary":
+    def from_text(cls, *texts: str) -> Vocabulary:
         return cls("".join(sorted(set().union(*map(set, texts)))))
 
     def __len__(self) -> int:
@@ -194,7 +195,7 @@ class Vocabulary:
         if missing and not drop_unknown:
             raise CorpusError(
                 f"The {what} has {len(missing)} character(s) outside the model's vocabulary: "
-                f"{''.join(missing)!r}; remove them or pass drop_unknown=True to skip them.", "drop_unknown"
+                f"{''.join(missing)!r}; remove them or pass drop_unknown=True to skip them.", "drop_unknown=True"
             )
         index = {c: i for i, c in enumerate(self.chars)}
         return np.array([index[c] for c in text if c in index], dtype=np.int32)

@@ -16,10 +16,9 @@ import sys
 
 import jax
 
-from lstm_jax.charlm.checkpoint import silence_background_errors, load_run
+from lstm_jax.charlm.checkpoint import load_run, silence_background_errors
+from lstm_jax.charlm.sampling import check_sampling_args, default_max_bytes, generate, generate_stream
 from lstm_jax.core.errors import ConfigError, LstmJaxError
-from lstm_jax.charlm.sampling import default_max_bytes, check_sampling_args, generate, generate_stream
-
 
 # Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
 FLAGS = {"temperatures": "--temperature", "length": "--length", "top_k": "--top-k", "top_p": "--top-p",
@@ -64,7 +63,8 @@ def main(argv=None) -> int:
         check_sampling_args(temps, args.length, args.top_k, args.top_p)
         if args.which not in ("latest", "best") and not args.which.isdigit():
             raise ConfigError(f"--which must be 'latest', 'best' or a step number, got {args.which!r}.")
-        model, params, vocab, meta = load_run(args.checkpoint, args.which if args.which in ("latest", "best") else int(args.which))
+        which = args.which if args.which in ("latest", "best") else int(args.which)
+        model, params, vocab, meta = load_run(args.checkpoint, which)
         for note in meta["restore_notes"]:
             print(f"warning: {note}", file=sys.stderr)
         prime = vocab.encode(args.prime, drop_unknown=args.drop_unknown, what="prime text")

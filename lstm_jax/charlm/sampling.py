@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax.core.errors import ConfigError
 from lstm_jax.charlm.model import CharLM
+from lstm_jax.core.errors import ConfigError
 
 __all__ = ["generate", "generate_stream", "check_sampling_args", "default_max_bytes"]
 
@@ -89,7 +90,8 @@ def _sample_scan(model: CharLM, params, carry, logits, step_keys, temperatures, 
 
 
 def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequence[float], length: int,
-                    key: Array, *, top_k: int = 0, top_p: float = 1.0, chunk: int | None = None) -> Iterator[np.ndarray]:
+                    key: Array, *, top_k: int = 0, top_p: float = 1.0,
+                    chunk: int | None = None) -> Iterator[np.ndarray]:
     """Yield ``(num_samples, n)`` token chunks, ``length`` tokens per row in all, ``n <= chunk``
     (default ``MAX_SCAN_STEPS``); the tokens are the same whatever the chunking.
 
@@ -127,7 +129,8 @@ def generate(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequenc
     size = 4 * len(temperatures) * max(length, 0)
     if size > limit:
         raise ConfigError(f"length={length} for {len(temperatures)} sample(s) needs {size / 2**30:.1f} GiB "
-                          f"(limit {limit / 2**30:.1f} GiB); stream it with generate_stream, or ask for fewer characters.")
+                          f"(limit {limit / 2**30:.1f} GiB); stream it with generate_stream, or ask for fewer "
+                          "characters.", "length")
     chunks = list(generate_stream(model, params, prime_ids, temperatures, length, key, top_k=top_k, top_p=top_p))
     return np.concatenate(chunks, axis=1)
 

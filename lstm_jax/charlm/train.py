@@ -31,13 +31,19 @@ import jax
 from tqdm import tqdm
 
 from lstm_jax import runtime
-from lstm_jax.layers import parallel
-from lstm_jax.charlm.checkpoint import silence_background_errors, Checkpointer, RunLock, read_run_config, write_run_config
+from lstm_jax.charlm.checkpoint import (
+    Checkpointer,
+    RunLock,
+    read_run_config,
+    silence_background_errors,
+    write_run_config,
+)
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
-from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
 from lstm_jax.charlm.sampling import generate
-from lstm_jax.charlm.training import Trainer, TrainConfig, evaluate_bpc, fastest_setup
+from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc, fastest_setup
+from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
+from lstm_jax.layers import parallel
 
 MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -56,7 +62,8 @@ DEFAULTS = dict(
 FLAGS = {**{f"TrainConfig.{k}": "--" + k.replace("_", "-") for k in TRAIN_KEYS},
          **{f"CharLMConfig.{k}": "--" + k.replace("_", "-") for k in MODEL_KEYS},
          "corpus": "--corpus", "run_dir": "--run-dir", "num_devices": "--devices", "optimizer": "--optimizer",
-         "batch_size": "--batch-size"}
+         "batch_size": "--batch-size", "coordinator='HOST:PORT', num_processes and process_id":
+         "--coordinator HOST:PORT, --num-processes and --process-id", "coordinator": "--coordinator"}
 PRESETS = {"keras": dict(preset="keras", hidden_size=128, num_layers=1, embed_size=0, seq_len=40, window_step=3,
                          batch_size=128, optimizer="rmsprop", learning_rate=0.01, lr_schedule="constant",
                          clip_norm=0.0, epochs=60)}
@@ -97,8 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--coordinator", help="HOST:PORT of process 0, for a run of several processes (hosts)")
     add("--num-processes", type=int, help="processes in the run [JAX's environment, else 1]")
     add("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
-    add("--distributed", action="store_true", help="join a multi-process run that JAX detects itself (TPU pod, SLURM, ...)")
-    add("--peer-timeout", type=float, default=30.0, help="seconds of silence after which a lost process stops the run [30]")
+    add("--distributed", action="store_true",
+        help="join a multi-process run that JAX detects itself (TPU pod, SLURM, ...)")
+    add("--peer-timeout", type=float, default=30.0,
+        help="seconds of silence after which a lost process stops the run [30]")
     return p.parse_args(argv)
 
 
@@ -182,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
         setup = fastest_setup(model, train_config, train_ids, sorted({mesh.size, most}))
         mesh, impl = parallel.data_mesh(setup.devices), setup.impl
         if setup.seconds:
-            say("CPU set-up (devices:layers): " + ", ".join(f"{k}: {1e3 * v:.1f} ms/step" for k, v in setup.seconds.items())
-                + f" (measured once, cached); training on {setup.devices}:{impl}")
+            timings = ", ".join(f"{k}: {1e3 * v:.1f} ms/step" for k, v in setup.seconds.items())
+            say(f"CPU set-up (devices:layers): {timings} (measured once, cached); training on {setup.devices}:{impl}")
     say(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}; "
         f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
     trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)

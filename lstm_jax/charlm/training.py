@@ -27,21 +27,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from jax.sharding import Mesh
 
 from lstm_jax import dispatch
+from lstm_jax.charlm.model import CharLM, cross_entropy, nats_to_bpc
+from lstm_jax.core.errors import ConfigError, CorpusError, NonFiniteLossError
 from lstm_jax.core.host import machine_key
 from lstm_jax.dispatch import cache, measure
 from lstm_jax.layers import parallel
-from lstm_jax.core.errors import ConfigError, CorpusError, NonFiniteLossError
-from lstm_jax.charlm.model import CharLM, cross_entropy, nats_to_bpc
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "evaluate_bpc", "fastest_setup",
            "fastest_device_count"]

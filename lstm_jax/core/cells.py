@@ -24,7 +24,8 @@ accumulate in float32 and the gate arithmetic and the carry stay in ``param_dtyp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -314,7 +315,7 @@ class LeakyRNNCell(_FusedCell):
         return h, h
 
 
-Cell = Union[LSTMCell, GRUCell, RNNCell, LeakyRNNCell]
+Cell = LSTMCell | GRUCell | RNNCell | LeakyRNNCell
 CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell, "leaky_rnn": LeakyRNNCell}
 
 

@@ -32,11 +32,12 @@ class LstmJaxError(Exception):
 
     def in_words_of(self, names: dict[str, str]) -> str:
         """The message in the caller's words: each name in ``names`` replaced by ``names[name]``
-        (e.g. ``{'TrainConfig.batch_size': '--batch-size'}``), as a whole word; an undotted name
-        (``'corpus'``) only where it is this error's ``argument``, since it may be a plain word."""
+        (e.g. ``{'TrainConfig.batch_size': '--batch-size'}``), as a whole word. A single plain
+        word (``'corpus'``) is replaced only where it is this error's ``argument``, since it may
+        stand in the message as a plain word; dotted names and phrases are replaced wherever found."""
         message = str(self)
         for name in sorted(names, key=len, reverse=True):
-            if "." not in name and name != self.argument:
+            if name.isidentifier() and name != self.argument:
                 continue
             message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", names[name], message)
         return message

@@ -3,10 +3,10 @@
 ``matmul(x, w, dtype, out_dtype)`` is ``x @ w`` computed in ``dtype``, accumulated and returned in
 ``out_dtype``. Its derivative is the usual one; only the layout of one product changes: the
 kernel's gradient ``x.T @ dy`` over many rows (a weight gradient summed over time and batch) is
-computed by ``weight_gradient``, which on CPU materialises ``x.T`` first. XLA's CPU backend (jax
-0.10) runs a product whose left operand is contracted on its first axis up to 1.3x slower than the
-same product on a transposed copy (512 x 6400 x 2048: 126 against 166 GFLOP/s), and the copy costs
-a few percent of that. GPU and TPU take the product as written. In float32 ``matmul`` stays
+computed by ``weight_gradient``, which on CPU materialises ``x.T`` first: XLA's CPU backend runs a
+product whose left operand is contracted on its first axis slower than the same product on a
+transposed copy, and the copy costs a few percent of the product. GPU and TPU take the product as
+written. In float32 ``matmul`` stays
 differentiable in both modes (``jax.custom_jvp``), so ``jax.jvp``, ``jax.grad`` and ``jax.vmap``
 all apply.
 
@@ -16,12 +16,8 @@ gradient products are bf16 x bf16 products accumulated in float32, as in PyTorch
 ``lstm_jax.fused``'s backward pass. Autodiff multiplies the float32 cotangent by a float32 copy of
 the bf16 operand instead: XLA:CPU runs no mixed f32 x bf16 product, so both gradient products ran
 in float32, where AMX CPUs run bf16 several times faster. The gradients keep autodiff's dtypes and
-differ from its values by the bf16 rounding of the cotangent. Measured on the Intel Xeon with AMX
-(jax 0.10.2), old and new code taking turns, one process each: the bf16 char model's user step
-(``jax.jit`` around ``CharLM.apply``) at ``seed`` 11.3-11.5 -> 9.4-9.6 ms; the bf16 Trainer without
-oneDNN (``LSTM_JAX_ONEDNN=0``: the fused layer's input projection, and its weight gradients,
-which the bf16 transposed copy of ``_transposed_copy`` keeps in bf16 too) at ``large`` 454 -> 328
-ms and at ``default`` 166 -> 138 ms; with oneDNN at ``large`` within noise (141-161 ms either way).
+differ from its values by the bf16 rounding of the cotangent. The bf16 speed this buys is in
+``benchmarks/speed.py``'s results (the bf16 rows).
 **Differs from** ``jnp.matmul``: being a ``custom_vjp``, mixed precision supports reverse mode
 (``jax.grad``, ``jax.vjp``) and ``jax.vmap``, not forward mode (``jax.jvp``, ``jax.jacfwd``);
 float32 supports both.
@@ -93,9 +89,7 @@ def _transposed_copy(rows: Array) -> Array:
     layout of ``rows``, which its bf16 product kernels (YNNPACK) do not take, so XLA upcast the
     bf16 product to float32 (copies of both operands in float32, then a float32 product). Through
     the unit axis the transpose is a real row-major copy and the product stays bf16 x bf16 ->
-    float32. Measured on the Intel Xeon with AMX (jax 0.10.2): bf16 ``x.T @ dy`` for 6400 rows,
-    512 x 2048, 18.6 ms against 56.6 ms; 512 x 92, 1.7 against 3.6 ms; float32 unchanged (42.5
-    against 46.7 ms, within noise).
+    float32 (the float32 product takes either form at the same speed).
     """
     def copy(a: Array) -> Array:
         k, m = a.shape

@@ -128,6 +128,7 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
     pass through first, 0 without one). ``platform``: where the program runs (default: JAX's
     default backend). Raises ``ConfigError`` for an ``impl`` the layer cannot run."""
     check_impl(impl)
+    switches.check_all()
     kind, dnn = fused_kind(cell), onednn_kind(cell)
     fusable = kind is not None and not seq_lengths and not remat
     with_options = " with those options" if seq_lengths or remat else ""

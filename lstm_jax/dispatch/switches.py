@@ -1,12 +1,12 @@
 """Every ``LSTM_JAX_*`` environment variable, read and checked in one place.
 
-| variable | values | effect |
-|---|---|---|
-| ``LSTM_JAX_DISPATCH`` | ``measure`` (default), ``fixed`` | ``fixed``: each platform's fixed plan, nothing timed |
-| ``LSTM_JAX_ONEDNN`` | ``auto`` (default), ``0``, ``1`` | oneDNN layers where measured faster / never / wherever supported |
-| ``LSTM_JAX_LAYOUT`` | ``auto`` (default), ``row-major``, ``transposed`` | the fused loop's carry layout on CPU |
-| ``LSTM_JAX_CACHE_DIR`` | a folder | where measured choices are cached (default: the user cache folder) |
-| ``LSTM_JAX_MALLOC`` | ``tuned`` (default), ``default`` | whether ``runtime.tune_malloc()`` changes anything |
+* ``LSTM_JAX_DISPATCH``: ``measure`` (default) or ``fixed`` (each platform's fixed plan, nothing timed).
+* ``LSTM_JAX_ONEDNN``: ``auto`` (default: oneDNN layers where measured faster), ``0`` (never) or
+  ``1`` (wherever supported, unmeasured).
+* ``LSTM_JAX_LAYOUT``: ``auto`` (default), ``row-major`` or ``transposed``: the fused loop's carry
+  layout on CPU.
+* ``LSTM_JAX_CACHE_DIR``: the folder of the cache of measured choices (default: the user cache folder).
+* ``LSTM_JAX_MALLOC``: ``tuned`` (default) or ``default`` (``runtime.tune_malloc()`` changes nothing).
 
 The variables are read when a choice is made (not at import), so a test or a script may set them
 at any time before it runs a layer. A value outside the allowed ones raises ``ConfigError`` naming
@@ -20,7 +20,7 @@ import os
 from lstm_jax.core.errors import ConfigError
 
 __all__ = ["DISPATCH", "ONEDNN", "LAYOUT", "CACHE_DIR", "MALLOC", "dispatch_mode", "onednn_mode", "layout_mode",
-           "cache_dir", "malloc_mode"]
+           "cache_dir", "malloc_mode", "check_all"]
 
 DISPATCH, ONEDNN, LAYOUT, CACHE_DIR, MALLOC = (
     "LSTM_JAX_DISPATCH", "LSTM_JAX_ONEDNN", "LSTM_JAX_LAYOUT", "LSTM_JAX_CACHE_DIR", "LSTM_JAX_MALLOC")
@@ -43,6 +43,12 @@ def _read(name: str) -> str:
         allowed = ", ".join(repr(k) for k in dict.fromkeys(_VALUES[name]) if k)
         raise ConfigError(f"{name} must be one of {allowed} (or unset), got {raw!r}; fix or unset the variable.")
     return value
+
+
+def check_all() -> None:
+    """Read every switch once: an unknown value raises ``ConfigError`` before anything is planned."""
+    for name in _VALUES:
+        _read(name)
 
 
 def dispatch_mode() -> str:

@@ -33,11 +33,13 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.host import usable_cores
@@ -55,8 +57,9 @@ def cpu_devices_per_core(cores: int | None = None) -> int | None:
 
     XLA:CPU runs one program's small per-step products of a recurrent loop on about one core;
     split over per-core devices, each core runs a share of the batch (measured by
-    ``benchmarks/scaling.py``), with the same numbers up to the order of the gradient sum (tested). Call it before anything starts JAX's backends (``jax.devices()``, the
-    first array); it returns the device count it set, or None when it could not (backends
+    ``benchmarks/scaling.py``), with the same numbers up to the order of the gradient sum
+    (tested). Call it before anything starts JAX's backends (``jax.devices()``, the first
+    array); it returns the device count it set, or None when it could not (backends
     already started, ``XLA_FLAGS`` already forcing a count, or a single core). On a machine with a
     GPU or TPU the setting only concerns the CPU devices, which training does not use.
     """
@@ -167,8 +170,8 @@ def value_and_grad(loss_fn: Callable, mesh: Mesh, *, has_aux: bool = False) -> C
     batch onto every device; here every such reshape is local to a device.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
-    if mesh.size == 1:  # nothing to average; XLA:CPU would still run the one-device all-reduce,
-        return grad_fn  # a copy of every gradient (2.1 ms of a `large` LSTM step)
+    if mesh.size == 1:  # nothing to average; XLA:CPU would keep a one-device pmean as an
+        return grad_fn  # all-reduce, a copy of every gradient
     mean = lambda tree: jax.lax.pmean(tree, DATA_AXIS)
 
     def local(params, *batch):
@@ -205,8 +208,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, num_processes, process_id,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
     except (ValueError, TypeError) as err:  # JAX's own checks of the arguments
-        raise ConfigError(f"jax.distributed could not start: {err} Pass --coordinator HOST:PORT, "
-                          "--num-processes and --process-id (or the JAX_* environment variables).") from None
+        raise ConfigError(f"jax.distributed could not start: {err} Pass coordinator='HOST:PORT', num_processes "
+                          "and process_id (or set the JAX_* environment variables).", "coordinator") from None
 
 
 class PeerWatchdog:

@@ -9,7 +9,8 @@ token ids) computed before the scanned loop, which does only the recurrent produ
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,15 @@ from lstm_jax import dispatch
 from lstm_jax.core.cells import Cell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.products import folded_table
-from lstm_jax.core.scan import (check_embedding, check_lengths, fold_embedding, reverse_in_time, reverse_padded,
-                                scan_layer, time_axis)
+from lstm_jax.core.scan import (
+    check_embedding,
+    check_lengths,
+    fold_embedding,
+    reverse_in_time,
+    reverse_padded,
+    scan_layer,
+    time_axis,
+)
 from lstm_jax.kernels import onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
 
