@@ -108,10 +108,12 @@ def main():
              f"Machine: {machine.describe_line(info)}.", "",
              "ms per train step, one jitted step per call, median of rounds taking turns "
              "(`python -m benchmarks.flax_modules`).", "",
-             "| config | cell | functional RecurrentStack | lstm_jax.nnx module | Flax nnx.RNN | module / functional | Flax / module |",
+             "| config | cell | functional RecurrentStack | lstm_jax.nnx module | Flax nnx.RNN "
+             "| module / functional | Flax / module |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['cell']} | {r['functional RecurrentStack']:.1f} | {r['lstm_jax.nnx module']:.1f} "
+        lines.append(f"| {r['config']} | {r['cell']} | {r['functional RecurrentStack']:.1f} "
+                     f"| {r['lstm_jax.nnx module']:.1f} "
                      f"| {r['Flax nnx.RNN']:.1f} | {r['module_vs_functional']:.3f} | {r['flax_vs_module']:.2f}x |")
     (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -30,11 +30,13 @@ def main():
     for gates, cell in ((4, "lstm"), (3, "gru")):
         for batch in (32, 64, 128, 256):
             for hidden in (64, 128, 192, 256):
-                row_major, transposed = (1e6 * t for t in measure.layouts(batch, hidden, gates, None, plan.LAYOUT_LOOP_STEPS, plan.ROUNDS))
+                row_major, transposed = (
+                    1e6 * t for t in measure.layouts(batch, hidden, gates, None, plan.LAYOUT_LOOP_STEPS, plan.ROUNDS))
                 chosen = row_major >= measure.MARGIN * transposed
                 rows.append({"cell": cell, "batch": batch, "hidden": hidden, "row_major_us": row_major,
                              "transposed_us": transposed, "speedup": row_major / transposed, "chosen": chosen})
-                print(f"{cell} N={batch:3d} H={hidden:3d}: row-major {row_major:6.1f} us, transposed {transposed:6.1f} us "
+                print(f"{cell} N={batch:3d} H={hidden:3d}: "
+                      f"row-major {row_major:6.1f} us, transposed {transposed:6.1f} us "
                       f"({row_major / transposed:.2f}x){'  <- chosen' if chosen else ''}", flush=True)
     out = {"backend": jax.default_backend(), "jax": jax.__version__, "machine": machine.describe(),
            "steps": plan.LAYOUT_LOOP_STEPS, "rounds": plan.ROUNDS, "margin": measure.MARGIN, "rows": rows}
@@ -45,14 +47,16 @@ def main():
 
 
 def markdown(out: dict) -> str:
-    lines = [f"# Per-step recurrent product, row-major vs transposed carry ({machine.describe_line(out['machine'])})", "",
+    lines = [f"# Per-step recurrent product, row-major vs transposed carry ({machine.describe_line(out['machine'])})",
+             "",
              "Median us per step of a loop of dependent steps (product, tanh, carry fed back), the layouts taking "
              f"turns. `chosen`: the transposed layout was at least {out['margin']}x faster, so `lstm_jax.dispatch` "
-             "would hold the carry transposed at that shape on this machine. Command: `python -m benchmarks.layout`.", "",
+             "would hold the carry transposed at that shape on this machine. Command: `python -m benchmarks.layout`.",
+             "",
              "| cell | N | H | row-major us | transposed us | speed-up | chosen |", "|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
-        lines.append(f"| {r['cell']} | {r['batch']} | {r['hidden']} | {r['row_major_us']:.1f} | {r['transposed_us']:.1f} "
-                     f"| {r['speedup']:.2f}x | {'yes' if r['chosen'] else ''} |")
+        lines.append(f"| {r['cell']} | {r['batch']} | {r['hidden']} | {r['row_major_us']:.1f} "
+                     f"| {r['transposed_us']:.1f} | {r['speedup']:.2f}x | {'yes' if r['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
 
 

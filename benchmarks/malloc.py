@@ -93,7 +93,8 @@ def main() -> None:
             for name, setting in SETTINGS.items():
                 env = {k: v for k, v in os.environ.items()
                        if k not in ("LSTM_JAX_MALLOC", "GLIBC_TUNABLES", SYNC)}
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.malloc", "--child", config, "--dtype", args.dtype],
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.malloc", "--child", config,
+                                       "--dtype", args.dtype],
                                       env=env | setting, cwd=ROOT, capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(config, name, runs[name][-1], flush=True)

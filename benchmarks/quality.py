@@ -53,9 +53,10 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
             recent = (recent + list(losses))[-200:]
             if train_s >= next_eval or train_s >= minutes * 60:
                 val = evaluate_bpc(model, state.params, val_ids, 16, mesh=mesh)
-                curve.append(dict(minutes=train_s / 60, step=int(state.step), train_bpc=float(nats_to_bpc(np.mean(recent))),
-                                  val_bpc=val))
-                print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
+                curve.append(dict(minutes=train_s / 60, step=int(state.step),
+                                  train_bpc=float(nats_to_bpc(np.mean(recent))), val_bpc=val))
+                print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} "
+                      f"train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
                 next_eval += eval_every * 60
                 if train_s >= minutes * 60:
                     return curve
@@ -96,8 +97,8 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
         with torch.no_grad():
             for s in range(0, length, 256):
                 logits, state = net(x[:, s : s + 256], state)
-                total += torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y[:, s : s + 256].reshape(-1),
-                                                           reduction="sum").item()
+                total += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, vocab_size), y[:, s : s + 256].reshape(-1), reduction="sum").item()
         return total / (streams * length) / math.log(2)
 
     curve, train_s, next_eval, recent, step, state = [], 0.0, eval_every * 60, [], 0, None
@@ -119,8 +120,10 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
         train_s += time.perf_counter() - t0
         if train_s >= next_eval or train_s >= minutes * 60:
             val = val_bpc()
-            curve.append(dict(minutes=train_s / 60, step=step, train_bpc=float(np.mean(recent) / math.log(2)), val_bpc=val))
-            print(f"torch    {train_s / 60:5.2f} min step {step:6d} train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
+            curve.append(dict(minutes=train_s / 60, step=step, train_bpc=float(np.mean(recent) / math.log(2)),
+                              val_bpc=val))
+            print(f"torch    {train_s / 60:5.2f} min step {step:6d} "
+                  f"train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
             next_eval += eval_every * 60
     return curve
 
@@ -164,8 +167,10 @@ def main() -> None:
              f"Command: `{out['command']}`", "", f"lstm_jax config: `{json.dumps(config_out)}`", "",
              "| run | minutes | step | train bpc | validation bpc |", "|---|---|---|---|---|"]
     for name, curve in runs.items():
-        lines += [f"| {name} | {r['minutes']:.2f} | {r['step']} | {r['train_bpc']:.3f} | {r['val_bpc']:.3f} |" for r in curve]
-    lines += ["", "Best validation bpc: " + ", ".join(f"{k} {min(r['val_bpc'] for r in c):.3f}" for k, c in runs.items() if c)]
+        lines += [f"| {name} | {r['minutes']:.2f} | {r['step']} | {r['train_bpc']:.3f} | {r['val_bpc']:.3f} |"
+                  for r in curve]
+    lines += ["", "Best validation bpc: "
+              + ", ".join(f"{k} {min(r['val_bpc'] for r in c):.3f}" for k, c in runs.items() if c)]
     (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     plot(out, RESULTS / f"{args.tag}.png")
     print("\n".join(lines))
@@ -180,7 +185,8 @@ def plot(out: dict, path: Path) -> None:
     for name, curve in out["runs"].items():
         ax.plot([r["minutes"] for r in curve], [r["val_bpc"] for r in curve], "o-", label=name)
     m = out["machine"]
-    where = (f"{m['cpu']}, {m['cores']} cores ({', '.join(f for f in ('avx2', 'avx512f', 'amx_bf16') if m['flags'][f])})"
+    where = (f"{m['cpu']}, {m['cores']} cores "
+             f"({', '.join(f for f in ('avx2', 'avx512f', 'amx_bf16') if m['flags'][f])})"
              if isinstance(m, dict) else m)
     ax.set(xlabel="training minutes", ylabel="validation bits per character",
            title=f"state_union, 2002-2006 held out\n{where}")

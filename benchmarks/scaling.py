@@ -97,7 +97,8 @@ def main() -> None:
         for n in order:
             env = dict(os.environ)
             if on_cpu:
-                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(args.devices)}"
+                env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
+                                    f"--xla_force_host_platform_device_count={max(args.devices)}")
             cmd = [sys.executable, "-m", "benchmarks.scaling", "--child", str(n), "--config", args.config, "--cell",
                    args.cell, "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
             out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout

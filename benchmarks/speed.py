@@ -258,7 +258,8 @@ def case_torch(cell, b, t, h, layers, device="cpu", autocast_bf16=False) -> Case
 
     torch.set_num_threads(os.cpu_count())
     mods = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
-    emb, rnn, out = torch.nn.Embedding(V, E), mods[cell](E, h, num_layers=layers, batch_first=True), torch.nn.Linear(h, V)
+    emb, rnn, out = (torch.nn.Embedding(V, E), mods[cell](E, h, num_layers=layers, batch_first=True),
+                     torch.nn.Linear(h, V))
     params = [*emb.parameters(), *rnn.parameters(), *out.parameters()]
     for m in (emb, rnn, out):
         m.to(device)
@@ -304,7 +305,8 @@ def bench_generation(length=1000, rounds=3):
         torch = None
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
-        emb, rnn, out = torch.nn.Embedding(V, V), torch.nn.LSTM(V, 256, num_layers=2, batch_first=True), torch.nn.Linear(256, V)
+        emb, rnn, out = (torch.nn.Embedding(V, V), torch.nn.LSTM(V, 256, num_layers=2, batch_first=True),
+                         torch.nn.Linear(256, V))
         temp = torch.tensor(temps)[:, None]
 
         @torch.no_grad()
@@ -380,7 +382,8 @@ def main():
                     "case_lstm_jax_synchronous", cell, b, t, h, layers, "auto")
             n = parallel.devices_for_batch(b)  # train.py's candidate on CPU: one device per core
             if backend == "cpu" and n > 1:
-                builders[f"lstm_jax Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, devices=n)
+                builders[f"lstm_jax Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(
+                    cell, b, t, h, layers, devices=n)
                 if bf16_units:
                     builders[f"lstm_jax bf16 Trainer, {n} CPU devices"] = lambda: case_lstm_jax_trainer(
                         cell, b, t, h, layers, dtype="bfloat16", devices=n)
@@ -393,8 +396,10 @@ def main():
                             without_onednn, functools.partial(case_lstm_jax_trainer, cell, b, t, h, layers,
                                                               dtype=dtype, devices=d))
             if bf16_units:
-                builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(cell, b, t, h, layers, dtype="bfloat16")
-                builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(cell, b, t, h, layers, "auto", "bfloat16")
+                builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = lambda: case_lstm_jax_trainer(
+                    cell, b, t, h, layers, dtype="bfloat16")
+                builders["lstm_jax bf16, 1 step/dispatch"] = lambda: case_lstm_jax(
+                    cell, b, t, h, layers, "auto", "bfloat16")
                 if backend == "cpu":
                     builders["lstm_jax bf16, 1 step/dispatch, synchronous dispatch"] = lambda: in_own_process(
                         "case_lstm_jax_synchronous", cell, b, t, h, layers, "auto", "bfloat16")
@@ -409,14 +414,16 @@ def main():
                     builders[f"torch nn.{cell.upper()} bf16 autocast"] = lambda: in_own_process(
                         "case_torch", cell, b, t, h, layers, dev, autocast_bf16=True)
                 else:
-                    rows.append(dict(config=name, cell=cell, impl=f"torch nn.{cell.upper()} bf16 autocast", error=no_bf16))
+                    rows.append(dict(config=name, cell=cell, impl=f"torch nn.{cell.upper()} bf16 autocast",
+                                     error=no_bf16))
             cases = {}
             for impl, build in builders.items():
                 try:
                     cases[impl] = build()
                 except RuntimeError as err:  # e.g. PyTorch's CPU bf16 LSTM needs oneDNN bf16 support
                     print(f"{name:8s} {cell:5s} {impl:44s} unavailable: {str(err).splitlines()[0][:100]}", flush=True)
-                    rows.append(dict(config=name, cell=cell, impl=impl, error="unavailable: " + str(err).splitlines()[0][:200]))
+                    rows.append(dict(config=name, cell=cell, impl=impl,
+                                     error="unavailable: " + str(err).splitlines()[0][:200]))
             for impl, step_s in measure(cases, rounds, per_round).items():
                 flops = train_flops(b, t, h, layers, cell)
                 dtype = "bfloat16" if "bf16" in impl else "float32"
@@ -466,7 +473,8 @@ def run_sweeps(save=lambda sweeps: None):
     save(sweeps)
     for t in (40, 160, 640):
         for unroll in (1, 8):
-            sweeps["compile_s_vs_T"].append((t, unroll, case_lstm_jax("lstm", 128, t, 128, 1, "scan", unroll=unroll).compile_s))
+            sweeps["compile_s_vs_T"].append(
+                (t, unroll, case_lstm_jax("lstm", 128, t, 128, 1, "scan", unroll=unroll).compile_s))
     save(sweeps)
     for t in (100, 400, 1600):
         sweeps["temp_bytes_vs_T"].append((t, memory_bytes(t, False), memory_bytes(t, True)))
@@ -528,7 +536,8 @@ def summary_tables(rows: list[dict]) -> list[str]:
             continue
         bf = (f"{_setup_name(bf16['impl'])} | {bf16['chars_per_s']:,.0f} | {bf16['vs_torch_bf16']}" if bf16
               else "- | - | -")
-        lines.append(f"| {cfg} | {cell} | {_setup_name(f32['impl'])} | {f32['chars_per_s']:,.0f} | {f32['vs_torch']} | {bf} |")
+        lines.append(f"| {cfg} | {cell} | {_setup_name(f32['impl'])} | {f32['chars_per_s']:,.0f} "
+                     f"| {f32['vs_torch']} | {bf} |")
     user = [("lstm_jax, 1 step/dispatch", "torch"), ("lstm_jax, 1 step/dispatch, synchronous dispatch", "torch"),
             ("lstm_jax, scan_steps (10 steps/dispatch)", "torch"), ("lstm_jax bf16, 1 step/dispatch", "bf16"),
             ("lstm_jax bf16, 1 step/dispatch, synchronous dispatch", "bf16")]
@@ -536,8 +545,10 @@ def summary_tables(rows: list[dict]) -> list[str]:
               "| bf16, 1 step per call | synchronous dispatch |", "|---|---|---|---|---|---|---|"]
     for cfg, cell in pairs:
         same = _measured(rows, cfg, cell)
-        peers = {"torch": same.get(f"torch nn.{cell.upper()}"), "bf16": same.get(f"torch nn.{cell.upper()} bf16 autocast")}
-        cells = [f"{same[impl]['chars_per_s'] / peers[peer]['chars_per_s']:.2f}x" if impl in same and peers[peer] else "-"
+        peers = {"torch": same.get(f"torch nn.{cell.upper()}"),
+                 "bf16": same.get(f"torch nn.{cell.upper()} bf16 autocast")}
+        cells = [f"{same[impl]['chars_per_s'] / peers[peer]['chars_per_s']:.2f}x"
+                 if impl in same and peers[peer] else "-"
                  for impl, peer in user]
         lines.append(f"| {cfg} | {cell} | " + " | ".join(cells) + " |")
     n = _device_counts(r["impl"] for r in rows)[-1]  # one device per core
@@ -570,20 +581,23 @@ def markdown(out) -> str:
              "| vs torch | vs torch bf16 | vs flax | vs flax 10/dispatch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     peer_names = {"torch": lambda cell: f"torch nn.{cell.upper()}",
-                  "torch_bf16": lambda cell: f"torch nn.{cell.upper()} bf16 autocast", "flax": lambda cell: "flax nn.RNN",
+                  "torch_bf16": lambda cell: f"torch nn.{cell.upper()} bf16 autocast",
+                  "flax": lambda cell: "flax nn.RNN",
                   "flax10": lambda cell: "flax nn.RNN (10 steps/dispatch)"}
     for r in out["rows"]:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['error'][:110]} | | | | | | | | |")
             continue
-        same = {p["impl"]: p for p in out["rows"] if p["config"] == r["config"] and p["cell"] == r["cell"] and "error" not in p}
+        same = {p["impl"]: p for p in out["rows"]
+                if p["config"] == r["config"] and p["cell"] == r["cell"] and "error" not in p}
 
         def ratio(peer):
             p = same.get(peer_names[peer](r["cell"]))
             return f"{r['chars_per_s'] / p['chars_per_s']:.2f}x" if p and p is not r else "-"
 
-        lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | {r['chars_per_s']:,.0f} | "
-                     f"{r['compile_s']:.1f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_peak']:.0f}% | "
+        lines.append(f"| {r['config']} | {r['cell']} | {r['impl']} | {r['ms_per_step']:.1f} | "
+                     f"{r['chars_per_s']:,.0f} | {r['compile_s']:.1f} | {r['gflops']:.1f} | "
+                     f"{100 * r['share_of_matmul_peak']:.0f}% | "
                      f"{ratio('torch')} | {ratio('torch_bf16')} | {ratio('flax')} | {ratio('flax10')} |")
     if any(r["impl"].startswith("lstm_jax") and "error" not in r for r in out["rows"]):
         lines += ["", "The README's tables: the Trainer set-up `train.py` takes by `fastest_setup`'s rule (candidates "
@@ -597,15 +611,18 @@ def markdown(out) -> str:
             lines += ["", f"oneDNN LSTM layer (lstm_jax.onednn): not available ({dnnl['unavailable_reason']})."]
         else:
             chosen = [f"{k.split('|onednn-')[1].replace(f'|v{onednn.MEASURE_VERSION}|', ' ').replace('|', ' ')}: "
-                      f"{f'oneDNN, {v} thread(s)' if v else 'fused'}" for k, v in dnnl["threads_per_layer_shape"].items()]
-            lines += ["", "LSTM and GRU layers (cell, steps x rows x inputs x hidden, dtype, cores per device) as `impl='auto'` "
-                      "chose them by measurement (lstm_jax.onednn.pays): " + "; ".join(chosen) + "."]
+                      f"{f'oneDNN, {v} thread(s)' if v else 'fused'}"
+                      for k, v in dnnl["threads_per_layer_shape"].items()]
+            lines += ["", "LSTM and GRU layers (cell, steps x rows x inputs x hidden, dtype, cores per device) "
+                      "as `impl='auto'` chose them by measurement (lstm_jax.onednn.pays): " + "; ".join(chosen) + "."]
     g = out["generation"]
     lines += ["", f"Generation (2x256 LSTM, 4 temperatures x 1000 chars, one batch): lstm_jax "
-              f"{g['lstm_jax_chars_per_s']:,.0f} chars/s" + (f", PyTorch per-character loop {g['torch_loop_chars_per_s']:,.0f} "
-                                                          f"chars/s ({g['ratio']:.1f}x)" if "ratio" in g else "")]
+              f"{g['lstm_jax_chars_per_s']:,.0f} chars/s"
+              + (f", PyTorch per-character loop {g['torch_loop_chars_per_s']:,.0f} "
+                 f"chars/s ({g['ratio']:.1f}x)" if "ratio" in g else "")]
     for name, values in out["sweeps"].items():
-        lines += ["", f"{name}: " + ", ".join(str(tuple(round(v, 3) if isinstance(v, float) else v for v in row)) for row in values)]
+        lines += ["", f"{name}: " + ", ".join(str(tuple(round(v, 3) if isinstance(v, float) else v for v in row))
+                                              for row in values)]
     return "\n".join(lines) + "\n"
 
 

@@ -156,7 +156,8 @@ def main():
         differ = {k: (old["hyper"].get(k), v) for k, v in hyper.items() if old["hyper"].get(k) != v}
         if differ:
             p.error(f"--append: these settings differ from {tag}.json (old, new): {differ}; use the same ones or --tag")
-        runs = [r for r in old["runs"] if (r["cell"], r["span"]) not in {(c, s) for c in args.cells for s in args.spans}]
+        runs = [r for r in old["runs"]
+                if (r["cell"], r["span"]) not in {(c, s) for c in args.cells for s in args.spans}]
     for span in args.spans:
         for name in args.cells:
             r = train(name, span, args.seeds, args)
@@ -179,7 +180,8 @@ def write_report(out: dict, tag: str) -> None:
     lines = [f"# The adding problem ({tag})", "",
              f"{h['hidden']} units, batch {h['batch']}, Adam {h['lr']}, clip {h['clip']}, {h['steps']} steps, "
              f"{h['seeds']} seeds per cell trained together under `jax.vmap`. Baseline (always 1): MSE 0.167.", "",
-             "| span T | cell | test MSE per seed | steps to MSE < 0.01 | wall s (all seeds) |", "|---|---|---|---|---|"]
+             "| span T | cell | test MSE per seed | steps to MSE < 0.01 | wall s (all seeds) |",
+             "|---|---|---|---|---|"]
     for r in out["runs"]:
         lines.append(f"| {r['span']} | {r['cell']} | {', '.join(f'{m:.4f}' for m in r['test_mse'])} | "
                      f"{', '.join('-' if s is None else str(s) for s in r['steps_to_0.01'])} | {r['wall_s']:.0f} |")

@@ -105,7 +105,8 @@ def run(args) -> dict:
     losses, norms = np.concatenate(losses, 1), np.concatenate(norms, 1)  # (runs, steps)
     test_x, test_y = adding_batch(jax.random.PRNGKey(10_000), 4096, args.span)
     test = np.asarray(jax.jit(jax.vmap(loss_fn, in_axes=(0, None, None)))(state[0], test_x, test_y))
-    finite = np.asarray(jax.vmap(lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(p)])))(state[0]))
+    finite = np.asarray(jax.vmap(
+        lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(p)])))(state[0]))
     runs = []
     for i, s in enumerate(seeds):
         n = norms[i][np.isfinite(norms[i])]
@@ -141,7 +142,8 @@ def write_report(out: dict, tag: str) -> None:
              f"sigma_max {h['sigma']}, SGD with momentum {h['momentum']}, {h['steps']} steps, "
              f"{h['seeds']} seeds per setting, all in one vmapped program ({out['wall_s']:.0f} s). "
              "Baseline (always 1): MSE 0.167.", "",
-             "| setting | seed | test MSE | grad norm, median | grad norm, max | steps > 10x median | non-finite from step |",
+             "| setting | seed | test MSE | grad norm, median | grad norm, max | steps > 10x median "
+             "| non-finite from step |",
              "|---|---|---|---|---|---|---|"]
     for r in out["runs"]:
         mse = "diverged" if r["test_mse"] is None or not np.isfinite(r["test_mse"]) else f"{r['test_mse']:.4f}"

@@ -108,14 +108,16 @@ def main():
     out = {"hidden": H, "features": F, "steps": steps, "sequences": args.sequences, "cases": {}}
     for name, (cell, params, x_scale) in cases.items():
         norms = jax.vmap(lambda x: grad_norms(cell, params, x * x_scale, u))(xs)
-        geo = np.exp(np.mean(np.log(np.maximum(np.asarray(norms, np.float64), 1e-45)), axis=0))  # float32 underflow: 1e-45
+        # float32 underflow: 1e-45
+        geo = np.exp(np.mean(np.log(np.maximum(np.asarray(norms, np.float64), 1e-45)), axis=0))
         entry = {"grad_norm_by_distance": geo.tolist(),
                  "at_distance": {d: float(geo[d - 1]) for d in (1, 10, 50, 100, 200, 500) if d <= steps}}
         if isinstance(cell, LSTMCell):
             entry["mean_prod_forget_100"] = float(np.mean([forget_products(cell, params, x, 100) for x in xs]))
         out["cases"][name] = entry
         print(f"{name:40s} " + "  ".join(f"d={d}: {v:.2e}" for d, v in entry["at_distance"].items())
-              + (f"  prod f (100 steps): {entry['mean_prod_forget_100']:.1e}" if "mean_prod_forget_100" in entry else ""))
+              + (f"  prod f (100 steps): {entry['mean_prod_forget_100']:.1e}"
+                 if "mean_prod_forget_100" in entry else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gradient_flow.json").write_text(json.dumps(out, indent=1) + "\n")
     plot(out, RESULTS / "gradient_flow.png")

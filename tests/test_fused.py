@@ -61,7 +61,8 @@ def test_transposed_carry_gives_the_same_numbers_and_is_used_when_chosen(kind, g
     x_proj = jax.random.normal(keys[1], (steps, n, gates * hidden))
     h0 = jax.random.normal(keys[2], (n, hidden))
     if kind == "lstm":
-        run = lambda t: fused._lstm_scan(w_h, x_proj, h0, jnp.cos(h0), dtype=None, unroll=1, saves="factors", transposed=t)
+        run = lambda t: fused._lstm_scan(w_h, x_proj, h0, jnp.cos(h0), dtype=None, unroll=1, saves="factors",
+                                         transposed=t)
     else:
         b_h = jax.random.normal(keys[3], (gates * hidden,))
         run = lambda t: fused._gru_scan(w_h, b_h, x_proj, h0, dtype=None, unroll=1, saves="factors", transposed=t)

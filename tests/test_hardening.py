@@ -131,7 +131,8 @@ DAMAGE = {  # what a disk, a copy or a kill can do to each kind of file in a che
     # a checkpoint finished just before a kill has no checksum file yet: orbax's read or the
     # fingerprint saved with the numbers must catch the damage
     # numbers that decode but are not the ones saved (simulated by changing the saved fingerprint)
-    "unsealed, numbers differ from their fingerprint": lambda ck: ((ck / "lstm_jax_sha256.json").unlink(), _refingerprint(ck)),
+    "unsealed, numbers differ from their fingerprint": lambda ck: ((ck / "lstm_jax_sha256.json").unlink(),
+                                                                   _refingerprint(ck)),
     "unsealed, array data zeroed": lambda ck: ((ck / "lstm_jax_sha256.json").unlink(),
                                                _zero(_largest(ck / "state" / "ocdbt.process_0" / "d"))),
     "unsealed, array data truncated": lambda ck: ((ck / "lstm_jax_sha256.json").unlink(),
@@ -173,7 +174,8 @@ def test_a_damaged_checkpoint_is_named_and_skipped_for_the_newest_intact_one(pri
     warnings = proc.stderr.strip().splitlines()
     assert len(warnings) == 2, proc.stderr
     assert warnings[0].startswith(f"warning: checkpoint {newest} is damaged"), warnings
-    assert warnings[1] == f"warning: using the newest intact checkpoint instead: step {steps[-1]} (best/{steps[-1]}).", warnings
+    assert warnings[1] == ("warning: using the newest intact checkpoint instead: "
+                           f"step {steps[-1]} (best/{steps[-1]})."), warnings
     assert newest.exists()  # the reader touches nothing
 
     if damage not in ("array data zeroed", "unsealed, array data truncated"):
@@ -194,7 +196,8 @@ def test_when_every_checkpoint_is_damaged_one_line_and_exit_2(pristine_run, tmp_
     for script, args in (("sample.py", ["--checkpoint", run]), ("train.py", ["--run-dir", run, "--epochs", 4])):
         proc = _cli(script, *args)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and lines[-1].startswith(f"error: Every checkpoint in {run} is damaged"), proc.stderr
+        assert (proc.returncode == 2
+                and lines[-1].startswith(f"error: Every checkpoint in {run} is damaged")), proc.stderr
         assert all(l.startswith("warning: checkpoint ") for l in lines[:-1]), proc.stderr
     assert len(list((run / "checkpoints").iterdir())) == 3  # nothing was removed or overwritten
 

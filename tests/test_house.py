@@ -18,8 +18,8 @@ PACKAGE = Path(lstm_jax.__file__).parent
 
 PUBLIC = [
     "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
-    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm", "onednn_gru",
-    "onednn", "from_torch", "from_flax_lstm", "from_flax_gru",
+    "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
+    "onednn_gru", "onednn", "from_torch", "from_flax_lstm", "from_flax_gru",
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
@@ -98,7 +98,8 @@ seconds = time.perf_counter() - t0
 import jax, jax.numpy as jnp
 cell = lstm_jax.LSTMCell(8)
 lstm_jax.scan_cell(cell, cell.init(jax.random.key(0), 3), jnp.ones((2, 5, 3)))
-heavy = [m for m in ("orbax", "tensorstore", "optax", "nltk", "matplotlib", "tqdm", "flax", "torch") if m in sys.modules]
+heavy = [m for m in ("orbax", "tensorstore", "optax", "nltk", "matplotlib", "tqdm", "flax", "torch")
+         if m in sys.modules]
 print(json.dumps({"heavy": heavy, "tuned": lstm_jax.runtime.malloc_tuned(), "seconds": seconds}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

@@ -65,7 +65,8 @@ def test_embedded_inputs_feed_the_narrower_input_and_keep_the_product_and_its_gr
     reference = lambda t, w: jnp.sum((t[ids] @ w) * weights)
     tol = 2e-2 if dtype else 1e-5  # bf16: the rows (or the folded table) are rounded to bf16
     _close(product(table, w_x), reference(table, w_x), tol)
-    for got, want in zip(jax.grad(product, argnums=(0, 1))(table, w_x), jax.grad(reference, argnums=(0, 1))(table, w_x)):
+    for got, want in zip(jax.grad(product, argnums=(0, 1))(table, w_x),
+                         jax.grad(reference, argnums=(0, 1))(table, w_x)):
         assert got.shape == want.shape
         _close(got, want, tol)
 
@@ -214,13 +215,15 @@ def test_auto_measures_once_and_caches_the_choice(tmp_path, monkeypatch):
     real = measure.onednn_layer
     monkeypatch.setattr(measure, "onednn_layer", lambda *a, **k: calls.append(a) or real(*a, **k))
     threads = onednn.pays(5, 4, 3, 8)
-    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-lstm|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items()
+              if f"onednn-lstm|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
     assert entry["threads"] == threads and set(entry["seconds"]) >= {"fused", "1"}
     assert all(t > 0 for t in entry["seconds"].values())
     monkeypatch.setattr(plan, "_memo", {})  # a new process: reads the file, measures nothing
     assert onednn.pays(5, 4, 3, 8) == threads and len(calls) == 1
     gru = onednn.pays(5, 4, 3, 8, cell="gru")  # the GRU's choice is its own entry
-    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if f"onednn-gru|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
+    entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items()
+              if f"onednn-gru|v{onednn.MEASURE_VERSION}|5x4x3x8" in k]
     assert entry["threads"] == gru and len(calls) == 2
     embedded = onednn.pays(5, 4, 3, 8, tokens=True, embed=2)  # through an embedding: another entry
     entry, = [v for k, v in json.loads((tmp_path / "layouts.json").read_text()).items() if "|tokens-embed2|" in k]
@@ -344,7 +347,8 @@ def test_fastest_setup_does_not_time_auto_where_it_compiles_to_the_fused_layer(t
     from lstm_jax.charlm.training import fastest_setup
 
     monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv(onednn.ENV, raising=False)  # a 16-unit layer is under ONEDNN_MIN_LAYER_FLOPS: 'auto' keeps it fused
+    # a 16-unit layer is under ONEDNN_MIN_LAYER_FLOPS: 'auto' keeps it fused
+    monkeypatch.delenv(onednn.ENV, raising=False)
     model, train_ids = _tiny_lm(text_corpus)
     setup = fastest_setup(model, TrainConfig(batch_size=4, seq_len=20), train_ids, [1], steps=2, rounds=1)
     assert (setup.devices, setup.impl, list(setup.seconds)) == (1, "fused", ["1:fused"])

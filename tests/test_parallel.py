@@ -151,7 +151,8 @@ def test_train_py_on_two_processes_equals_four_devices_and_survives_a_lost_proce
     procs[1].communicate()
     assert procs[0].returncode != 0 and time.time() - killed_at < 120
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: process 1 of 2 stopped responding") and "rerun the same commands" in last, err[-3000:]
+    assert (last.startswith("error: process 1 of 2 stopped responding")
+            and "rerun the same commands" in last), err[-3000:]
     saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert saved
     # the same two commands resume from the last complete checkpoint and finish; the numbers
@@ -183,7 +184,8 @@ def test_library_value_and_grad_on_four_devices_equals_one_device(tmp_path):
 
     example = parallel_module.__doc__.split("::\n", 1)[1].split("\nSeveral processes", 1)[0]
     code = "\n".join(line[4:] for line in example.splitlines())
-    code += ("\nimport json, sys\nassert jax.device_count() == 4 and grads['head']['kernel'].sharding.is_fully_replicated\n"
+    code += ("\nimport json, sys\n"
+             "assert jax.device_count() == 4 and grads['head']['kernel'].sharding.is_fully_replicated\n"
              "tokens = np.random.default_rng(1).integers(0, 60, (8, 33)).astype(np.int32)\n"
              "params = model.init(jax.random.key(0))\n"
              "loss, grads = jax.jit(parallel.value_and_grad(loss_fn, mesh))(parallel.replicate(params, mesh), "

@@ -1,5 +1,5 @@
-"""lstm_jax.runtime: the allocator setting (an explicit call, never an import's side effect), its opt-out, and what it changes
-(page faults of a repeated jitted call, counted by the kernel; no timing)."""
+"""lstm_jax.runtime: the allocator setting (an explicit call, never an import's side effect), its opt-out,
+and what it changes (page faults of a repeated jitted call, counted by the kernel; no timing)."""
 
 from __future__ import annotations
 

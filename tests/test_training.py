@@ -304,7 +304,8 @@ def test_scan_steps_equals_one_jitted_step_per_batch_and_donates_the_state():
         params, opt_state = state
         x, y, key = batch
         loss, grads = jax.value_and_grad(
-            lambda p: cross_entropy(model.apply(p, None, x, dropout_key=jax.random.split(key, x.shape[0]))[1], y))(params)
+            lambda p: cross_entropy(
+                model.apply(p, None, x, dropout_key=jax.random.split(key, x.shape[0]))[1], y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss, "step_key": key}
 
