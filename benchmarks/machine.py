@@ -43,6 +43,9 @@ def cpu_tag() -> str:
     return f"{vendor}-{isa}" + ("-amx" if flags["amx_bf16"] else "")
 
 
-def describe_line(info: dict) -> str:
+def describe_line(info: dict | str) -> str:
+    """One line naming the machine (older result files hold it as a plain string already)."""
+    if isinstance(info, str):
+        return info
     have = ", ".join(f for f, on in info["flags"].items() if on) or "none of " + ", ".join(FLAGS)
     return f"{info['cpu']}, {info['cores']} cores ({have}); jax {info['jax']}, backend {info['backend']}"

@@ -10,7 +10,7 @@ Every round starts one process per setting, the settings taking turns: glibc's d
 those plus a single malloc arena (``GLIBC_TUNABLES``; measured, not adopted) and those with JAX's
 synchronous CPU dispatch (``jax.config.update("jax_cpu_enable_async_dispatch", False)``, which
 JAX reads from no environment variable: a one-device program runs on the calling thread, so its
-temporaries come from the main malloc arena; see the README).
+temporaries come from the main malloc arena; see docs/cpu-backends.md).
 
 A process times, taking turns step by step group: a plain user-written ``jax.jit`` train step
 around ``CharLM.apply`` (one step per call, the library user's path), lstm_jax's ``Trainer`` (10
@@ -112,7 +112,9 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     names = list(next(iter(out["results"].values())))
-    ref, others = REFERENCE, [n for n in names if n != REFERENCE]
+    # the tuned setting's name changed with the code ("tuned (import lstm_jax)" in older results)
+    ref = next(n for n in names if n == REFERENCE or n.startswith("tuned ("))
+    others = [n for n in names if n != ref]
     lines = [f"# Allocator settings and train-step time ({machine.describe_line(out['machine'])})", "",
              f"Command: `{out['command']}`. Median over processes (each: median of 3 rounds of 10 steps); "
              f"ratios are a setting's time / the time of '{ref}', so above 1 means '{ref}' is faster.",

@@ -183,7 +183,7 @@ def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_di
 
 
 def case_lstm_jax_synchronous(*args, **kwargs) -> Case:
-    """``case_lstm_jax`` under JAX's synchronous CPU dispatch, the option the README gives a user's
+    """``case_lstm_jax`` under JAX's synchronous CPU dispatch, the option docs/cpu-backends.md gives a user's
     own one-step calls (the program runs on the calling thread, from the main malloc heap; see
     ``lstm_jax.runtime``). The setting is process-wide and read when JAX's CPU client starts, so
     this runs in a child process of its own (``in_own_process``), before its first computation."""
@@ -518,14 +518,14 @@ def _device_counts(impls, bf: str = "") -> list[int]:
 
 
 def _setup_name(impl: str) -> str:
-    """A Trainer row's set-up in the README's words: '2 devices, fused', '1 device'."""
+    """A Trainer row's set-up in the docs' words: '2 devices, fused', '1 device'."""
     devices = impl.split(", ")[1].split()[0] if " CPU devices" in impl else "1"
     return f"{devices} device{'s' if devices != '1' else ''}" + (", fused" if "fused layer" in impl else "")
 
 
 def summary_tables(rows: list[dict]) -> list[str]:
-    """The README's speed tables, from one run's rows: the Trainer set-up train.py takes (by
-    ``fastest_setup``'s rule) against PyTorch; a user's own step against PyTorch; and the same
+    """The speed tables of the README and docs/performance.md, from one run's rows: the Trainer
+    set-up train.py takes (by ``fastest_setup``'s rule) against PyTorch; a user's own step against PyTorch; and the same
     Trainers on the fused layers against ``impl='auto'`` (oneDNN where it measured faster)."""
     pairs = list(dict.fromkeys((r["config"], r["cell"]) for r in rows))
     lines = ["| config | cell | float32: train.py's set-up | chars/s | vs PyTorch | bf16: train.py's set-up | chars/s "
@@ -600,7 +600,8 @@ def markdown(out) -> str:
                      f"{100 * r['share_of_matmul_peak']:.0f}% | "
                      f"{ratio('torch')} | {ratio('torch_bf16')} | {ratio('flax')} | {ratio('flax10')} |")
     if any(r["impl"].startswith("lstm_jax") and "error" not in r for r in out["rows"]):
-        lines += ["", "The README's tables: the Trainer set-up `train.py` takes by `fastest_setup`'s rule (candidates "
+        lines += ["", "The summary tables (README, docs/performance.md): the Trainer set-up `train.py` takes by "
+                  "`fastest_setup`'s rule (candidates "
                   "from the simplest: fewest devices, fused layer first; a later one must be 1.1x faster than the best "
                   "before it), applied to the rows above; a user's own step on one device, `impl='auto'`, against "
                   "PyTorch in the same dtype; fused layers against `impl='auto'` in the same Trainers:", "",

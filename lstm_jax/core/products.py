@@ -13,7 +13,7 @@ all apply.
 Mixed precision (``dtype`` bfloat16, ``out_dtype`` float32) has a backward pass of its own
 (``jax.custom_vjp``): the output's float32 cotangent is rounded to bfloat16 first, so that both
 gradient products are bf16 x bf16 products accumulated in float32, as in PyTorch's autocast and in
-``lstm_jax.fused``'s backward pass. Autodiff multiplies the float32 cotangent by a float32 copy of
+``lstm_jax.kernels.fused``'s backward pass. Autodiff multiplies the float32 cotangent by a float32 copy of
 the bf16 operand instead: XLA:CPU runs no mixed f32 x bf16 product, so both gradient products ran
 in float32, where AMX CPUs run bf16 several times faster. The gradients keep autodiff's dtypes and
 differ from its values by the bf16 rounding of the cotangent. The bf16 speed this buys is in

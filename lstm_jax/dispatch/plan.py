@@ -27,7 +27,8 @@ The rules, in order:
 
 What is measured is measured once per machine (CPU model and units, cores, jax version), shape and
 dtype, and cached in memory and on disk (``dispatch.cache``): the first call of a layer on a new
-shape on CPU may take about a second per choice, later calls and later processes none.
+shape on CPU may take seconds per choice (each candidate compiled and timed), later calls and
+later processes none.
 ``LSTM_JAX_DISPATCH=fixed`` makes every choice without timing (row-major carry, the fused layer;
 oneDNN only with ``LSTM_JAX_ONEDNN=1``). Figures: ``benchmarks/layout.py`` and
 ``benchmarks/speed.py`` (their committed results and the docs' performance page).
