@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     silence_background_errors()
     args = parse_args(argv)
     try:
+        if args.num_samples < 1:
+            raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}.")
         temps = [t for t in args.temperature for _ in range(args.num_samples)]
         check_sampling_args(temps, args.length, args.top_k, args.top_p)
         if args.which not in ("latest", "best") and not args.which.isdigit():
