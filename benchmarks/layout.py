@@ -50,7 +50,8 @@ def markdown(out: dict) -> str:
     lines = [f"# Per-step recurrent product, row-major vs transposed carry ({machine.describe_line(out['machine'])})",
              "",
              "Median us per step of a loop of dependent steps (product, tanh, carry fed back), the layouts taking "
-             f"turns. `chosen`: the transposed layout was at least {out.get('margin', 1.1)}x faster, so `lstm_jax.dispatch` "
+             f"turns. `chosen`: the transposed layout was at least {out.get('margin', 1.1)}x faster, so "
+             "`lstm_jax.dispatch` "
              "would hold the carry transposed at that shape on this machine. Command: `python -m benchmarks.layout`.",
              "",
              "| cell | N | H | row-major us | transposed us | speed-up | chosen |", "|---|---|---|---|---|---|---|"]

@@ -37,7 +37,7 @@ try:
     from flax import nnx
 except ImportError as err:  # pragma: no cover - only without flax or with a Flax older than NNX
     raise ImportError(
-        f"lstm_jax.nnx needs Flax with the NNX API (flax >= 0.8, from flax import nnx): {err}. "
+        f"lstm_jax.nnx needs Flax with the NNX API (flax >= 0.12, from flax import nnx): {err}. "
         "Upgrade with pip install -U flax, or use the functional RecurrentStack / lstm_jax.linen."
     ) from None
 
