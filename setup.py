@@ -4,9 +4,14 @@ Everything else is in pyproject.toml. The extension needs a C++ compiler, jaxlib
 and the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (build requirements on Linux
 x86-64). If any is missing the build prints one line and the install goes on: ``lstm_jax`` then
 runs its pure-JAX layers (``lstm_jax.onednn.available()`` is False and ``unavailable_reason()`` says why).
+
+Beside the extension the build writes ``_onednn_lstm.build.json`` with the jaxlib whose FFI headers
+it was compiled against: XLA accepts handlers built with older headers, not newer ones, so the
+loader refuses the extension under an older jaxlib instead of letting it stop JAX's CPU backend.
 """
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -32,6 +37,8 @@ class OptionalBuildExt(build_ext):
                                  str(_wheel_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp").parents[2])]
             ext.library_dirs += [str(_wheel_file("onednn-cpu-gomp", "lib/libdnnl.so.3").parent)]
             super().build_extension(ext)
+            built = Path(self.get_ext_fullpath(ext.name))
+            built.with_name("_onednn_lstm.build.json").write_text(json.dumps({"jaxlib": jaxlib.__version__}) + "\n")
         except Exception as e:  # optional: never fail the install over it
             print(f"lstm_jax: the oneDNN extension was not built ({type(e).__name__}: {e}); "
                   f"the pure-JAX layers will be used.")

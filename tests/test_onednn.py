@@ -366,3 +366,20 @@ def test_trainer_names_a_wrong_impl():
     model = CharLM(CharLMConfig(10, hidden_size=8, num_layers=1))
     with pytest.raises(ConfigError, match="impl must be one of 'auto', 'scan', 'fused', 'onednn', got 'cudnn'"):
         Trainer(model, TrainConfig(batch_size=2, seq_len=5), np.arange(200) % 10, impl="cudnn")
+
+
+def test_an_extension_built_against_a_newer_jaxlib_is_refused_with_a_reason(tmp_path):
+    """XLA accepts FFI handlers built with older headers only: the loader reads the build's record
+    and refuses a newer one (it would stop JAX's CPU backend), naming both versions."""
+    import jaxlib
+
+    record = tmp_path / "_onednn_lstm.build.json"
+    record.write_text(json.dumps({"jaxlib": "999.0.0"}))
+    reason = kernel._built_against_newer_jaxlib(record)
+    assert reason.startswith("the extension was built against jaxlib 999.0.0, newer than this process's jaxlib "
+                             f"{jaxlib.__version__}; reinstall")
+    for same_or_older in (jaxlib.__version__, "0.7.1"):
+        record.write_text(json.dumps({"jaxlib": same_or_older}))
+        assert kernel._built_against_newer_jaxlib(record) is None
+    record.write_text("{damaged")
+    assert kernel._built_against_newer_jaxlib(record) is None  # no usable record: loaded as before

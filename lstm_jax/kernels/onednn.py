@@ -26,7 +26,9 @@ import ctypes
 import functools
 import glob
 import importlib.metadata
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,26 @@ def _libdnnl() -> Path | None:
     return Path(hits[0]) if hits else None
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def _built_against_newer_jaxlib(record: Path | None = None) -> str | None:
+    """Why the extension must not load, when it was compiled against a newer jaxlib's FFI headers
+    than the one running (its handlers would stop JAX's CPU backend from starting), else None."""
+    import jaxlib
+
+    try:
+        record = record or Path(__file__).parent / "_onednn_lstm.build.json"
+        built = json.loads(record.read_text())["jaxlib"]
+    except (OSError, ValueError, KeyError):
+        return None  # a build from before the record was written: load it as before
+    if _version(built) <= _version(jaxlib.__version__):
+        return None
+    return (f"the extension was built against jaxlib {built}, newer than this process's jaxlib "
+            f"{jaxlib.__version__}; reinstall lstm-jax with this jaxlib (pip install --no-build-isolation .)")
+
+
 def _load() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]
@@ -71,6 +93,8 @@ def _load() -> ctypes.CDLL | None:
         dnnl = _libdnnl()
         if not ext:
             reason = "the extension was not built (pip install needs g++ and the onednn-cpu-gomp wheels)"
+        elif (newer := _built_against_newer_jaxlib()) is not None:
+            reason = newer
         elif dnnl is None:
             reason = "libdnnl.so.3 not found: pip install onednn-cpu-gomp==2023.2.0"
         else:
