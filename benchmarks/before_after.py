@@ -66,9 +66,10 @@ def main() -> None:
     p.add_argument("before")
     p.add_argument("after")
     p.add_argument("--rounds", type=int, default=2, help="runs per commit, the commits taking turns")
-    p.add_argument("speed_args", nargs=argparse.REMAINDER, help="after --: the arguments of benchmarks.speed")
-    args = p.parse_args()
-    speed_args = [a for a in args.speed_args if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    speed_args = argv[cut + 1:]  # after --: the arguments of benchmarks.speed
     refs = {"before": _git("rev-parse", "--short", args.before), "after": _git("rev-parse", "--short", args.after)}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
