@@ -17,6 +17,7 @@ import jax
 from lstm_jax.dispatch import measure as _measure
 from lstm_jax.dispatch import plan as _plan
 from lstm_jax.dispatch.switches import ONEDNN as ENV
+from lstm_jax.kernels import onednn as _kernel
 from lstm_jax.kernels.onednn import (
     cores_per_device,
     one_hot_inputs,
@@ -24,7 +25,6 @@ from lstm_jax.kernels.onednn import (
     onednn_lstm,
     supports,
 )
-from lstm_jax.kernels.onednn import embedding_rows as _embedding_rows
 
 __all__ = ["available", "unavailable_reason", "supports", "pays", "measure", "cores_per_device", "onednn_lstm",
            "onednn_gru", "one_hot_inputs", "embedded_inputs", "ENV", "MEASURE_VERSION"]
@@ -49,8 +49,5 @@ def embedded_inputs(ids: jax.Array, embedding: jax.Array, w_x: jax.Array,
     """Token ids ``(T, N)`` through an embedding ``(V, E)`` and the input kernel ``w_x (E, G*H)``
     as the inputs and kernel oneDNN multiplies, on the route the dispatch takes: the embedding rows
     where they are the narrower input, else the one-hot of the vocabulary and the folded table."""
-    from lstm_jax.core.products import folded_table
-
-    if _plan.embedding_route(embedding.shape[0], embedding.shape[1], dtype) == "rows":
-        return _embedding_rows(ids, embedding, w_x, dtype)
-    return one_hot_inputs(ids, folded_table(embedding, w_x, dtype), dtype)
+    route = _plan.embedding_route(embedding.shape[0], embedding.shape[1], dtype)
+    return _kernel.routed_inputs(route, ids, w_x, dtype, embedding)

@@ -104,12 +104,8 @@ def onednn_layer(steps: int, batch: int, features: int, hidden: int, dtype: Any 
         return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, dtype, 1, *fused)[2])
 
     def through_onednn(x, w_x, w_h, b, b_h, table, threads):
-        if embed and route == "rows":
-            x, w_x = onednn.embedding_rows(ids, table, w_x, dtype)
-        elif embed:
-            x, w_x = onednn.one_hot_inputs(ids, folded_table(table, w_x, dtype), dtype)
-        elif tokens:
-            x, w_x = onednn.one_hot_inputs(ids, w_x, dtype)
+        if tokens:
+            x, w_x = onednn.routed_inputs(route, ids, w_x, dtype, table if embed else None)
         if cell == "gru":
             return jnp.sum(onednn.onednn_gru(x, w_x, w_h, b, b_h, zeros, dtype, threads)[1])
         return jnp.sum(onednn.onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])

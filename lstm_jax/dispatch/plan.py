@@ -152,8 +152,8 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
         route = "features" if not tokens else embedding_route(features, embed, cell.dtype) if embed else "one_hot"
         threads = (onednn.cores_per_device() if impl == "onednn"
                    else onednn_threads(steps, rows, features, hidden, cell.dtype, tokens, dnn, embed))
-        if threads:
-            return Plan("onednn", threads=threads, route=route)
+        if threads:  # loop_factors: for the fused kernel that runs it off CPU
+            return Plan("onednn", threads=threads, route=route, loop_factors=loop_factors(hidden))
     gates = {"lstm": 4, "gru": 3}.get(kind)
     transposed = bool(gates) and platform == "cpu" and transposed_carry_pays(rows, hidden, gates, cell.dtype)
     return Plan("fused", transposed=transposed, loop_factors=loop_factors(hidden))

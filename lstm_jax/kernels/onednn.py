@@ -39,9 +39,10 @@ import numpy as np
 
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.host import usable_cores
+from lstm_jax.core.products import folded_table
 
 __all__ = ["loaded", "load_failure", "supports", "cores_per_device", "onednn_lstm", "onednn_gru", "one_hot_inputs",
-           "embedding_rows", "block", "GATES"]
+           "embedding_rows", "routed_inputs", "block", "GATES"]
 
 _TARGETS = {"lstm": ("lstm_jax_onednn_lstm_forward", "lstm_jax_onednn_lstm_backward"),
             "gru": ("lstm_jax_onednn_gru_forward", "lstm_jax_onednn_gru_backward")}
@@ -173,6 +174,18 @@ def embedding_rows(ids: jax.Array, embedding: jax.Array, w_x: jax.Array,
     pad = -embedding.shape[1] % block(dt)
     rows = jnp.take(jnp.pad(embedding, ((0, 0), (0, pad))).astype(dt), ids, axis=0)
     return rows, jnp.pad(w_x, ((0, pad), (0, 0)))
+
+
+def routed_inputs(route: str, x: jax.Array, w_x: jax.Array, dtype: Any = None,
+                  embedding: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The inputs and input kernel oneDNN multiplies on ``route``: ``'features'`` (``x`` as given),
+    ``'one_hot'`` (token ids as the one-hot of the vocabulary, through the folded table
+    ``embedding @ w_x`` when there is an embedding) or ``'rows'`` (the embedding's rows)."""
+    if route == "rows":
+        return embedding_rows(x, embedding, w_x, dtype)
+    if route == "one_hot":
+        return one_hot_inputs(x, w_x if embedding is None else folded_table(embedding, w_x, dtype), dtype)
+    return x, w_x
 
 
 def block(dtype: Any = None) -> int:

@@ -19,7 +19,6 @@ import numpy as np
 from lstm_jax import dispatch
 from lstm_jax.core.cells import Cell, LSTMCarry, LSTMCell, RNNCell
 from lstm_jax.core.errors import ConfigError
-from lstm_jax.core.products import folded_table
 from lstm_jax.core.scan import (
     check_embedding,
     check_lengths,
@@ -144,13 +143,7 @@ def _run_onednn(cell: Cell, params: dict, x: Array, carry: Any, batch_shape: tup
     flat = jax.tree.map(lambda a: a.reshape(-1, hidden), carry)
 
     def on_cpu(xs, params, flat):
-        w_x = params["input_kernel"]
-        if plan.route == "rows":
-            xs, w_x = onednn.embedding_rows(xs, params["embedding"], w_x, cell.dtype)
-        elif plan.route == "one_hot":
-            if "embedding" in params:
-                w_x = folded_table(params["embedding"], w_x, cell.dtype)
-            xs, w_x = onednn.one_hot_inputs(xs, w_x, cell.dtype)
+        xs, w_x = onednn.routed_inputs(plan.route, xs, params["input_kernel"], cell.dtype, params.get("embedding"))
         w = (xs, w_x, params["recurrent_kernel"], params["bias"])
         if isinstance(cell, LSTMCell):
             h, c, ys = onednn.onednn_lstm(*w, flat.h, flat.c, cell.dtype, plan.threads)
@@ -159,7 +152,7 @@ def _run_onednn(cell: Cell, params: dict, x: Array, carry: Any, batch_shape: tup
 
     def elsewhere(xs, params, flat):
         params = fold_embedding(cell, params)
-        fused = dispatch.Plan("fused", loop_factors=plan.loop_factors)
+        fused = dispatch.Plan("fused", loop_factors=plan.loop_factors)  # row-major off CPU
         return _run_fused(cell, params, cell.input_projection(params, xs), flat, xs.shape[1:2], False, unroll, fused)
 
     flat, ys = jax.lax.platform_dependent(xs, params, flat, cpu=on_cpu, default=elsewhere)
