@@ -7,8 +7,9 @@ tensors are converted with ``.detach().cpu().numpy()``; Flax params are already 
   ``num_layers``, ``bidirectional``; ``batch_first`` only changes the input layout, so pass
   ``time_major=not batch_first`` when applying) and returns ``(RecurrentStack, params)``.
 * ``from_flax_lstm(params)`` takes the params of a Flax linen ``LSTMCell`` or
-  ``OptimizedLSTMCell``; ``from_flax_gru(params)`` those of a ``GRUCell``. Both return
-  ``(cell, params)``. Flax's LSTM carry is ``(c, h)``; ours is ``LSTMCarry(h=h, c=c)``.
+  ``OptimizedLSTMCell``; ``from_flax_gru(params)`` those of a ``GRUCell``;
+  ``from_flax_mgu(params, reset_gate=...)`` those of an ``MGUCell``. All return ``(cell, params)``.
+  Flax's LSTM carry is ``(c, h)``; ours is ``LSTMCarry(h=h, c=c)``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax.core.cells import GRUCell, LSTMCell, RNNCell
+from lstm_jax.core.cells import GRUCell, LSTMCell, MGUCell, RNNCell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.layers.sequence import RecurrentStack
 
-__all__ = ["from_torch", "from_flax_lstm", "from_flax_gru"]
+__all__ = ["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu"]
 
 _TORCH_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
@@ -120,3 +121,61 @@ def from_flax_gru(params: Mapping[str, Any]) -> tuple[GRUCell, dict]:
         "bias": jnp.asarray(np.concatenate([_np(i[g]["bias"]) for g in "rzn"])),
         "recurrent_bias": jnp.asarray(np.concatenate([zeros, zeros, _np(h["n"]["bias"])])),
     }
+
+
+def _flat_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'if': {'kernel': k}}`` -> ``{'if/kernel': k}``; leaves are anything but a non-empty mapping."""
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat_paths(value, f"{prefix}/{key}" if prefix else str(key)))
+    return flat
+
+
+def _mgu_paths(reset_gate: bool) -> list[str]:
+    return ["if/kernel", "if/bias", "hf/kernel", "in/kernel", "in/bias", "hn/kernel"] + (
+        ["hn/bias"] if reset_gate else [])
+
+
+def from_flax_mgu(flax_params: Mapping[str, Any], reset_gate: bool = True) -> tuple[MGUCell, dict]:
+    """Convert Flax linen ``MGUCell(reset_gate=reset_gate)`` params (``{'params': ...}`` or inner).
+
+    Flax's ``f = sigmoid(W_if x + b_if + W_hf h)``, ``n = tanh(W_in x + b_in + f * (W_hn h + b_hn))``
+    (``+ W_hn h`` without the reset gate, and no ``b_hn``) map onto ``MGUCell``'s fused ``f, n``
+    kernels; ``b_hn`` becomes the ``n`` slice of ``recurrent_bias``. Every weight is placed: a tree
+    with an entry this conversion cannot place, or without one it needs, raises ``ConfigError``.
+    """
+    if not isinstance(flax_params, Mapping):
+        raise ConfigError(f"from_flax_mgu: flax_params must be a mapping of a linen MGUCell's params, "
+                          f"got {type(flax_params).__name__}.")
+    if "params" in flax_params:  # a variables dict: other collections are entries it cannot place
+        others = {k: v for k, v in flax_params.items() if k != "params"}
+        flat = {**(_flat_paths(others) if others else {}), **_flat_paths(flax_params["params"])}
+    else:
+        flat = _flat_paths(flax_params)
+    expected = _mgu_paths(reset_gate)
+    extra, missing = sorted(set(flat) - set(expected)), sorted(set(expected) - set(flat))
+    if extra or missing:
+        hint = (f"; that is a linen MGUCell(reset_gate={not reset_gate}), so pass reset_gate={not reset_gate}"
+                if (extra, missing) in ((["hn/bias"], []), ([], ["hn/bias"])) else "")
+        found = " and ".join(([f"has unexpected {extra}"] if extra else []) + ([f"lacks {missing}"] if missing else []))
+        raise ConfigError(f"from_flax_mgu: flax_params must hold exactly the entries {expected} of a linen "
+                          f"MGUCell(reset_gate={reset_gate}), but {found}{hint}.")
+    w = {k: _np(v) for k, v in flat.items()}
+    n_in, hidden = w["if/kernel"].shape if w["if/kernel"].ndim == 2 else (1, 0)
+    shapes = {k: ((n_in, hidden) if k[0] == "i" else (hidden, hidden)) if k.endswith("kernel") else (hidden,)
+              for k in expected}
+    wrong = {k: w[k].shape for k in expected if w[k].shape != shapes[k] or not hidden}
+    if wrong:
+        want = {k: shapes[k] for k in wrong} if hidden else "(I, H) input kernels, (H, H) recurrent ones, (H,) biases"
+        raise ConfigError(f"from_flax_mgu: flax_params' weights must have the shapes {want} of one MGUCell "
+                          f"layer, got {wrong}.")
+    params = {
+        "input_kernel": jnp.asarray(np.concatenate([w["if/kernel"], w["in/kernel"]], axis=1)),
+        "recurrent_kernel": jnp.asarray(np.concatenate([w["hf/kernel"], w["hn/kernel"]], axis=1)),
+        "bias": jnp.asarray(np.concatenate([w["if/bias"], w["in/bias"]])),
+    }
+    if reset_gate:
+        params["recurrent_bias"] = jnp.asarray(np.concatenate([np.zeros(hidden, np.float32), w["hn/bias"]]))
+    return MGUCell(hidden, reset_gate=reset_gate), params

@@ -1,4 +1,4 @@
-"""Recurrent cells as pure functions over plain pytrees: LSTM, GRU and a plain (Elman) RNN.
+"""Recurrent cells as pure functions over plain pytrees: LSTM, GRU, MGU and a plain (Elman) RNN.
 
 Each cell is a small immutable (frozen, hashable) description with three pure functions, in the
 style of optax's ``GradientTransformation``::
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.products import matmul
 
-__all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "RNNCell", "LeakyRNNCell", "Cell", "make_cell"]
+__all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "Cell", "make_cell"]
 
 Array = jax.Array
 Params = dict
@@ -58,7 +58,7 @@ zeros: Initializer = jax.nn.initializers.zeros
 
 @dataclasses.dataclass(frozen=True)
 class _FusedCell:
-    """Shared machinery of the three cells: parameters, input projection and validation."""
+    """Shared machinery of the cells: parameters, input projection and validation."""
 
     hidden_size: int
     dtype: Any = None
@@ -250,6 +250,72 @@ class GRUCell(_FusedCell):
         return h, h
 
 
+@dataclasses.dataclass(frozen=True)
+class MGUCell(_FusedCell):
+    r"""Minimal gated unit (Zhou et al. 2016, arXiv:1603.09420): a GRU whose one forget gate ``f``
+    also plays the reset gate. Gates fused in the order ``f, n``; equations as Flax linen's
+    ``MGUCell``. With ``reset_gate=True`` (the default) ``f`` scales the recurrent product, bias
+    included, so one recurrent matmul serves both gates::
+
+        a = x @ W_i + b                    # (..., 2H) -> a_f, a_n
+        u = h @ W_h + b_h                  # (..., 2H) -> u_f, u_n
+        f = sigmoid(a_f + u_f)
+        n = tanh(a_n + f * u_n)
+        h' = (1 - f) * n + f * h           # output y = h': f keeps the old state
+
+    With ``reset_gate=False`` (Flax's variant) the candidate is ungated and there is no recurrent
+    bias; ``f`` still mixes the old state and the candidate, so there are two gates either way::
+
+        f = sigmoid(a_f + h @ W_hf);  n = tanh(a_n + h @ W_hn)
+
+    Parameters (``I`` input features or vocabulary size, ``H = hidden_size``):
+    ``input_kernel (I, 2H)`` Glorot-uniform, ``recurrent_kernel (H, 2H)`` orthogonal,
+    ``bias (2H,)`` zeros with the forget-gate slice set to ``forget_bias`` (1.0, as Flax's
+    ``forget_bias_init=ones``), and with ``reset_gate`` also ``recurrent_bias (2H,)`` zeros (only
+    its ``n`` slice sits inside the gated product; its ``f`` slice just adds to ``bias``).
+    Carry: the hidden state ``h`` of shape ``(*batch, H)``.
+
+    Warning:
+      Flax keeps four separate ``Dense`` layers (``if``, ``hf``, ``in``, ``hn``) initialised with
+      LeCun-normal input kernels; here the kernels are fused and the input kernels Glorot-uniform,
+      as the other cells (import Flax's weights with ``lstm_jax.interop.from_flax_mgu``). Flax's
+      ``f`` multiplies the old state, so ``1 - f`` is what lets new input in.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> cell = MGUCell(hidden_size=8)
+        >>> params = cell.init(jax.random.key(0), input_size=3)
+        >>> carry, y = cell.apply(params, cell.initial_carry((2,)), jnp.ones((2, 3)))
+        >>> y.shape, params["recurrent_kernel"].shape
+        ((2, 8), (8, 16))
+    """
+
+    reset_gate: bool = True
+    forget_bias: float = 1.0
+    num_gates = 2
+
+    def init(self, key: Array, input_size: int) -> Params:
+        k_cell, k_rb = jax.random.split(key)
+        params = super().init(k_cell, input_size)
+        params["bias"] = params["bias"].at[: self.hidden_size].add(self.forget_bias)
+        if self.reset_gate:
+            params["recurrent_bias"] = self.bias_init(k_rb, (2 * self.hidden_size,), self.param_dtype)
+        return params
+
+    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+        h = carry
+        a_f, a_n = jnp.split(x_proj, 2, axis=-1)
+        u = self.recurrent_projection(params, h)
+        if self.reset_gate:
+            u = u + params["recurrent_bias"]
+        u_f, u_n = jnp.split(u, 2, axis=-1)
+        f = jax.nn.sigmoid(a_f + u_f)
+        n = jnp.tanh(a_n + f * u_n if self.reset_gate else a_n + u_n)
+        h = (1.0 - f) * n + f * h
+        return h, h
+
+
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
@@ -315,12 +381,13 @@ class LeakyRNNCell(_FusedCell):
         return h, h
 
 
-Cell = LSTMCell | GRUCell | RNNCell | LeakyRNNCell
-CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell, "leaky_rnn": LeakyRNNCell}
+Cell = LSTMCell | GRUCell | MGUCell | RNNCell | LeakyRNNCell
+CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "mgu": MGUCell, "rnn": RNNCell,
+                               "leaky_rnn": LeakyRNNCell}
 
 
 def make_cell(kind: str, hidden_size: int, **options: Any) -> Cell:
-    """Build a cell by name (``'lstm'``, ``'gru'``, ``'rnn'`` or ``'leaky_rnn'``), checking every option.
+    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'`` or ``'leaky_rnn'``), checking every option.
 
     Unknown names or options raise ``ConfigError`` listing the valid ones, e.g.
     ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)``.

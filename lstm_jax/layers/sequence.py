@@ -52,7 +52,7 @@ def scan_cell(
     """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
 
     Args:
-      cell: an ``LSTMCell``, ``GRUCell``, ``RNNCell`` or ``LeakyRNNCell``.
+      cell: an ``LSTMCell``, ``GRUCell``, ``MGUCell``, ``RNNCell`` or ``LeakyRNNCell``.
       params: the cell's params (``cell.init``). A ``token_inputs`` cell's params may also hold an
         ``'embedding'`` table ``(V, E)``; the ``input_kernel`` is then ``(E, G*H)`` and step t's
         input is ``embedding[x_t] @ input_kernel``. The fused layer gathers rows of the folded
