@@ -40,7 +40,7 @@ def measure(steps: int, batch: int, features: int, hidden: int, dtype: Any = Non
             embed: int = 0) -> dict:
     """Median seconds of one layer's training pass, ``'fused'`` and oneDNN with each count in
     ``threads`` (``lstm_jax.dispatch.measure.onednn_layer``, on the routes the dispatch would take)."""
-    route = _plan.embedding_route(features, embed, dtype) if embed else "one_hot"
+    route = _plan.input_route(tokens, features, embed, dtype)
     return _measure.onednn_layer(steps, batch, features, hidden, dtype, threads, tokens, cell, embed, route)
 
 

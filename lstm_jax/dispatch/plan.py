@@ -50,9 +50,9 @@ from lstm_jax.dispatch import cache, measure, switches
 from lstm_jax.kernels import onednn
 
 __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_kind", "transposed_carry_pays",
-           "loop_factors", "onednn_threads", "onednn_ready", "onednn_unavailable_reason", "embedding_route",
-           "measuring", "decisions", "LAYOUT_STEP_FLOPS", "ONEDNN_MIN_LAYER_FLOPS", "ONEDNN_MEASURE_VERSION",
-           "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS"]
+           "loop_factors", "onednn_threads", "onednn_ready", "onednn_unavailable_reason", "input_route",
+           "embedding_route", "measuring", "decisions", "LAYOUT_STEP_FLOPS", "ONEDNN_MIN_LAYER_FLOPS",
+           "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS"]
 
 IMPLS = ("auto", "scan", "fused", "onednn")
 LAYOUT_STEP_FLOPS = (2 * 2**20, 2 * 2**28)  # per-step product h @ W_h: where the carry layout can matter
@@ -149,7 +149,7 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
     platform = platform or jax.default_backend()
     hidden = cell.hidden_size
     if dnn and platform == "cpu" and impl in ("auto", "onednn"):
-        route = "features" if not tokens else embedding_route(features, embed, cell.dtype) if embed else "one_hot"
+        route = input_route(tokens, features, embed, cell.dtype)
         threads = (onednn.cores_per_device() if impl == "onednn"
                    else onednn_threads(steps, rows, features, hidden, cell.dtype, tokens, dnn, embed))
         if threads:  # loop_factors: for the fused kernel that runs it off CPU
@@ -164,6 +164,14 @@ def loop_factors(hidden: int) -> bool:
     (rule 4: small layers, whose gates are still in cache; larger ones do it in one vectorised
     pass, as elementwise work inside the loop runs on one core)."""
     return hidden <= LOOP_FACTORS_MAX_HIDDEN
+
+
+def input_route(tokens: bool, features: int, embed: int = 0, dtype: Any = None) -> str:
+    """How a layer's inputs reach oneDNN: ``'features'`` (float features as given), else for token
+    ids ``'one_hot'`` or, through an embedding of width ``embed``, ``embedding_route``'s choice."""
+    if not tokens:
+        return "features"
+    return embedding_route(features, embed, dtype) if embed else "one_hot"
 
 
 def embedding_route(vocab: int, embed: int, dtype: Any = None) -> str:
@@ -214,7 +222,7 @@ def onednn_threads(steps: int, batch: int, features: int, hidden: int, dtype: An
 
     def timed() -> dict:
         fused = (transposed_carry_pays(batch, hidden, onednn.GATES[cell], dtype), loop_factors(hidden))
-        route = embedding_route(features, embed, dtype) if embed else "one_hot"
+        route = input_route(tokens, features, embed, dtype)
         seconds = measure.onednn_layer(steps, batch, features, hidden, dtype, sorted({1, cores}), tokens, cell,
                                        embed, route, fused, ROUNDS)
         best = min((t, k) for k, t in seconds.items() if k != "fused")
