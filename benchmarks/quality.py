@@ -2,9 +2,13 @@
 
 Trains train.py's default configuration (or the flags given) on the state_union corpus for
 ``--minutes`` of training time, measuring validation bpc over the whole held-out 2002-2006 text
-every ``--eval-every`` minutes (evaluation time is not counted). With ``--peer torch`` the
-PyTorch reference (nn.LSTM, embedding 64, 2x256, RMSprop lr 2e-3, clip 5, B=64, T=100,
-truncated BPTT) runs in the same process afterwards, under the same protocol.
+every ``--eval-every`` minutes (evaluation time is not counted). The run's length follows
+train.py's ``--minutes`` rule (``lstm_jax.charlm.budget``): the compiled step is timed on a scratch
+state, the step count that fits the budget is fixed, and a cosine schedule spans it (with
+``--lr-schedule cosine``, the default). With ``--peer torch`` the PyTorch reference (nn.LSTM,
+embedding 64, 2x256, RMSprop lr 2e-3, clip 5, B=64, T=100, truncated BPTT; float32) runs in the
+same process afterwards under the same protocol and the same rule: its step timed on a scratch
+copy, its cosine (to 10%) over the steps that fit.
 
     NLTK_DATA=../shared/nltk_data python -m benchmarks.quality --minutes 8 --peer torch
 
@@ -14,6 +18,7 @@ Writes benchmarks/results/quality.json, quality.md and quality.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -26,6 +31,7 @@ import numpy as np
 
 from benchmarks import machine
 from lstm_jax import runtime
+from lstm_jax.charlm import budget
 from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
@@ -41,24 +47,26 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
     mesh = parallel.data_mesh(devices)
     trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
                       config["epochs"], mesh, impl)
-    state = trainer.init_state()
-    state, _ = trainer.run_chunk(state, trainer.chunk_sizes(0)[0])  # compile (and one chunk) untimed
+    costs = budget.measure_costs(trainer, lambda state: None)  # compiled, timed on a scratch state
+    total = trainer.schedule_steps = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch)
+    print(f"lstm_jax {1e3 * costs.step_s:.1f} ms per step: {total} steps planned", flush=True)
     state = trainer.init_state()
     curve, train_s, next_eval, recent = [], 0.0, eval_every * 60, []
-    while train_s < minutes * 60:
-        for n in trainer.chunk_sizes(int(state.step)):
+    while train_s < minutes * 60 and int(state.step) < total:
+        for n in trainer.chunk_sizes(int(state.step), total):
             t0 = time.perf_counter()
             state, losses = trainer.run_chunk(state, n)
             train_s += time.perf_counter() - t0
             recent = (recent + list(losses))[-200:]
-            if train_s >= next_eval or train_s >= minutes * 60:
+            done = train_s >= minutes * 60 or int(state.step) >= total
+            if train_s >= next_eval or done:
                 val = evaluate_bpc(model, state.params, val_ids, 16, mesh=mesh)
                 curve.append(dict(minutes=train_s / 60, step=int(state.step),
                                   train_bpc=float(nats_to_bpc(np.mean(recent))), val_bpc=val))
                 print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} "
                       f"train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
                 next_eval += eval_every * 60
-                if train_s >= minutes * 60:
+                if done:
                     return curve
     return curve
 
@@ -81,11 +89,43 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
             return self.out(y), state
 
     net = Net()
-    opt = torch.optim.RMSprop(net.parameters(), lr=2e-3)
     b, t = 64, 100
     n = len(train_ids) // b
     data = torch.from_numpy(np.asarray(train_ids[: b * n], np.int64).reshape(b, n))
     spe = (n - 1) // t
+
+    def train_step(net, opt, sched, step, state):
+        s = step % spe
+        if s == 0:
+            state = None
+        x, y = data[:, s * t : s * t + t], data[:, s * t + 1 : s * t + t + 1]
+        logits, state = net(x, state)
+        state = tuple(h.detach() for h in state)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        return loss.item(), state
+
+    def cosine(total):  # as lstm_jax's cosine_schedule: to 10% over the planned steps
+        return lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    # the same rule as lstm_jax's: the step timed on a scratch copy, then the steps that fit, planned
+    scratch = copy.deepcopy(net)
+    scratch_opt = torch.optim.RMSprop(scratch.parameters(), lr=2e-3)
+    scratch_sched = torch.optim.lr_scheduler.LambdaLR(scratch_opt, lambda step: 1.0)
+    state = train_step(scratch, scratch_opt, scratch_sched, 0, None)[1]
+    t0 = time.perf_counter()
+    for step in range(1, 21):
+        state = train_step(scratch, scratch_opt, scratch_sched, step, state)[1]
+    step_s = (time.perf_counter() - t0) / 20
+    total = budget.plan_total_steps(minutes * 60, budget.Costs(step_s, 0.0), spe)
+    print(f"torch    {1e3 * step_s:.1f} ms per step: {total} steps planned", flush=True)
+    del scratch, scratch_opt, scratch_sched
+    opt = torch.optim.RMSprop(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(total))
 
     def val_bpc():
         ids = np.asarray(val_ids, np.int64)
@@ -102,23 +142,13 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
         return total / (streams * length) / math.log(2)
 
     curve, train_s, next_eval, recent, step, state = [], 0.0, eval_every * 60, [], 0, None
-    while train_s < minutes * 60:
+    while train_s < minutes * 60 and step < total:
         t0 = time.perf_counter()
-        s = step % spe
-        if s == 0:
-            state = None
-        x, y = data[:, s * t : s * t + t], data[:, s * t + 1 : s * t + t + 1]
-        logits, state = net(x, state)
-        state = tuple(h.detach() for h in state)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        opt.step()
-        recent = (recent + [loss.item()])[-200:]
+        loss, state = train_step(net, opt, sched, step, state)
+        recent = (recent + [loss])[-200:]
         step += 1
         train_s += time.perf_counter() - t0
-        if train_s >= next_eval or train_s >= minutes * 60:
+        if train_s >= next_eval or train_s >= minutes * 60 or step >= total:
             val = val_bpc()
             curve.append(dict(minutes=train_s / 60, step=step, train_bpc=float(np.mean(recent) / math.log(2)),
                               val_bpc=val))
@@ -137,6 +167,8 @@ def main() -> None:
     p.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
     args, flags = p.parse_known_args()
     train_args = train_script.parse_args(flags)
+    if train_args.epochs is not None or train_args.total_steps is not None:
+        p.error("the run's length and schedule are planned from --minutes here; drop --epochs and --total-steps.")
     parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
     config = train_script.resolve_config(train_args, None)
     most = parallel.devices_for_batch(config["batch_size"])

@@ -61,7 +61,7 @@ def child(args) -> None:
     model = CharLM(CharLMConfig(92, cell=args.cell, hidden_size=h, num_layers=layers, embed_size=64))
     trainer = Trainer(model, TrainConfig(batch_size=b, seq_len=t, chunk_steps=args.chunk), ids, mesh=mesh)
     state = trainer.init_state()
-    hlo = trainer._chunk.lower(state, trainer.data, num_steps=args.chunk).compile().as_text()
+    hlo = trainer.lower(state, args.chunk).compile().as_text()
     for _ in range(2):  # compile and warm up
         state, _ = trainer.run_chunk(state, args.chunk)
     times = []

@@ -338,7 +338,7 @@ def test_fastest_setup_times_whole_trainer_steps_for_each_layer_and_caches_the_a
     monkeypatch.setattr(Trainer, "run_chunk", lambda *a: pytest.fail("measured again"))
     assert fastest_setup(model, config, train_ids, [1], steps=2, rounds=1) == setup
     trainer = Trainer(model, config, train_ids, impl=setup.impl)  # what train.py then builds
-    hlo = trainer._chunk.lower(trainer.init_state(), trainer.data, num_steps=2).as_text()
+    hlo = trainer.lower(trainer.init_state(), 2).as_text()
     assert ("lstm_jax_onednn" in hlo) == (setup.impl == "auto")
 
 

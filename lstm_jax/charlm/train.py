@@ -4,6 +4,7 @@
     lstm-jax-train --preset keras               # the lesson's exact set-up (LSTM(128), one-hot, 40-char windows)
     lstm-jax-train --corpus my_texts/ --run-dir runs/mine --epochs 20
     lstm-jax-train --run-dir runs/char-lstm --epochs 8     # resumes the run in that folder
+    lstm-jax-train --minutes 8 --run-dir runs/8min  # as many steps as fit in 8 minutes here, cosine to the end
     lstm-jax-train --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one line per host
 
 (``python train.py ...`` in a clone of the repository runs the same.)
@@ -14,6 +15,11 @@ measurement at the first run says that is faster (``--cpu-devices 1`` to keep on
 
 After every epoch: validation bits-per-character over the held-out addresses, samples at
 several temperatures, an orbax checkpoint, a line of metrics.jsonl and bpc.png in the run folder.
+
+A run's length is ``--epochs``, ``--total-steps`` or ``--minutes`` (one of them). ``--minutes M``
+times this machine's steps and one validation before training, plans the step count that ends
+within M minutes of wall-clock time (``lstm_jax.charlm.budget``) and saves it with the run: the
+cosine ends at the budget, and a resumed run follows the same plan to the same last step.
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from lstm_jax import runtime
+from lstm_jax.charlm import budget
 from lstm_jax.charlm.checkpoint import (
     Checkpointer,
     RunLock,
@@ -49,13 +59,15 @@ MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dty
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
-FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS if k not in ("learning_rate", "chunk_steps"))
+FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS + ("minutes",)
+                   if k not in ("learning_rate", "chunk_steps"))
+LENGTH_FLAGS = ("epochs", "total_steps", "minutes")  # a run's length: one of them
 RUN_KEYS = ("run_dir", "resume", "devices", "cpu_devices", "coordinator", "num_processes", "process_id",
-            "peer_timeout", "distributed")
+            "peer_timeout", "distributed", "started", "cpu_devices_auto")
 DEFAULTS = dict(
     cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
-    corpus="state_union", val_from_year=2002, epochs=5,
+    corpus="state_union", val_from_year=2002, epochs=5, minutes=None,
     keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
 )
 # Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
@@ -78,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--run-dir", default="runs/char-lstm", help="run folder; an existing one is resumed [runs/char-lstm]")
     add("--resume", action="store_true", help="require an existing run in --run-dir and continue it")
     add("--epochs", type=int, help="total epochs to train to [5; keras preset 60]")
+    add("--total-steps", type=int, help="train this many steps instead of whole epochs (the cosine spans them)")
+    add("--minutes", type=float, help="train for this many minutes of wall-clock time: the step count (and the "
+                                      "cosine's length) is planned from this machine's measured speed")
     add("--preset", choices=["lm", "keras"], help="'lm': stateful next-char LM (default); 'keras': the lesson's set-up")
     add("--cell", choices=["lstm", "gru", "mgu", "rnn", "leaky_rnn"], help="recurrent cell [lstm]")
     add("--hidden-size", type=int, help="units per layer [256]")
@@ -116,6 +131,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in RUN_KEYS}
     preset = PRESETS.get(given.get("preset") or (saved or {}).get("preset"), {})
     config = {**DEFAULTS, **preset, **(saved or {}), **given}
+    check_length(given, saved, args.run_dir)
     if saved:
         clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k)]
         if clash:
@@ -124,6 +140,29 @@ def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
                 f"The run in {args.run_dir} was trained with --{k.replace('_', '-')} {saved.get(k)} but "
                 f"{given[k]} was given; drop the flag to resume it, or pass a new --run-dir.")
     return config
+
+
+def check_length(given: dict, saved: dict | None, run_dir) -> None:
+    """A run's length comes from one of ``--epochs``, ``--total-steps`` and ``--minutes``."""
+    if given.get("minutes") is not None and not given["minutes"] > 0:
+        raise ConfigError(f"--minutes must be a positive number of minutes, got {given['minutes']}.", "--minutes")
+    if given.get("total_steps") is not None and given["total_steps"] < 1:
+        raise ConfigError(f"--total-steps must be at least 1, got {given['total_steps']}.", "--total-steps")
+    named = [k for k in LENGTH_FLAGS if given.get(k) is not None]
+    if len(named) > 1:
+        a, b = (f"--{k.replace('_', '-')}" for k in named[:2])
+        raise ConfigError(f"{a} and {b} both set the run's length (and the schedule's); give one of them.", b)
+    if saved and named:
+        planned = "minutes" if saved.get("minutes") else "total_steps" if saved.get("total_steps") else "epochs"
+        if planned != "epochs" and named[0] != planned:
+            raise CheckpointError(
+                f"The run in {run_dir} was planned by --{planned.replace('_', '-')} "
+                f"{saved[planned]}, which fixed its schedule; drop --{named[0].replace('_', '-')} to resume it, "
+                f"or pass a new --run-dir.")
+        if planned == "epochs" and named[0] != "epochs":
+            raise CheckpointError(
+                f"The run in {run_dir} was planned by --epochs; --{named[0].replace('_', '-')} cannot change a "
+                f"started schedule: resume it with --epochs, or pass a new --run-dir.")
 
 
 def save_plot(run_dir: Path, rows: list[dict]) -> None:
@@ -142,15 +181,59 @@ def save_plot(run_dir: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def print_samples(model, params, vocab, train_ids, config, key) -> None:
+def samples_text(model, params, vocab, train_ids, config, key) -> str:
+    """The epoch's samples: a 40-character prime from the training text, continued at each temperature."""
     params = jax.device_get(params)  # replicated: this process's copy, sampled on its default device
     start = int(jax.random.randint(key, (), 0, len(train_ids) - 41))
     prime = train_ids[start : start + 40]
     temps = config["temperatures"]
     out = generate(model, params, prime, temps, config["sample_length"], jax.random.fold_in(key, 1))
-    print(f'----- prime: "{vocab.decode(prime)}"')
-    for t, row in zip(temps, out):
-        print(f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n")
+    lines = [f'----- prime: "{vocab.decode(prime)}"']
+    lines += [f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n" for t, row in zip(temps, out)]
+    return "\n".join(lines)
+
+
+def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, config: dict, mesh, started: float,
+                say) -> int:
+    """The step count that fits ``config['minutes']`` of wall-clock time counted from ``started``,
+    from this machine's measured step and epoch-end times (``lstm_jax.charlm.budget``); process 0's
+    plan in a run of several processes."""
+    with tempfile.TemporaryDirectory() as scratch_dir:  # the run folder gets nothing before the plan
+        # orbax saves are collective: with several processes the checkpoint is left to the margin
+        ckpt = Checkpointer(scratch_dir, keep=1, async_save=False) if jax.process_count() == 1 else None
+
+        def epoch_end(state):
+            bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
+            samples_text(model, state.params, vocab, train_ids, config, jax.random.PRNGKey(0))
+            if ckpt is not None:
+                epoch_end.calls += 1
+                ckpt.save(epoch_end.calls, state, {"epoch": epoch_end.calls, "val_bpc": bpc, "train_bpc": bpc})
+                ckpt.wait()
+            row = dict(epoch=1, train_bpc=bpc, val_bpc=bpc)
+            save_plot(Path(scratch_dir), [row, {**row, "epoch": 2}])
+
+        epoch_end.calls = 0
+        try:
+            costs = budget.measure_costs(trainer, epoch_end)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+    seconds = 60 * config["minutes"]
+    left = seconds - (time.monotonic() - started)
+    total = budget.plan_total_steps(left, costs, trainer.steps_per_epoch)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        total = int(multihost_utils.broadcast_one_to_all(np.int32(total)))
+    if total < 1:
+        need = (time.monotonic() - started + costs.step_s + costs.epoch_end_s) / 60 / (1 - budget.MARGIN)
+        raise ConfigError(
+            f"--minutes {config['minutes']:g} is too short to train here: compiling, timing and one validation "
+            f"took {time.monotonic() - started:.0f} s of it; give --minutes {math.ceil(need * 10) / 10:g} or more.",
+            "--minutes")
+    say(f"budget {config['minutes']:g} min: {1e3 * costs.step_s:.1f} ms per step, {costs.epoch_end_s:.1f} s per "
+        f"validation and samples, {time.monotonic() - started:.0f} s to set up; planned {total:,} steps "
+        f"({total / trainer.steps_per_epoch:.1f} epochs), the cosine ending there")
+    return total
 
 
 def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
@@ -166,6 +249,7 @@ def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = getattr(args, "started", None) or time.monotonic()  # a --minutes budget counts from here
     run_dir = Path(args.run_dir)
     main_process = parallel.is_main_process()
     say = print if main_process else (lambda *a, **k: None)
@@ -197,6 +281,11 @@ def run(args: argparse.Namespace) -> int:
         f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
     trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch
+    if config["minutes"] and not config["total_steps"]:  # a new budget run: its length, measured and fixed
+        config["total_steps"] = trainer.schedule_steps = plan_budget(
+            trainer, model, vocab, train_ids, val_ids, config, mesh, started, say)
+    end = config["total_steps"] or spe * config["epochs"]  # the last step
+    epochs = math.ceil(end / spe)
     lock = RunLock(run_dir).acquire() if main_process else None  # one trainer per folder
     if lock is not None and lock.took_over:
         say(f"warning: took over the lock of {run_dir} from {lock.took_over}, which ended without releasing it.",
@@ -221,10 +310,10 @@ def run(args: argparse.Namespace) -> int:
         if main_process:
             write_run_config(run_dir, {**config, "vocab": vocab.chars, "model": dataclasses.asdict(model.config)})
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        while int(state.step) < spe * config["epochs"]:
+        while int(state.step) < end:
             epoch = int(state.step) // spe + 1
-            bar = tqdm(total=spe, initial=int(state.step) % spe, desc=f"epoch {epoch}/{config['epochs']}",
-                       unit="step", dynamic_ncols=True, disable=not main_process)
+            bar = tqdm(total=min(spe, end - (epoch - 1) * spe), initial=int(state.step) % spe,
+                       desc=f"epoch {epoch}/{epochs}", unit="step", dynamic_ncols=True, disable=not main_process)
             chars_per_step = config["batch_size"] * (config["seq_len"] if config["preset"] == "lm" else 1)
             t0 = time.perf_counter()
 
@@ -236,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(len(losses))
 
             on_chunk.t = t0
-            state, losses = trainer.train_epoch(state, on_chunk)
+            state, losses = trainer.train_epoch(state, on_chunk, end)
             bar.close()
             seconds = time.perf_counter() - t0
             val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
@@ -246,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{row['chars_per_s']:,.0f} chars/s")
             if main_process:
                 key = jax.random.fold_in(jax.device_get(state.key), 10_000 + epoch)
-                print_samples(model, state.params, vocab, train_ids, config, key)
+                print(samples_text(model, state.params, vocab, train_ids, config, key))
             # The epoch's metrics line before its checkpoint: a run killed in between resumes from the
             # previous checkpoint and drops the line (above); killed after it, the line is there.
             rows.append(row)
@@ -255,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
                     f.write(json.dumps(row) + "\n")
                 save_plot(run_dir, rows)
             ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
-        say(f"done: {config['epochs']} epochs in {run_dir} (best validation bpc "
+        length = f"{end:,} steps" if config["total_steps"] else f"{config['epochs']} epochs"
+        say(f"done: {length} in {run_dir}, {time.monotonic() - started:.0f} s (best validation bpc "
             f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "
             f"sample with: lstm-jax-sample --checkpoint {run_dir}")
     finally:
@@ -269,7 +359,9 @@ def main(argv=None) -> int:
     runtime.tune_malloc()  # before this process allocates its arrays (lstm_jax.runtime)
     logging.getLogger("absl").setLevel(logging.ERROR)
     silence_background_errors()
+    started = time.monotonic()
     args = parse_args(argv)
+    args.started = started
     watchdog = None
     try:
         watchdog = start_processes(args)

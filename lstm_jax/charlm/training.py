@@ -58,6 +58,7 @@ class TrainConfig:
     optimizer: str = "rmsprop"
     learning_rate: float = 2e-3
     lr_schedule: str = "constant"  # or 'cosine' (decays to 10% over the run)
+    total_steps: int = 0  # the run's length in steps, which a cosine spans; 0: epochs x steps per epoch
     clip_norm: float = 5.0  # 0 disables clipping
     chunk_steps: int = 50
     seed: int = 0
@@ -68,6 +69,9 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "window_step", "chunk_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.", f"TrainConfig.{name}")
+        if self.total_steps < 0:
+            raise ConfigError(f"TrainConfig.total_steps must be >= 0 (0: epochs x steps per epoch), got "
+                              f"{self.total_steps}.", "TrainConfig.total_steps")
         if not self.learning_rate > 0:
             raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.",
                               "TrainConfig.learning_rate")
@@ -84,11 +88,25 @@ class TrainState(NamedTuple):
     carry: Any  # the recurrent state carried between steps (lm preset)
 
 
+def cosine_schedule(learning_rate: float, total_steps: int | Array, alpha: float = 0.1) -> Callable[[Array], Array]:
+    """``lr(step) = learning_rate * (alpha + (1 - alpha) * (1 + cos(pi * min(step, N) / N)) / 2)``,
+    ``N = total_steps``: optax's ``cosine_decay_schedule``, except that ``total_steps`` may be a
+    traced value, so that a jitted train step takes the schedule's length as an argument (a time
+    budget fixes it after the step has been compiled and timed; nothing is compiled again)."""
+    def schedule(step: Array) -> Array:
+        n = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+        frac = jnp.minimum(jnp.asarray(step, jnp.float32), n) / n
+        return learning_rate * (alpha + (1 - alpha) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+
+    return schedule
+
+
 def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, schedule: str = "constant",
-                   total_steps: int = 1) -> optax.GradientTransformation:
-    """RMSprop as Keras (rho 0.9, eps 1e-7 outside the square root), or any optax optimiser by name."""
-    lr = (optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), alpha=0.1)
-          if schedule == "cosine" else learning_rate)
+                   total_steps: int | Array = 1) -> optax.GradientTransformation:
+    """RMSprop as Keras (rho 0.9, eps 1e-7 outside the square root), or any optax optimiser by name.
+    ``schedule='cosine'`` decays the rate to 10% over ``total_steps`` (``cosine_schedule``; a
+    traced value is allowed); the optimizer state's structure does not depend on it."""
+    lr = cosine_schedule(learning_rate, total_steps) if schedule == "cosine" else learning_rate
     if name == "rmsprop":
         opt = optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False)
     elif name in ("adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief"):
@@ -107,6 +125,11 @@ class Trainer:
     its own streams. ``impl`` is how the recurrent layers run (``scan_cell``'s ``impl``: 'auto',
     'fused', 'onednn' or 'scan'); ``fastest_setup`` measures which to use. Every choice gives the
     same losses to float32 rounding.
+
+    The learning-rate schedule spans ``total_steps`` (``config.total_steps``, else ``epochs`` x
+    ``steps_per_epoch``). It is an argument of the compiled chunk, not a constant in it:
+    ``schedule_steps`` may be set after the chunk was compiled and timed (``charlm.budget`` plans
+    a time budget's length that way) without compiling again.
     """
 
     def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1,
@@ -132,8 +155,8 @@ class Trainer:
                 f"The training text has {n} characters, too short for one batch of {b} x {t + 1}; "
                 f"use a longer corpus or a smaller TrainConfig.batch_size or TrainConfig.seq_len."
             )
-        total = self.steps_per_epoch * epochs  # the length of a cosine schedule
-        self.tx = make_optimizer(config.optimizer, config.learning_rate, config.clip_norm, config.lr_schedule, total)
+        self.schedule_steps = config.total_steps or self.steps_per_epoch * epochs  # the cosine's length
+        self.tx = self._optimizer(self.schedule_steps)  # its state's structure does not depend on the length
         # every device runs the single-device loss on its rows; one all-reduce of the gradients
         self._value_and_grad = parallel.value_and_grad(self._loss, self.mesh, has_aux=True)
         rep, split = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
@@ -142,6 +165,10 @@ class Trainer:
         # text into the compiled program (slow to compile, a copy per chunk length).
         self._chunk = jax.jit(self._run_chunk, static_argnames="num_steps", donate_argnums=0,
                               out_shardings=(self.state_sharding, rep))
+
+    def _optimizer(self, total_steps: int | Array) -> optax.GradientTransformation:
+        c = self.config
+        return make_optimizer(c.optimizer, c.learning_rate, c.clip_norm, c.lr_schedule, total_steps)
 
     def init_state(self, key: Array | None = None) -> TrainState:
         """A fresh state, laid out on the mesh; built under jit so that every leaf is its own
@@ -179,19 +206,21 @@ class Trainer:
             return cross_entropy(logits[:, -1], y), carry
         return cross_entropy(logits, y), carry
 
-    def _train_step(self, state: TrainState, data: Array, order: Array | None) -> tuple[TrainState, Array]:
+    def _train_step(self, state: TrainState, data: Array, order: Array | None,
+                    total_steps: Array) -> tuple[TrainState, Array]:
         b = self.config.batch_size
         x, y = self._batch(data, state.step, order)
         carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((b,))
         # one dropout key per sequence: the masks do not depend on how the batch is split
         keys = jax.random.split(jax.random.fold_in(state.key, state.step), b) if self.model.config.dropout > 0 else None
         (loss, carry), grads = self._value_and_grad(state.params, carry, x, y, keys)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = self._optimizer(total_steps).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         carry = jax.lax.stop_gradient(carry)
         return TrainState(params, opt_state, state.step + 1, state.key, carry), loss
 
-    def _run_chunk(self, state: TrainState, data: Array, num_steps: int) -> tuple[TrainState, Array]:
+    def _run_chunk(self, state: TrainState, data: Array, total_steps: Array,
+                   num_steps: int) -> tuple[TrainState, Array]:
         epoch = state.step // self.steps_per_epoch
         fresh = state.step % self.steps_per_epoch == 0  # chunks never span an epoch boundary
         zeros = self.model.initial_carry((self.config.batch_size,))
@@ -200,18 +229,26 @@ class Trainer:
         if self.config.preset == "keras":
             order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(state.key, 1), epoch),
                                            self.num_windows)
-        return jax.lax.scan(lambda s, _: self._train_step(s, data, order), state, None, length=num_steps)
+        return jax.lax.scan(lambda s, _: self._train_step(s, data, order, total_steps), state, None,
+                            length=num_steps)
 
     # -- the loop ---------------------------------------------------------------------------------
-    def chunk_sizes(self, step: int) -> list[int]:
-        """Chunk lengths from ``step`` to the end of its epoch (the same cut after any resume)."""
+    def chunk_sizes(self, step: int, end: int | None = None) -> list[int]:
+        """Chunk lengths from ``step`` to the end of its epoch, or to step ``end`` where that comes
+        first (the same cut after any resume)."""
         left = self.steps_per_epoch - step % self.steps_per_epoch
+        if end is not None:
+            left = max(min(left, end - step), 0)
         k = self.config.chunk_steps
         return [k] * (left // k) + ([left % k] if left % k else [])
 
+    def lower(self, state: TrainState, num_steps: int) -> jax.stages.Lowered:
+        """The chunk of ``num_steps`` steps as jit lowers it (to read or compare its program)."""
+        return self._chunk.lower(state, self.data, np.int32(self.schedule_steps), num_steps=num_steps)
+
     def run_chunk(self, state: TrainState, num_steps: int) -> tuple[TrainState, np.ndarray]:
         """``num_steps`` train steps in one dispatch; raises ``NonFiniteLossError`` on NaN/inf."""
-        state, losses = self._chunk(state, self.data, num_steps=num_steps)
+        state, losses = self._chunk(state, self.data, np.int32(self.schedule_steps), num_steps=num_steps)
         losses = np.asarray(losses)
         if not np.isfinite(losses).all():
             bad = int(np.argmin(np.isfinite(losses)))
@@ -221,10 +258,12 @@ class Trainer:
             )
         return state, losses
 
-    def train_epoch(self, state: TrainState, on_chunk: Callable[[np.ndarray], None] = lambda l: None):
-        """Run to the end of the current epoch; returns ``(state, per-step losses in nats)``."""
+    def train_epoch(self, state: TrainState, on_chunk: Callable[[np.ndarray], None] = lambda l: None,
+                    end: int | None = None):
+        """Run to the end of the current epoch (or to step ``end`` where that comes first); returns
+        ``(state, per-step losses in nats)``."""
         losses = []
-        for n in self.chunk_sizes(int(state.step)):
+        for n in self.chunk_sizes(int(state.step), end):
             state, chunk_losses = self.run_chunk(state, n)
             losses.append(chunk_losses)
             on_chunk(chunk_losses)
@@ -269,7 +308,8 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     if len(counts) * len(impls) == 1 or not dispatch.measuring():
         return Setup(counts[0], impls[0], {})
     short = dataclasses.replace(config, chunk_steps=steps)
-    cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("learning_rate", "seed", "chunk_steps")}
+    free = ("learning_rate", "seed", "chunk_steps", "total_steps")  # no bearing on a step's cost
+    cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
     key = (f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{model.config}|{cost}|{counts}|"
            f"{impls}")
 
@@ -279,7 +319,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
             for impl in impls:
                 trainer = Trainer(model, short, train_ids, epochs=1, mesh=parallel.data_mesh(n), impl=impl)
                 state = trainer.init_state()
-                hlo = trainer._chunk.lower(state, trainer.data, num_steps=steps).as_text()
+                hlo = trainer.lower(state, steps).as_text()
                 if (n, hlo) not in programs:  # 'auto' that took no oneDNN layer is 'fused' again
                     programs.add((n, hlo))
                     state, _ = trainer.run_chunk(state, steps)  # compile

@@ -1,0 +1,112 @@
+"""A run planned to fit a time budget: the plan, the schedule it fixes, resume and bad input."""
+
+import json
+import math
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lstm_jax.charlm import budget
+from lstm_jax.charlm import train as train_script
+from lstm_jax.charlm.checkpoint import load_run
+from lstm_jax.charlm.data import Vocabulary, load_corpus
+from lstm_jax.charlm.model import CharLM, CharLMConfig
+from lstm_jax.charlm.training import TrainConfig, Trainer, cosine_schedule
+
+TINY = ["--hidden-size", "16", "--num-layers", "2", "--batch-size", "4", "--seq-len", "20", "--chunk-steps", "3",
+        "--sample-length", "30", "--eval-streams", "2"]
+
+
+def _train(args):
+    return train_script.main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("step_s, end_s, spe, left", [(0.1, 2.0, 30, 100.0), (0.002, 0.5, 7, 31.0),
+                                                       (1.0, 0.0, 5, 9.5), (0.5, 30.0, 10, 20.0)])
+def test_plan_is_the_longest_run_that_fits(step_s, end_s, spe, left):
+    costs = budget.Costs(step_s, end_s)
+    n = budget.plan_total_steps(left, costs, spe, margin=0.05)
+    cost = lambda k: k * step_s + math.ceil(k / spe) * end_s
+    assert cost(n) <= 0.95 * left < cost(n + 1)
+    assert budget.plan_total_steps(left * 3, costs, spe) > n  # more time, more steps
+
+
+def test_cosine_with_a_traced_length_is_optax_cosine_and_is_not_compiled_again(text_corpus):
+    for total in (1, 7, 1000):
+        ours, ref = cosine_schedule(0.01, total), optax.cosine_decay_schedule(0.01, total, alpha=0.1)
+        for step in (0, 1, total // 2, total, total + 5):
+            np.testing.assert_allclose(ours(jnp.int32(step)), ref(step), rtol=1e-6)
+    text = "".join(d.text for d in load_corpus(str(text_corpus)).documents)
+    vocab = Vocabulary.from_text(text)
+    train_ids = vocab.encode(text)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=8, num_layers=1, embed_size=4))
+    trainer = Trainer(model, TrainConfig(batch_size=2, seq_len=10, lr_schedule="cosine", chunk_steps=2), train_ids)
+    trainer.run_chunk(trainer.init_state(), 2)  # compiled and run on a scratch state, as a budget run does
+    trainer.schedule_steps = 3  # then the length is fixed
+    a = trainer.run_chunk(trainer.run_chunk(trainer.init_state(), 2)[0], 2)[0]
+    other = Trainer(model, TrainConfig(batch_size=2, seq_len=10, lr_schedule="cosine", chunk_steps=2,
+                                       total_steps=3), train_ids)
+    b = other.run_chunk(other.run_chunk(other.init_state(), 2)[0], 2)[0]
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    assert trainer._chunk._cache_size() == 1  # one program for any length
+
+
+def test_budget_run_ends_in_time_and_resumes_bitwise_on_its_saved_plan(text_corpus, tmp_path, capsys):
+    """A --minutes run plans its length, lands its last checkpoint inside the budget; the same
+    folder cut back to an earlier checkpoint and resumed (with no flags) follows the saved plan to
+    the same params, bitwise."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    minutes = 0.8
+    start = time.monotonic()
+    assert _train(["--corpus", text_corpus, "--val-from-year", 1992, "--run-dir", a, "--minutes", minutes,
+                   *TINY]) == 0
+    elapsed = time.monotonic() - start
+    out = capsys.readouterr().out
+    config = json.loads((a / "config.json").read_text())
+    total = config["total_steps"]
+    assert "planned" in out and f"done: {total:,} steps" in out
+    assert elapsed <= 1.1 * 60 * minutes, (elapsed, out[-500:])
+    rows = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == total and len(rows) >= 3
+    # b: a copy of a's folder as a kill after an earlier epoch would have left it
+    shutil.copytree(a, b)
+    steps = sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) >= 2
+    for step in steps[1:]:
+        for folder in ("checkpoints", "best"):
+            shutil.rmtree(b / folder / str(step), ignore_errors=True)
+    assert _train(["--run-dir", b]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed {b} at step {steps[0]}" in out and "planned" not in out
+    rows_b = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train_bpc"], r["val_bpc"]) for r in rows_b] == [
+        (r["step"], r["train_bpc"], r["val_bpc"]) for r in rows]
+    _, pa, _, _ = load_run(a)
+    _, pb, _, _ = load_run(b)
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    # the saved plan cannot be changed on resume
+    assert _train(["--run-dir", b, "--minutes", 2]) == 2
+    assert "trained with --minutes 0.8 but 2" in capsys.readouterr().err
+    assert _train(["--run-dir", b, "--epochs", 3]) == 2
+    assert "planned by --minutes 0.8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "0"], "--minutes must be a positive number of minutes, got 0.0."),
+    (["--minutes", "-2"], "--minutes must be a positive number of minutes, got -2.0."),
+    (["--minutes", "5", "--epochs", "3"], "--epochs and --minutes both set the run's length"),
+    (["--minutes", "5", "--total-steps", "30"], "--total-steps and --minutes both set the run's length"),
+    (["--total-steps", "0"], "--total-steps must be at least 1, got 0."),
+    (["--minutes", "0.001"], "--minutes 0.001 is too short to train here"),
+])
+def test_bad_budgets_get_one_sentence_and_write_nothing(text_corpus, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    assert _train(["--corpus", text_corpus, "--run-dir", run, *flags, *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not run.exists()
