@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu"], "lstm_jax.adapters.interop"),
     "from_keras": "lstm_jax.adapters.keras",
+    "from_keras_seed": "lstm_jax.charlm.keras_seed",
     **dict.fromkeys(["CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc"], "lstm_jax.charlm.model"),
     **dict.fromkeys(["Corpus", "Document", "Vocabulary", "load_corpus", "split_documents"], "lstm_jax.charlm.data"),
     **dict.fromkeys(["Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup",
@@ -59,7 +60,7 @@ __all__ = [
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
     "fastest_device_count", "scan_steps",
-    "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
+    "generate", "generate_stream", "Checkpointer", "load_run", "from_keras_seed", "parallel", "runtime",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]

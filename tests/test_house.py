@@ -24,7 +24,7 @@ PUBLIC = [
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
     "fastest_device_count", "scan_steps",
-    "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
+    "generate", "generate_stream", "Checkpointer", "load_run", "from_keras_seed", "parallel", "runtime",
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]
 

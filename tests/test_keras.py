@@ -1,5 +1,6 @@
-"""Keras import: parity with Keras 3 on its JAX backend (each layer's outputs and final states), and
-the refusals. Skipped where keras (or h5py) is not installed (the `keras` extra)."""
+"""Keras import: parity with Keras 3 on its JAX backend (each layer's outputs and final states, the
+seed model's next-character distribution from its Keras 3 and Keras 2 weight files), sample.py from
+those files, and the refusals. Skipped where keras (or h5py) is not installed (the `keras` extra)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import ConfigError, GRUCell, LSTMCarry, LSTMCell, RNNCell, from_keras
+from lstm_jax import CheckpointError, ConfigError, GRUCell, LSTMCarry, LSTMCell, RNNCell, from_keras, from_keras_seed
 
 ATOL = 1e-5
 
@@ -170,3 +171,103 @@ def test_refuses_other_layers_and_misplaced_weights(keras):
         from_keras(weights)
     with pytest.raises(ConfigError, match="layer_or_weights must be a Keras"):
         from_keras("lstm")
+
+
+# ---------------------------------------------------------------- the seed's model
+
+def _seed_model(keras, vocab_size=11, hidden=16, fit=True):
+    """The lesson's model, small, trained one step so that the file also holds optimizer state."""
+    model = keras.Sequential([keras.Input((40, vocab_size)), keras.layers.LSTM(hidden),
+                              keras.layers.Dense(vocab_size), keras.layers.Activation("softmax")])
+    _perturbed(model.layers[0], seed=8)
+    if fit:
+        model.compile(loss="categorical_crossentropy", optimizer=keras.optimizers.RMSprop(0.01))
+        ids = np.random.default_rng(0).integers(0, vocab_size, (8, 41))
+        model.fit(np.eye(vocab_size, dtype=np.float32)[ids[:, :40]], np.eye(vocab_size)[ids[:, 40]], verbose=0)
+    return model
+
+
+def _write_keras2_h5(path, model):
+    """The Keras 2 ``model.save_weights('x.h5')`` layout, by hand (Keras 2 cannot be installed beside 3)."""
+    h5py = pytest.importorskip("h5py")
+    lstm, dense, act = model.layers
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([b"lstm_1", b"dense_1", b"activation_1"])
+        f.attrs["backend"], f.attrs["keras_version"] = b"tensorflow", b"2.4.0"
+        for group, names, arrays in (
+                ("lstm_1", ["lstm_1/lstm_cell_1/kernel:0", "lstm_1/lstm_cell_1/recurrent_kernel:0",
+                            "lstm_1/lstm_cell_1/bias:0"], lstm.get_weights()),
+                ("dense_1", ["dense_1/kernel:0", "dense_1/bias:0"], dense.get_weights()),
+                ("activation_1", [], [])):
+            g = f.create_group(group)
+            g.attrs["weight_names"] = np.array([n.encode() for n in names], dtype="S") if names else np.array([])
+            for name, array in zip(names, arrays):
+                g.create_dataset(name, data=array)
+
+
+VOCAB = "\n !',.?abcde"[:11]
+
+
+@pytest.fixture(scope="module")
+def seed_files(keras, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seed")
+    model = _seed_model(keras)
+    files = {"keras3": folder / "seed.weights.h5", "keras2": folder / "seed.hdf5", "keras3_legacy": folder / "m.h5"}
+    model.save_weights(files["keras3"])
+    _write_keras2_h5(files["keras2"], model)
+    model.save(files["keras3_legacy"])  # Keras 3's own writer of the legacy layout, under model_weights
+    return model, files
+
+
+@pytest.mark.parametrize("layout", ["keras3", "keras2", "keras3_legacy"])
+def test_seed_model_next_character_distribution(keras, seed_files, layout):
+    keras_model, files = seed_files
+    model, params, vocab = from_keras_seed(files[layout], VOCAB)
+    assert model.config.hidden_size == 16 and model.config.num_layers == 1 and model.config.embed_size == 0
+    assert vocab.chars == VOCAB
+    windows = np.random.default_rng(2).integers(0, len(VOCAB), (5, 40))
+    expected = keras_model.predict(np.eye(len(VOCAB), dtype=np.float32)[windows], verbose=0)
+    _, logits = jax.jit(model.apply)(params, model.initial_carry((5,)), jnp.asarray(windows, jnp.int32))
+    np.testing.assert_allclose(jax.nn.softmax(logits[:, -1]), expected, atol=ATOL)
+
+
+def test_seed_refusals(keras, seed_files, tmp_path):
+    _, files = seed_files
+    with pytest.raises(ConfigError, match="vocab has 10 characters but the model in .* was trained on 11"):
+        from_keras_seed(files["keras3"], VOCAB[:10])
+    other = keras.Sequential([keras.Input((40, 11)), keras.layers.GRU(8), keras.layers.Dense(11)])
+    other.save_weights(tmp_path / "gru.weights.h5")
+    with pytest.raises(CheckpointError, match=r"gru\.weights\.h5 holds layers .*; expected the seed's Keras model"):
+        from_keras_seed(tmp_path / "gru.weights.h5", VOCAB)
+    two = keras.Sequential([keras.Input((40, 11)), keras.layers.LSTM(8, return_sequences=True),
+                            keras.layers.LSTM(8), keras.layers.Dense(11)])
+    two.save_weights(tmp_path / "two.weights.h5")
+    with pytest.raises(CheckpointError, match="expected the seed's Keras model"):
+        from_keras_seed(tmp_path / "two.weights.h5", VOCAB)
+    (tmp_path / "notes.h5").write_text("not hdf5")
+    with pytest.raises(CheckpointError, match=r"notes\.h5 is not an HDF5 file"):
+        from_keras_seed(tmp_path / "notes.h5", VOCAB)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        from_keras_seed(tmp_path / "missing.h5", VOCAB)
+
+
+def test_sample_py_generates_from_the_keras_weights(keras, seed_files, tmp_path, capsys):
+    """Greedy sampling after a 40-character prime starts with Keras's most likely next character."""
+    from lstm_jax.charlm import sample
+
+    keras_model, files = seed_files
+    text = tmp_path / "corpus.txt"
+    text.write_text(VOCAB[::-1] * 3)  # its sorted distinct characters are VOCAB
+    prime = (VOCAB[1:] * 4)[:40]
+    first = VOCAB[int(np.argmax(keras_model.predict(np.eye(11, dtype=np.float32)[[VOCAB.index(c) for c in prime]][None],
+                                                    verbose=0)))]
+    for layout in ("keras3", "keras2"):
+        assert sample.main(["--keras-weights", str(files[layout]), "--vocab", str(text), "--prime", prime,
+                            "--length", "30", "--temperature", "0"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(prime + first) and len(out) == 40 + 30 + 1
+    assert sample.main(["--keras-weights", str(files["keras3"]), "--prime", "a"]) == 2
+    assert "--keras-weights needs --vocab" in capsys.readouterr().err
+    (tmp_path / "small.txt").write_text("abc")
+    assert sample.main(["--keras-weights", str(files["keras3"]), "--vocab", str(tmp_path / "small.txt")]) == 2
+    assert "error: --vocab has 3 characters" in capsys.readouterr().err

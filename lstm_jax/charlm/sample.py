@@ -2,6 +2,11 @@
 
     lstm-jax-sample --checkpoint runs/char-lstm --prime "My fellow Americans" --temperature 0.5
     lstm-jax-sample --checkpoint runs/char-lstm --which best --temperature 0.2 0.5 1.0 --length 300
+    lstm-jax-sample --keras-weights lesson.weights.h5 --vocab state_union --prime "My fellow Americans"
+
+``--keras-weights`` samples from the lesson's own Keras model (LSTM + Dense + softmax, saved with
+``model.save_weights``; Keras 3 ``.weights.h5`` or Keras 2 ``.h5``), its vocabulary the sorted
+distinct characters of the ``--vocab`` text, as the lesson built it.
 
 (``python sample.py ...`` in a clone of the repository runs the same.)
 """
@@ -17,17 +22,25 @@ import sys
 import jax
 
 from lstm_jax.charlm.checkpoint import load_run, silence_background_errors
+from lstm_jax.charlm.data import Vocabulary, load_corpus
 from lstm_jax.charlm.sampling import check_sampling_args, default_max_bytes, generate, generate_stream
 from lstm_jax.core.errors import ConfigError, LstmJaxError
 
 # Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
 FLAGS = {"temperatures": "--temperature", "length": "--length", "top_k": "--top-k", "top_p": "--top-p",
-         "prime": "--prime", "run_dir": "--checkpoint", "drop_unknown=True": "--drop-unknown"}
+         "prime": "--prime", "run_dir": "--checkpoint", "drop_unknown=True": "--drop-unknown",
+         "path": "--keras-weights", "vocab": "--vocab", "corpus": "--vocab"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run folder written by lstm-jax-train (train.py)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder written by lstm-jax-train (train.py)")
+    source.add_argument("--keras-weights", metavar="FILE",
+                        help="the lesson's Keras model instead: the file its model.save_weights wrote (needs --vocab)")
+    p.add_argument("--vocab", metavar="CORPUS",
+                   help="with --keras-weights: the text the Keras model was trained on ('state_union', a .txt file "
+                        "or folder); its sorted distinct characters are the vocabulary")
     p.add_argument("--which", default="latest", help="'latest', 'best' or a step number [latest]")
     p.add_argument("--prime", default="\n", help="text to start from; run through the model first [newline]")
     p.add_argument("--drop-unknown", action="store_true", help="drop prime characters outside the vocabulary")
@@ -38,6 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="samples per temperature, generated as one batch")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def keras_model(path: str, corpus: str | None):
+    """``(model, params, vocab)`` of the lesson's Keras weights file, the vocabulary from ``corpus``."""
+    from lstm_jax.charlm.keras_seed import from_keras_seed
+
+    if corpus is None:
+        raise ConfigError("--keras-weights needs --vocab: the text the Keras model was trained on ('state_union', "
+                          "a .txt file or folder), since the weights file records no vocabulary.")
+    vocab = Vocabulary.from_text(*(d.text for d in load_corpus(corpus).documents))
+    return from_keras_seed(path, vocab)
 
 
 @contextlib.contextmanager
@@ -66,9 +90,14 @@ def main(argv=None) -> int:
         if args.which not in ("latest", "best") and not args.which.isdigit():
             raise ConfigError(f"--which must be 'latest', 'best' or a step number, got {args.which!r}.")
         which = args.which if args.which in ("latest", "best") else int(args.which)
-        model, params, vocab, meta = load_run(args.checkpoint, which)
-        for note in meta["restore_notes"]:
-            print(f"warning: {note}", file=sys.stderr)
+        if args.keras_weights is not None:
+            model, params, vocab = keras_model(args.keras_weights, args.vocab)
+        else:
+            if args.vocab is not None:
+                raise ConfigError("--vocab goes with --keras-weights only: a --checkpoint run holds its vocabulary.")
+            model, params, vocab, meta = load_run(args.checkpoint, which)
+            for note in meta["restore_notes"]:
+                print(f"warning: {note}", file=sys.stderr)
         prime = vocab.encode(args.prime, drop_unknown=args.drop_unknown, what="prime text")
         key = jax.random.PRNGKey(args.seed)
         if len(temps) == 1:  # stream a single sample to the terminal as it is produced, any length
