@@ -231,6 +231,23 @@ def test_seed_model_next_character_distribution(keras, seed_files, layout):
     np.testing.assert_allclose(jax.nn.softmax(logits[:, -1]), expected, atol=ATOL)
 
 
+def test_windowed_generation_is_the_lessons_keras_loop(keras, seed_files):
+    """``window=40``: each greedy character is Keras's argmax over the last 40 characters."""
+    from lstm_jax.charlm.sampling import generate
+
+    keras_model, files = seed_files
+    model, params, _ = from_keras_seed(files["keras2"], VOCAB)
+    prime = [int(i) for i in np.random.default_rng(3).integers(0, len(VOCAB), 45)]
+    ours = generate(model, params, np.asarray(prime), [0.0], 8, jax.random.key(0), window=40)[0]
+    ids = list(prime)
+    for _ in range(8):
+        probs = keras_model.predict(np.eye(len(VOCAB), dtype=np.float32)[ids[-40:]][None], verbose=0)
+        ids.append(int(np.argmax(probs)))
+    assert list(ours) == ids[45:]
+    with pytest.raises(ConfigError, match="The prime has 39 characters but window=40 needs at least that many"):
+        generate(model, params, np.asarray(prime[:39]), [0.0], 8, jax.random.key(0), window=40)
+
+
 def test_seed_refusals(keras, seed_files, tmp_path):
     _, files = seed_files
     with pytest.raises(ConfigError, match="vocab has 10 characters but the model in .* was trained on 11"):

@@ -17,11 +17,12 @@ It returns ``(CharLM, params, Vocabulary)``: a one-layer LSTM ``CharLM`` with on
 ``softmax(logits)`` is ``model.predict``'s next-character distribution.
 
 Warning:
-  The Keras model sees one window of 40 characters from a zero state for each prediction;
-  ``sample.py`` primes with the whole ``--prime`` text and carries the state on while it
-  generates, so its context is not cut at 40 characters (the first prediction after a prime of
-  exactly 40 characters is the Keras one). The file records no vocabulary: pass the characters in
-  the order the lesson's ``sorted(set(text))`` gave them.
+  The Keras model sees one window of 40 characters from a zero state for each prediction.
+  ``sample.py`` by default primes with the whole ``--prime`` text and carries the state on while
+  it generates, so its context is not cut at 40 characters; ``--window 40`` (``generate(...,
+  window=40)``) runs each prediction over the last 40 characters from a zero state, as the
+  lesson's loop did. The file records no vocabulary: pass the characters in the order the
+  lesson's ``sorted(set(text))`` gave them.
 """
 
 from __future__ import annotations

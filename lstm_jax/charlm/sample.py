@@ -6,7 +6,9 @@
 
 ``--keras-weights`` samples from the lesson's own Keras model (LSTM + Dense + softmax, saved with
 ``model.save_weights``; Keras 3 ``.weights.h5`` or Keras 2 ``.h5``), its vocabulary the sorted
-distinct characters of the ``--vocab`` text, as the lesson built it.
+distinct characters of the ``--vocab`` text, as the lesson built it. ``--window 40`` draws each
+character from the last 40 only, from a zero state, as the lesson's own sampling loop did (the
+prime needs 40 characters then).
 
 (``python sample.py ...`` in a clone of the repository runs the same.)
 """
@@ -29,7 +31,7 @@ from lstm_jax.core.errors import ConfigError, LstmJaxError
 # Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
 FLAGS = {"temperatures": "--temperature", "length": "--length", "top_k": "--top-k", "top_p": "--top-p",
          "prime": "--prime", "run_dir": "--checkpoint", "drop_unknown=True": "--drop-unknown",
-         "path": "--keras-weights", "vocab": "--vocab", "corpus": "--vocab"}
+         "path": "--keras-weights", "vocab": "--vocab", "corpus": "--vocab", "window": "--window"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
     p.add_argument("--length", type=int, default=500, help="characters to generate per sample [500]")
     p.add_argument("--num-samples", type=int, default=1, help="samples per temperature, generated as one batch")
+    p.add_argument("--window", type=int, default=0,
+                   help="draw each character from the model run afresh over the last N characters (the lesson's "
+                        "Keras loop: 40; the prime needs N); 0 = carry the state on [0]")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
             sys.stdout.write(vocab.decode(prime))
             with interrupt_between_chunks() as interrupted:
                 for chunk in generate_stream(model, params, prime, temps, args.length, key, top_k=args.top_k,
-                                             top_p=args.top_p, chunk=64):
+                                             top_p=args.top_p, chunk=64, window=args.window):
                     sys.stdout.write(vocab.decode(chunk[0]))
                     sys.stdout.flush()
                     if interrupted():
@@ -115,7 +120,8 @@ def main(argv=None) -> int:
             if 4 * len(temps) * args.length > default_max_bytes():
                 raise ConfigError(f"--length {args.length} for {len(temps)} samples does not fit in memory; "
                                   "ask for one sample (one --temperature, --num-samples 1) to stream it.")
-            rows = generate(model, params, prime, temps, args.length, key, top_k=args.top_k, top_p=args.top_p)
+            rows = generate(model, params, prime, temps, args.length, key, top_k=args.top_k, top_p=args.top_p,
+                            window=args.window)
             for t, row in zip(temps, rows):
                 print(f"----- temperature {t}:\n{vocab.decode(prime)}{vocab.decode(row)}\n")
     except KeyboardInterrupt:
