@@ -107,8 +107,9 @@ def from_keras_seed(path: str | Path, vocab: Vocabulary | str) -> tuple[CharLM, 
 
     Returns:
       A ``CharLM`` (``cell='lstm'``, one layer of ``H`` units, ``embed_size=0``: the ``keras``
-      preset's shape), its params and the vocabulary: ``softmax(model.apply(params,
-      model.initial_carry((B,)), windows)[1][:, -1])`` equals ``keras_model.predict(one_hot(windows))``.
+      preset's shape), its params and the vocabulary: the softmax of the last step's logits of
+      ``model.apply(params, model.initial_carry((B,)), windows)`` equals
+      ``keras_model.predict`` on the one-hot windows.
       ``ConfigError`` if ``vocab`` has the wrong size; ``CheckpointError`` if the file holds
       another architecture (anything but those two layers' five arrays).
     """
