@@ -135,7 +135,6 @@ def test_gru_gate_order_is_permuted(keras):
 REFUSALS = [
     ("LSTM", dict(go_backwards=True), "go_backwards=True"),
     ("LSTM", dict(stateful=True), "stateful=True"),
-    ("LSTM", dict(unroll=True), "unroll=True"),
     ("LSTM", dict(activation="relu"), "activation='relu'"),
     ("GRU", dict(recurrent_activation="hard_sigmoid"), "recurrent_activation='hard_sigmoid'"),
     ("SimpleRNN", dict(activation="sigmoid"), "activation='sigmoid'"),
@@ -149,6 +148,15 @@ def test_refuses_options_it_cannot_reproduce(keras, cls, options, words):
     with pytest.raises(ConfigError, match="from_keras") as err:
         from_keras(layer)
     assert words in str(err.value) and str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+
+
+def test_unroll_is_accepted_and_changes_nothing(keras):
+    layer = keras.layers.GRU(3, unroll=True, return_sequences=True)
+    x = _x(features=2)
+    layer(x)
+    _perturbed(layer, seed=9)
+    stack, params = from_keras(layer)
+    np.testing.assert_allclose(stack.apply(params, jnp.asarray(x))[1], np.asarray(layer(x)), atol=ATOL)
 
 
 def test_refuses_other_layers_and_misplaced_weights(keras):
@@ -171,6 +179,8 @@ def test_refuses_other_layers_and_misplaced_weights(keras):
         from_keras(weights)
     with pytest.raises(ConfigError, match="layer_or_weights must be a Keras"):
         from_keras("lstm")
+    with pytest.raises(ConfigError, match=r"has no weights yet; build it first"):
+        from_keras(keras.layers.LSTM(3))
 
 
 # ---------------------------------------------------------------- the seed's model

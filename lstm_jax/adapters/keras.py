@@ -23,10 +23,11 @@ Conventions (Keras -> lstm_jax):
 * ``use_bias=False``: the biases are exact zeros (adding a zero changes no float), so the import
   gives the same numbers; note that training the imported params would then move those biases.
 * ``dropout`` / ``recurrent_dropout`` act only in training; the imported layer is the layer in
-  inference and carries no dropout.
+  inference and carries no dropout. ``unroll`` changes how Keras runs the loop, not the numbers:
+  it is accepted (``stack.apply`` has its own ``unroll``).
 
 Anything it cannot place is an error (``ConfigError``), never dropped: ``go_backwards``,
-``stateful``, ``unroll``, an activation our cells lack, another layer type, weights of other
+``stateful``, an activation our cells lack, another layer type, weights of other
 shapes or count, or a ``Bidirectional`` whose ``merge_mode`` is not ``'concat'``.
 """
 
@@ -82,11 +83,10 @@ def _class_and_config(layer_or_weights: Any, config: Any) -> tuple[str | None, d
 
 def _check_options(kind: str, config: Mapping[str, Any], where: str) -> None:
     """Refuse every option of a Keras recurrent layer config that the import cannot reproduce."""
-    for option, allowed in (("go_backwards", False), ("stateful", False), ("unroll", False)):
+    for option, allowed in (("go_backwards", False), ("stateful", False)):
         if config.get(option, allowed) != allowed:
             hint = {"go_backwards": "reverse the inputs yourself, or use keras.layers.Bidirectional",
-                    "stateful": "carry the state yourself with stack.apply(..., initial_carry=carries)",
-                    "unroll": "unrolling changes no numbers: rebuild the layer with unroll=False"}[option]
+                    "stateful": "carry the state yourself with stack.apply(..., initial_carry=carries)"}[option]
             raise ConfigError(f"from_keras: {where} has {option}={config[option]!r}, which the import does not "
                               f"support (only {option}={allowed}); {hint}.", option)
     act = _activation_name(config.get("activation", "tanh"))
@@ -108,6 +108,9 @@ def _layer_params(kind: str, config: Mapping[str, Any], weights: list, where: st
     reset_after = bool(config.get("reset_after", True)) if kind == "GRU" else None
     w = [_np(a) for a in weights]
     expected = 3 if use_bias else 2
+    if not w:
+        raise ConfigError(f"from_keras: {where} ({kind}) has no weights yet; build it first (call it on an input, "
+                          "or layer.build(input_shape)).", "layer_or_weights")
     if len(w) != expected or w[0].ndim != 2:
         raise ConfigError(f"from_keras: {where} ({kind}, use_bias={use_bias}) must have {expected} weights "
                           f"(kernel, recurrent_kernel{', bias' if use_bias else ''}), got {len(w)} of shapes "
@@ -180,7 +183,7 @@ def from_keras(layer_or_weights: Any, config: Mapping[str, Any] | None = None) -
       ``Bidirectional`` state list is ``[h_f, (c_f,) h_b, (c_b)]``; ours is
       ``carries[0] = (forward, backward)``. ``dropout`` and ``recurrent_dropout`` are not
       imported (they act only while training). Options the cells cannot reproduce
-      (``go_backwards``, ``stateful``, ``unroll``, other activations, a ``merge_mode`` other
+      (``go_backwards``, ``stateful``, other activations, a ``merge_mode`` other
       than ``'concat'``) raise ``ConfigError``, as does any weight the import cannot place.
     """
     class_name, cfg, weights = _class_and_config(layer_or_weights, config)

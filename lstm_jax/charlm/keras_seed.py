@@ -58,8 +58,11 @@ def read_keras_weights(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
     """``[(layer name, [arrays])]`` of every layer with weights in a Keras weights file, each
     layer's arrays in Keras's order (``kernel``, ``recurrent_kernel``, ``bias``; ``kernel``,
     ``bias``); layers without weights are left out, as are the optimizer's variables."""
-    import h5py
-
+    try:
+        import h5py
+    except ImportError:
+        raise ConfigError("Reading a Keras weights file needs h5py, which is not installed; pip install h5py (or "
+                          "the keras extra: pip install 'lstm-jax[keras]').", "path") from None
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"The Keras weights file {path} does not exist; pass the file model.save_weights "
