@@ -254,7 +254,7 @@ def test_windowed_generation_is_the_lessons_keras_loop(keras, seed_files):
         probs = keras_model.predict(np.eye(len(VOCAB), dtype=np.float32)[ids[-40:]][None], verbose=0)
         ids.append(int(np.argmax(probs)))
     assert list(ours) == ids[45:]
-    with pytest.raises(ConfigError, match="The prime has 39 characters but window=40 needs at least that many"):
+    with pytest.raises(ConfigError, match="window=40 needs a prime of at least 40 characters, but the prime has 39"):
         generate(model, params, np.asarray(prime[:39]), [0.0], 8, jax.random.key(0), window=40)
 
 
@@ -298,3 +298,10 @@ def test_sample_py_generates_from_the_keras_weights(keras, seed_files, tmp_path,
     (tmp_path / "small.txt").write_text("abc")
     assert sample.main(["--keras-weights", str(files["keras3"]), "--vocab", str(tmp_path / "small.txt")]) == 2
     assert "error: --vocab has 3 characters" in capsys.readouterr().err
+    assert sample.main(["--keras-weights", str(files["keras3"]), "--vocab", str(text), "--window", "40",
+                        "--prime", "ab"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "error: --window=40 needs a prime of at least 40 characters" in out.err
+    assert sample.main(["--keras-weights", str(files["keras3"]), "--vocab", str(text), "--window", "40",
+                        "--prime", prime + "ab", "--length", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith(prime + "ab")

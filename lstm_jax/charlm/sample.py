@@ -25,7 +25,7 @@ import jax
 
 from lstm_jax.charlm.checkpoint import load_run, silence_background_errors
 from lstm_jax.charlm.data import Vocabulary, load_corpus
-from lstm_jax.charlm.sampling import check_sampling_args, default_max_bytes, generate, generate_stream
+from lstm_jax.charlm.sampling import check_sampling_args, check_window, default_max_bytes, generate, generate_stream
 from lstm_jax.core.errors import ConfigError, LstmJaxError
 
 # Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
             for note in meta["restore_notes"]:
                 print(f"warning: {note}", file=sys.stderr)
         prime = vocab.encode(args.prime, drop_unknown=args.drop_unknown, what="prime text")
+        check_window(args.window, len(prime))
         key = jax.random.PRNGKey(args.seed)
         if len(temps) == 1:  # stream a single sample to the terminal as it is produced, any length
             sys.stdout.write(vocab.decode(prime))

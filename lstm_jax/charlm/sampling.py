@@ -26,7 +26,7 @@ import numpy as np
 from lstm_jax.charlm.model import CharLM
 from lstm_jax.core.errors import ConfigError
 
-__all__ = ["generate", "generate_stream", "check_sampling_args", "default_max_bytes"]
+__all__ = ["generate", "generate_stream", "check_sampling_args", "check_window", "default_max_bytes"]
 
 Array = jax.Array
 MAX_SCAN_STEPS = 8192  # steps per scan: bounds the pre-drawn noise, steps x samples x vocab
@@ -45,6 +45,15 @@ def check_sampling_args(temperatures: Sequence[float], length: int, top_k: int =
         raise ConfigError(f"top_k must be >= 0 (0 = off), got {top_k}.", "top_k")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {top_p}.", "top_p")
+
+
+def check_window(window: int, prime_length: int) -> None:
+    """``ConfigError`` unless ``window`` is 0 or a positive int no longer than the prime."""
+    if not isinstance(window, int) or window < 0:
+        raise ConfigError(f"window must be an int >= 0 (0 = carry the state on), got {window!r}.", "window")
+    if window > prime_length:
+        raise ConfigError(f"window={window} needs a prime of at least {window} characters, but the prime has "
+                          f"{prime_length}; pass a longer prime or a smaller window.", "window")
 
 
 def _filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
@@ -127,11 +136,7 @@ def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: 
     if len(prime_ids) == 0:
         raise ConfigError("The prime text is empty after encoding; pass a prime of at least one known character.",
                           "prime")
-    if not isinstance(window, int) or window < 0:
-        raise ConfigError(f"window must be an int >= 0 (0 = carry the state on), got {window!r}.", "window")
-    if window > len(prime_ids):
-        raise ConfigError(f"The prime has {len(prime_ids)} characters but window={window} needs at least that "
-                          "many; pass a longer prime or a smaller window.", "window")
+    check_window(window, len(prime_ids))
     if chunk is not None and chunk < 1:
         raise ConfigError(f"chunk must be a positive number of steps, got {chunk}.")
     temps = jnp.asarray(temperatures, jnp.float32)
