@@ -9,7 +9,7 @@ The package is built in layers; each imports only from the layers below it:
 3. ``dispatch`` — the one place that decides which kernel runs a layer and how (it alone reads the
    ``LSTM_JAX_*`` switches, measures and caches).
 4. ``layers`` — ``scan_cell`` (check, plan, run), ``RecurrentStack``, ``scan_steps``, ``parallel``.
-5. ``adapters`` — PyTorch and Flax weights in (``interop``), the layers as Flax modules
+5. ``adapters`` — PyTorch, Flax and Keras weights in (``interop``, ``adapters.keras``), the layers as Flax modules
    (``nnx``, ``linen``).
 6. ``charlm`` — the character language model: corpus, model, Trainer, sampling, checkpoints and
    the two command-line scripts.
@@ -35,6 +35,8 @@ __version__ = "0.1.0"
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {
     **dict.fromkeys(["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu"], "lstm_jax.adapters.interop"),
+    "from_keras": "lstm_jax.adapters.keras",
+    "from_keras_seed": "lstm_jax.charlm.keras_seed",
     **dict.fromkeys(["CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc"], "lstm_jax.charlm.model"),
     **dict.fromkeys(["Corpus", "Document", "Vocabulary", "load_corpus", "split_documents"], "lstm_jax.charlm.data"),
     **dict.fromkeys(["Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup",
@@ -52,13 +54,13 @@ __all__ = [
     "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
     "onednn_gru", "onednn",
     # weight import
-    "from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu",
+    "from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_keras",
     # the character model, data, training, sampling, checkpoints
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
     "fastest_device_count", "scan_steps",
-    "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
+    "generate", "generate_stream", "Checkpointer", "load_run", "from_keras_seed", "parallel", "runtime",
     # errors
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]

@@ -20,11 +20,11 @@ PUBLIC = [
     "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
     "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
     "onednn_gru", "onednn", "from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu",
-    "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
+    "from_keras", "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",
     "Trainer", "TrainConfig", "TrainState", "evaluate_bpc", "make_optimizer", "fastest_setup", "Setup",
     "fastest_device_count", "scan_steps",
-    "generate", "generate_stream", "Checkpointer", "load_run", "parallel", "runtime",
+    "generate", "generate_stream", "Checkpointer", "load_run", "from_keras_seed", "parallel", "runtime",
     "LstmJaxError", "ConfigError", "CorpusError", "CheckpointError", "NonFiniteLossError",
 ]
 
@@ -98,7 +98,8 @@ seconds = time.perf_counter() - t0
 import jax, jax.numpy as jnp
 cell = lstm_jax.LSTMCell(8)
 lstm_jax.scan_cell(cell, cell.init(jax.random.key(0), 3), jnp.ones((2, 5, 3)))
-heavy = [m for m in ("orbax", "tensorstore", "optax", "nltk", "matplotlib", "tqdm", "flax", "torch")
+heavy = [m for m in ("orbax", "tensorstore", "optax", "nltk", "matplotlib", "tqdm", "flax", "torch",
+                                  "keras", "h5py")
          if m in sys.modules]
 print(json.dumps({"heavy": heavy, "tuned": lstm_jax.runtime.malloc_tuned(), "seconds": seconds}))
 """

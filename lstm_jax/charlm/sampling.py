@@ -5,6 +5,11 @@ temperatures cost one scan. ``top_k`` and ``top_p`` (nucleus) filter the distrib
 
 Step ``i`` draws with ``jax.random.fold_in(key, i)``, so the characters do not depend on how the
 output is cut into scans, and a stream of any length runs in memory bounded by its chunk.
+
+By default the state carries on from the prime through every generated character. With
+``window=W`` each character is drawn from the model run afresh, from a zero state, over the last
+``W`` characters, as the lesson's Keras loop (``model.predict`` on the last 40 characters) does:
+a model trained on windows then sees what it was trained on, at ``W`` steps per character.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from lstm_jax.charlm.model import CharLM
 from lstm_jax.core.errors import ConfigError
 
-__all__ = ["generate", "generate_stream", "check_sampling_args", "default_max_bytes"]
+__all__ = ["generate", "generate_stream", "check_sampling_args", "check_window", "default_max_bytes"]
 
 Array = jax.Array
 MAX_SCAN_STEPS = 8192  # steps per scan: bounds the pre-drawn noise, steps x samples x vocab
@@ -40,6 +45,15 @@ def check_sampling_args(temperatures: Sequence[float], length: int, top_k: int =
         raise ConfigError(f"top_k must be >= 0 (0 = off), got {top_k}.", "top_k")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {top_p}.", "top_p")
+
+
+def check_window(window: int, prime_length: int) -> None:
+    """``ConfigError`` unless ``window`` is 0 or a positive int no longer than the prime."""
+    if not isinstance(window, int) or window < 0:
+        raise ConfigError(f"window must be an int >= 0 (0 = carry the state on), got {window!r}.", "window")
+    if window > prime_length:
+        raise ConfigError(f"window={window} needs a prime of at least {window} characters, but the prime has "
+                          f"{prime_length}; pass a longer prime or a smaller window.", "window")
 
 
 def _filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
@@ -89,29 +103,54 @@ def _sample_scan(model: CharLM, params, carry, logits, step_keys, temperatures, 
     return carry, logits, tokens.T
 
 
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "top_p"))
+def _sample_scan_window(model: CharLM, params, window, logits, step_keys, temperatures, top_k: int, top_p: float):
+    """As ``_sample_scan``, each step's logits from a zero state over the last ``W`` tokens (``window (S, W)``)."""
+    params = model.fold_embedding(params)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape, logits.dtype))(step_keys)
+    zero = model.initial_carry((window.shape[0],))
+
+    def body(state, step_noise):
+        window, logits = state
+        token = _sample(step_noise, logits, temperatures, top_k, top_p)
+        window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+        _, next_logits = model.apply(params, zero, window)
+        return (window, next_logits[:, -1]), token
+
+    (window, logits), tokens = jax.lax.scan(body, (window, logits), noise)
+    return window, logits, tokens.T
+
+
 def generate_stream(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequence[float], length: int,
-                    key: Array, *, top_k: int = 0, top_p: float = 1.0,
-                    chunk: int | None = None) -> Iterator[np.ndarray]:
+                    key: Array, *, top_k: int = 0, top_p: float = 1.0, chunk: int | None = None,
+                    window: int = 0) -> Iterator[np.ndarray]:
     """Yield ``(num_samples, n)`` token chunks, ``length`` tokens per row in all, ``n <= chunk``
     (default ``MAX_SCAN_STEPS``); the tokens are the same whatever the chunking.
 
     ``prime_ids`` (at least one id) is run through the model in one pass; row ``i`` samples at
-    ``temperatures[i]``. Memory is bounded by the chunk, whatever ``length``.
+    ``temperatures[i]``. Memory is bounded by the chunk, whatever ``length``. ``window=W > 0``
+    draws each character from the model run from a zero state over the last ``W`` characters
+    (the prime needs at least ``W``); ``0`` carries the state on.
     """
     check_sampling_args(list(temperatures), length, top_k, top_p)
     if len(prime_ids) == 0:
         raise ConfigError("The prime text is empty after encoding; pass a prime of at least one known character.",
                           "prime")
+    check_window(window, len(prime_ids))
     if chunk is not None and chunk < 1:
         raise ConfigError(f"chunk must be a positive number of steps, got {chunk}.")
     temps = jnp.asarray(temperatures, jnp.float32)
     prime = jnp.broadcast_to(jnp.asarray(prime_ids, jnp.int32), (len(temperatures), len(prime_ids)))
+    if window:
+        prime = prime[:, -window:]
     carry, logits = _prime(model, params, prime)
+    scan = functools.partial(_sample_scan_window if window else _sample_scan, model, params)
+    state = prime if window else carry
     chunk = min(chunk or MAX_SCAN_STEPS, MAX_SCAN_STEPS, length)
     for start in range(0, length, chunk):
         n = min(chunk, length - start)
         step_keys = _step_keys(key, start, n)
-        carry, logits, tokens = _sample_scan(model, params, carry, logits, step_keys, temps, top_k, float(top_p))
+        state, logits, tokens = scan(state, logits, step_keys, temps, top_k, float(top_p))
         yield np.asarray(tokens)
 
 
@@ -121,17 +160,19 @@ def _step_keys(key: Array, start: int, n: int) -> Array:
 
 
 def generate(model: CharLM, params, prime_ids: np.ndarray, temperatures: Sequence[float], length: int,
-             key: Array, *, top_k: int = 0, top_p: float = 1.0, max_bytes: int | None = None) -> np.ndarray:
+             key: Array, *, top_k: int = 0, top_p: float = 1.0, max_bytes: int | None = None,
+             window: int = 0) -> np.ndarray:
     """``(len(temperatures), length)`` generated token ids (int32), in scans of at most
-    ``MAX_SCAN_STEPS`` steps. An output larger than ``max_bytes`` (default: half the machine's
-    memory) is refused: use ``generate_stream`` for it."""
+    ``MAX_SCAN_STEPS`` steps (``window`` as in ``generate_stream``). An output larger than
+    ``max_bytes`` (default: half the machine's memory) is refused: use ``generate_stream`` for it."""
     limit = default_max_bytes() if max_bytes is None else max_bytes
     size = 4 * len(temperatures) * max(length, 0)
     if size > limit:
         raise ConfigError(f"length={length} for {len(temperatures)} sample(s) needs {size / 2**30:.1f} GiB "
                           f"(limit {limit / 2**30:.1f} GiB); stream it with generate_stream, or ask for fewer "
                           "characters.", "length")
-    chunks = list(generate_stream(model, params, prime_ids, temperatures, length, key, top_k=top_k, top_p=top_p))
+    chunks = list(generate_stream(model, params, prime_ids, temperatures, length, key, top_k=top_k, top_p=top_p,
+                                  window=window))
     return np.concatenate(chunks, axis=1)
 
 
