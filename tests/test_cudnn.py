@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import LSTMCell, RecurrentStack
+from lstm_jax import LSTMCell, RecurrentStack, dispatch, scan_cell
 from lstm_jax.kernels import cudnn
 
 B, T, I, H = 3, 6, 4, 5
@@ -113,6 +113,46 @@ def test_the_flat_vector_has_cudnns_length_and_unpacks_to_our_params(num_layers,
     assert float(jnp.abs(b_hh[0]).max()) == 0.0
 
 
+def _layer_through_cudnn(monkeypatch, reference=True):
+    """scan_cell's cuDNN branch on this machine: the plan says 'cudnn' and the kernel runs lstm_ref."""
+    monkeypatch.setattr(dispatch, "plan_layer", lambda *a, **k: dispatch.Plan("cudnn"))
+    if reference:
+        monkeypatch.setattr(cudnn, "cudnn_lstm", functools.partial(cudnn.cudnn_lstm, reference=True))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@LENGTHS
+@pytest.mark.parametrize("token_inputs", [False, True], ids=["features", "tokens"])
+def test_scan_cells_cudnn_branch_equals_its_scan(monkeypatch, reverse, lengths, token_inputs):
+    cell = LSTMCell(H, token_inputs=token_inputs)
+    params = _perturbed(cell.init(jax.random.key(0), I))
+    x = (jax.random.randint(jax.random.key(1), (B, T), 0, I) if token_inputs
+         else jax.random.normal(jax.random.key(1), (B, T, I)))
+    lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
+    c0 = jax.tree.map(lambda a: a + 0.3, cell.initial_carry(B))
+    run = lambda params, x: scan_cell(cell, params, x, initial_carry=c0, seq_lengths=lengths, reverse=reverse,
+                                      impl="scan")
+    want = run(params, x)
+    want_grad = jax.grad(lambda p: jnp.sum(run(p, x)[1] ** 2))(params)
+    _layer_through_cudnn(monkeypatch)
+    got = run(params, x)
+    got_grad = jax.grad(lambda p: jnp.sum(run(p, x)[1] ** 2))(params)
+    for w, g in zip(jax.tree.leaves((want, want_grad)), jax.tree.leaves((got, got_grad))):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_scan_cells_cudnn_branch_with_an_embedding_equals_its_scan(monkeypatch):
+    cell = LSTMCell(H, token_inputs=True)
+    params = _perturbed({**cell.init(jax.random.key(0), 3), "embedding": jnp.ones((I, 3))})
+    x = jax.random.randint(jax.random.key(1), (B, T), 0, I)
+    run = lambda params: scan_cell(cell, params, x, impl="scan")
+    want, want_grad = run(params), jax.grad(lambda p: jnp.sum(run(p)[1] ** 2))(params)
+    _layer_through_cudnn(monkeypatch)
+    got, got_grad = run(params), jax.grad(lambda p: jnp.sum(run(p)[1] ** 2))(params)
+    for w, g in zip(jax.tree.leaves((want, want_grad)), jax.tree.leaves((got, got_grad))):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_gpu, reason="cuDNN runs on a CUDA/ROCm device only")
 @BIDI
@@ -127,4 +167,23 @@ def test_cudnn_itself_equals_lstm_ref_and_the_scan(bidirectional):
     grads = jax.grad(lambda p: jnp.sum(run(p, x, h0, c0, lengths)[0] ** 2))(params)
     grads_ref = jax.grad(lambda p: jnp.sum(_by_scan(stack, p, x, h0, c0, lengths)[0] ** 2))(params)
     for w, g in zip(jax.tree.leaves(grads_ref), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, w, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="cuDNN runs on a CUDA/ROCm device only")
+@pytest.mark.parametrize("impl", ["cudnn", "auto", "fused"])
+def test_every_route_of_a_stack_equals_the_scan_on_the_gpu(impl):
+    """The layers as a user calls them: RecurrentStack with impl='cudnn' (and whatever 'auto' picks)."""
+    stack, params, x, h0, c0 = _setup(2, True)
+    lengths = None if impl == "fused" else jnp.array((6, 3, 0), jnp.int32)
+
+    def loss(impl, params):
+        _, ys = stack.apply(params, x, time_major=True, seq_lengths=lengths, impl=impl)
+        return jnp.sum(ys**2), ys
+
+    (_, want), g_want = jax.value_and_grad(functools.partial(loss, "scan"), has_aux=True)(params)
+    (_, got), g_got = jax.jit(jax.value_and_grad(functools.partial(loss, impl), has_aux=True))(params)
+    np.testing.assert_allclose(got, want, atol=2e-2)  # TF32 products
+    for w, g in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
         np.testing.assert_allclose(g, w, atol=5e-2, rtol=5e-2)

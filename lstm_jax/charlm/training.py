@@ -263,7 +263,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     """
     counts = sorted(set(counts))
     if impls is None:
-        gated = model.config.cell in ("lstm", "gru") and jax.default_backend() == "cpu"
+        gated = model.config.cell in ("lstm", "gru") and dispatch.cpu_choices_apply(dispatch.current_platform())
         impls = ("fused", "auto") if gated and dispatch.onednn_ready() else ("auto",)
     impls = [dispatch.check_impl(i) for i in dict.fromkeys(impls)]
     if len(counts) * len(impls) == 1 or not dispatch.measuring():
