@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from benchmarks import machine
-from lstm_jax import runtime
+from lstm_jax import dispatch, runtime
 from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
@@ -129,7 +129,9 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
 
 
 def main() -> None:
-    runtime.tune_malloc()  # before this process allocates its arrays
+    on_cpu = dispatch.cpu_choices_apply(dispatch.likely_platform())
+    if on_cpu:
+        runtime.tune_malloc()  # before this process allocates its arrays
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations")
@@ -137,7 +139,8 @@ def main() -> None:
     p.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
     args, flags = p.parse_known_args()
     train_args = train_script.parse_args(flags)
-    parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
+    if on_cpu:
+        parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
     config = train_script.resolve_config(train_args, None)
     most = parallel.devices_for_batch(config["batch_size"])
     corpus = load_corpus(config["corpus"])
