@@ -97,8 +97,9 @@ def cudnn_lstm(xs: Array, h0: Array, c0: Array, layers: Sequence, seq_lengths: A
 
     Args:
       xs: ``(T, N, I)`` float inputs, time-major.
-      h0, c0: ``(L*D, N, H)`` initial carries, pseudo-layers in cuDNN's order (layer 0 forward,
+      h0: ``(L*D, N, H)`` initial hidden states, pseudo-layers in cuDNN's order (layer 0 forward,
         layer 0 backward, layer 1 forward, ...).
+      c0: the initial cell states, likewise.
       layers: ``L`` layers' ``LSTMCell`` params (``input_kernel (I, 4H)``, ``recurrent_kernel
         (H, 4H)``, ``bias (4H,)``), or ``(forward, backward)`` pairs when ``bidirectional``.
       seq_lengths: ``(N,)`` valid lengths in ``[0, T]`` (None: all ``T``). Outputs past a row's
