@@ -170,3 +170,25 @@ def test_jaxs_gpu_backend_is_named_cuda_or_rocm(monkeypatch, version, want):
     assert dispatch.current_platform("tpu") == "tpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert plan.plan_layer(LSTMCell(8), impl="cudnn", **SHAPE).impl == "cudnn"  # "gpu" resolved, not refused
+
+
+@pytest.mark.parametrize("seq_lengths", [False, True], ids=["full", "lengths"])
+def test_the_cudnn_measurement_runs_while_a_program_is_traced(monkeypatch, seq_lengths):
+    """What the dispatch times on a GPU, timed here with lstm_ref standing in for cuDNN: it runs
+    inside a trace (plan_layer is asked while the user's step is jitted) and times both layers."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lstm_jax.kernels import cudnn
+
+    monkeypatch.setattr(cudnn, "cudnn_lstm", functools.partial(cudnn.cudnn_lstm, reference=True))
+    seen = {}
+
+    def traced(x):
+        seen.update(measure.cudnn_layer(6, 3, 4, 5, seq_lengths, rounds=1))
+        return x + 1
+
+    jax.jit(traced)(jnp.zeros(2))
+    assert set(seen) == {"other", "cudnn"} and all(v > 0 for v in seen.values())

@@ -127,11 +127,12 @@ def cudnn_layer(steps: int, batch: int, features: int, hidden: int, seq_lengths:
     default device (a GPU): ``'cudnn'`` (``jax.experimental.rnn``) and ``'other'``, the layer it
     replaces (the fused layer, or the scan when the rows have ``seq_lengths``), taking turns."""
     rng = np.random.default_rng(0)
-    x, w_x, w_h, b = [jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.1) for s in
-                      ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
-    zeros = jnp.zeros((batch, hidden), jnp.float32)
-    lengths = jnp.asarray(rng.integers(steps // 2, steps + 1, batch).astype(np.int32)) if seq_lengths else None
+    host = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
+            ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
+    host_lengths = rng.integers(steps // 2, steps + 1, batch).astype(np.int32)
     cell = LSTMCell(hidden)
+    zeros = np.zeros((batch, hidden), np.float32)
+    lengths = None
 
     def other(x, w_x, w_h, b):
         x_proj = matmul(x, w_x, None, jnp.float32) + b
@@ -144,7 +145,9 @@ def cudnn_layer(steps: int, batch: int, features: int, hidden: int, seq_lengths:
         params = [{"input_kernel": w_x, "recurrent_kernel": w_h, "bias": b}]
         return jnp.sum(cudnn.cudnn_lstm(x, zeros[None], zeros[None], params, lengths)[0])
 
-    with jax.ensure_compile_time_eval():
+    with jax.ensure_compile_time_eval():  # concrete arrays even when asked while a program is traced
+        x, w_x, w_h, b = map(jnp.asarray, host)
+        lengths = jnp.asarray(host_lengths) if seq_lengths else None
         runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))) for k, f in
                 {"other": other, "cudnn": through_cudnn}.items()}
         for run in runs.values():
