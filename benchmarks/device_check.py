@@ -60,21 +60,56 @@ def say(*args) -> None:
 
 
 def build_wheels(folder: Path = WHEELS) -> list[str]:
-    """Fill ``folder`` with the wheels the device image lacks: the package itself (``pip wheel``)
-    and ``PINNED`` at the versions installed here, for CPython 3.12 on x86-64 Linux."""
+    """Fill ``folder`` with the wheels the device image lacks: the package itself (``pip wheel`` of
+    a copy of the checkout's files, made pure: ``pure_wheel``) and ``PINNED`` at the versions
+    installed here, for CPython 3.12 on x86-64 Linux."""
     from importlib import metadata
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(folder), str(ROOT)],
-                   check=True)
+    with tempfile.TemporaryDirectory() as tmp:  # a copy: the build leaves nothing in the checkout
+        src = Path(tmp) / "src"
+        tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout.split()
+        for name in tracked:
+            if (ROOT / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, str(src)], check=True)
+        (built,) = Path(tmp).glob("lstm_jax-*.whl")
+        pure_wheel(built, folder)
     specs = [f"{name}=={metadata.version(name)}" for name in PINNED]
     platforms = [arg for p in ("manylinux_2_28_x86_64", "manylinux2014_x86_64") for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(folder),
                     *specs], check=True)
     return sorted(p.name for p in folder.glob("*.whl"))
+
+
+def pure_wheel(wheel: Path, folder: Path) -> Path:
+    """``wheel`` without its compiled oneDNN extension (built for this Python, CPU-only and optional
+    at run time) as a ``py3-none-any`` wheel in ``folder``, which installs on the device's Python."""
+    import zipfile
+
+    name, version = wheel.name.split("-")[:2]
+    out = folder / f"{name}-{version}-py3-none-any.whl"
+    dropped = lambda n: n.endswith(".so") or n.endswith(".build.json")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if dropped(item.filename):
+                continue
+            data = src.read(item.filename)
+            if item.filename.endswith(".dist-info/WHEEL"):
+                text = data.decode()
+                text = re.sub(r"Root-Is-Purelib: \w+", "Root-Is-Purelib: true", text)
+                data = re.sub(r"Tag: .*", "Tag: py3-none-any", text).encode()
+            elif item.filename.endswith(".dist-info/RECORD"):  # hashes of the rewritten files: left out
+                keep = [line for line in data.decode().splitlines() if not dropped(line.split(",")[0])
+                        and not line.split(",")[0].endswith(".dist-info/WHEEL")]
+                data = ("\n".join(keep) + "\n").encode()
+            dst.writestr(item, data)
+    return out
 
 
 def _dist(wheel: Path) -> str:
