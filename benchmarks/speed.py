@@ -61,7 +61,7 @@ CONFIGS = {  # name: (batch, time, hidden, layers)
     "default": (64, 100, 256, 2),
     "large": (64, 100, 512, 2),
     "xl": (256, 200, 1024, 2),  # GPU-sized: an accelerator's configs only
-    "tiny": (4, 8, 16, 1),  # benchmarks/device_check.py --dry-run: the code paths, in seconds on a CPU
+    "tiny": (4, 8, 16, 2),  # benchmarks/device_check.py --dry-run: the code paths, in seconds on a CPU
 }
 CPU_CONFIGS = ["seed", "default", "large"]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -208,6 +208,29 @@ def _tokens(b, t):
 def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_dispatch=1) -> Case:
     step, state = lstm_jax_step(cell, h, layers, impl, dtype, unroll)
     return jax_case(step, state, _tokens(b, t), per_dispatch)
+
+
+def case_lstm_jax_staggered(b, t, h, per_dispatch=10) -> Case:
+    """The char model with its two LSTM layers in one staggered scan (``lstm_jax.kernels.staggered``:
+    layer 2 a step behind layer 1, ``T + 1`` sequential steps instead of ``2T``), autodiff backward."""
+    from lstm_jax import LSTMCell
+    from lstm_jax.kernels.staggered import staggered_lstm2
+
+    cell = LSTMCell(h)
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = dict(embed=0.1 * jax.random.normal(k[0], (V, E)), l1=cell.init(k[1], E), l2=cell.init(k[2], h),
+                  head=dict(kernel=0.05 * jax.random.normal(k[3], (h, V)), bias=jnp.zeros(V)))
+    tx = optax.rmsprop(1e-3)
+
+    def loss(p, x, y):
+        x_proj = jnp.take(p["embed"], x.T, axis=0) @ p["l1"]["input_kernel"] + p["l1"]["bias"]  # (T, B, 4H)
+        zero = cell.initial_carry(x.shape[0])
+        ys = staggered_lstm2(p["l1"]["recurrent_kernel"], p["l2"]["input_kernel"], p["l2"]["bias"],
+                             p["l2"]["recurrent_kernel"], x_proj, zero, zero)[3]
+        logits = ys.reshape(-1, h) @ p["head"]["kernel"] + p["head"]["bias"]
+        return cross_entropy(logits, y.T.reshape(-1))
+
+    return jax_case(rmsprop_step(loss, tx), (params, tx.init(params)), _tokens(b, t), per_dispatch)
 
 
 def case_lstm_jax_synchronous(*args, **kwargs) -> Case:
@@ -391,6 +414,9 @@ def device_builders(cell: str, b: int, t: int, h: int, layers: int, unrolls, has
     for u in unrolls:
         builders[f"lstm_jax fused, unroll {u} (10 steps/dispatch)"] = functools.partial(
             case_lstm_jax, cell, b, t, h, layers, "fused", unroll=u, per_dispatch=10)
+    if cell == "lstm" and layers == 2:
+        builders["lstm_jax staggered 2 layers, autodiff (10 steps/dispatch)"] = functools.partial(
+            case_lstm_jax_staggered, b, t, h)
     if cell == "lstm":
         builders["flax nn.RNN (10 steps/dispatch)"] = functools.partial(case_flax, cell, b, t, h, layers,
                                                                         per_dispatch=10)

@@ -38,7 +38,8 @@ def test_the_dry_run_runs_every_step_and_writes_what_comes_back(tmp_path):
     rows = {r["impl"]: r for r in report["speed"]["rows"]}
     for impl in ("lstm_jax Trainer (10 steps/dispatch)", "lstm_jax Trainer, fused layer",
                  "lstm_jax Trainer, autodiff scan", "lstm_jax bf16 Trainer (10 steps/dispatch)",
-                 "lstm_jax fused, unroll 2 (10 steps/dispatch)", "flax nn.RNN (10 steps/dispatch)"):
+                 "lstm_jax fused, unroll 2 (10 steps/dispatch)", "flax nn.RNN (10 steps/dispatch)",
+                 "lstm_jax staggered 2 layers, autodiff (10 steps/dispatch)"):
         assert rows[impl]["chars_per_s"] > 0 and rows[impl]["compile_s"] > 0, impl
         assert rows[impl]["peak_bytes"] > 0, impl
     assert "needs a CUDA or ROCm device" in rows["lstm_jax Trainer, cudnn layer"]["error"]
