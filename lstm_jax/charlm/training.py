@@ -105,8 +105,8 @@ class Trainer:
     ``mesh`` (default ``parallel.data_mesh()``: every device) must divide ``batch_size``. With
     several processes every process passes the whole ``train_ids``; each device receives only
     its own streams. ``impl`` is how the recurrent layers run (``scan_cell``'s ``impl``: 'auto',
-    'fused', 'onednn' or 'scan'); ``fastest_setup`` measures which to use. Every choice gives the
-    same losses to float32 rounding.
+    'fused', 'onednn', 'cudnn' or 'scan'); ``fastest_setup`` measures which to use. Every choice
+    gives the same losses to float32 rounding (cuDNN's products may round as TF32).
     """
 
     def __init__(self, model: CharLM, config: TrainConfig, train_ids: np.ndarray, epochs: int = 1,

@@ -20,7 +20,9 @@ The gate order of ``LSTMCell`` (``i, f, g, o``) is cuDNN's, so no gate is permut
 Warning:
   cuDNN (like PyTorch) has two biases per layer; ours is one, put in ``b_ih`` with ``b_hh = 0``
   (the sum is what counts). Float32 only: ``jax.experimental.rnn`` has no bf16, and its products
-  may use TF32 unless ``precision=jax.lax.Precision.HIGHEST``.
+  may use TF32 unless ``precision=jax.lax.Precision.HIGHEST``. JAX's cuDNN primitive has no
+  ``jax.vmap`` rule and no forward-mode derivative: ``scan_cell`` takes any leading batch shape
+  itself (no vmap needed); under ``jax.vmap`` or ``jax.jvp`` on a GPU pass ``impl='fused'``.
 
 Two known limits of ``jax.experimental.rnn`` are worked around here: a zero sequence length
 fails in cuDNN (jax#17966), so lengths are clamped to at least 1 and those rows get zero outputs
