@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from benchmarks import machine
-from lstm_jax import runtime
+from lstm_jax import dispatch, runtime
 from lstm_jax.charlm import budget
 from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
@@ -159,7 +159,9 @@ def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: f
 
 
 def main() -> None:
-    runtime.tune_malloc()  # before this process allocates its arrays
+    on_cpu = dispatch.cpu_choices_apply(dispatch.likely_platform())
+    if on_cpu:
+        runtime.tune_malloc()  # before this process allocates its arrays
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations")
@@ -169,7 +171,8 @@ def main() -> None:
     train_args = train_script.parse_args(flags)
     if train_args.epochs is not None or train_args.total_steps is not None:
         p.error("the run's length and schedule are planned from --minutes here; drop --epochs and --total-steps.")
-    parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
+    if on_cpu:
+        parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
     config = train_script.resolve_config(train_args, None)
     most = parallel.devices_for_batch(config["batch_size"])
     corpus = load_corpus(config["corpus"])

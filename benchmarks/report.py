@@ -302,10 +302,56 @@ def clipping(stem: str) -> str:
     return "\n".join(lines)
 
 
+# ---- accelerators ---------------------------------------------------------------------------------
+
+ACCELERATOR_TARGETS = {"seed": 1 / 1.5, "default": 1.0, "large": 1.0, "xl": None}  # Trainer vs PyTorch, float32
+
+
+def accelerator() -> str:
+    """The GPU table: every committed ``device-check-*.json`` (benchmarks/device_check.py, dry runs
+    left out): per config and cell, lstm_jax's Trainer as train.py runs it (``impl='auto'``) and on
+    each layer route, against PyTorch cuDNN in float32 and bf16 autocast, beside the targets."""
+    runs = [(p.stem, load(p)) for p in sorted(BENCH.glob("device-check-*.json"))]
+    runs = [(stem, r) for stem, r in runs if not r.get("dry_run") and r.get("speed")]
+    head = ["| GPU | config | cell | Trainer chars/s | vs PyTorch (target) | bf16 vs PyTorch autocast (target 1.00x) "
+            "| fused | scan | cuDNN | best unroll | compile s | peak MiB (PyTorch) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if not runs:
+        return ("No device run yet: the rows appear here when `benchmarks/device_check.py` has run on a GPU and "
+                "its `device-check-<gpu>.json` is committed to `benchmarks/results/`.\n\n" + "\n".join(head)
+                + "\n| - | - | - | - | - | - | - | - | - | - | - | - |")
+    lines = []
+    for stem, run in runs:
+        gpu = run["device"].get("device_kind", stem)
+        rows = run["speed"]["rows"]
+        for cfg, cell in dict.fromkeys((r["config"], r["cell"]) for r in rows):
+            same = {r["impl"]: r for r in rows if r["config"] == cfg and r["cell"] == cell and "error" not in r}
+            speed = lambda name: same[name]["chars_per_s"] if name in same else None
+            ours = speed("lstm_jax Trainer (10 steps/dispatch)")
+            bf16 = speed("lstm_jax bf16 Trainer (10 steps/dispatch)")
+            torch, torch_bf16 = speed(f"torch nn.{cell.upper()}"), speed(f"torch nn.{cell.upper()} bf16 autocast")
+            target = ACCELERATOR_TARGETS.get(cfg)
+            ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
+            unrolls = {k: r["chars_per_s"] for k, r in same.items() if k.startswith("lstm_jax fused, unroll ")}
+            best = max(unrolls, key=unrolls.get).split("unroll ")[1].split()[0] if unrolls else "-"
+            auto = same.get("lstm_jax Trainer (10 steps/dispatch)", {})
+            theirs = same.get(f"torch nn.{cell.upper()}", {})
+            mib = lambda r: f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") else "-"
+            fmt = lambda v: f"{v:,.0f}" if v else "-"
+            lines.append(
+                f"| {gpu} | {_config_label(cfg)} | {cell} | {fmt(ours)} | {ratio(ours, torch)}"
+                f"{f' ({target:.2f}x)' if target else ''} | {ratio(bf16, torch_bf16)} | "
+                f"{fmt(speed('lstm_jax Trainer, fused layer'))} | {fmt(speed('lstm_jax Trainer, autodiff scan'))} | "
+                f"{fmt(speed('lstm_jax Trainer, cudnn layer'))} | {best} | "
+                f"{auto.get('compile_s', 0):.1f} | {mib(auto)} ({mib(theirs)}) |")
+    return "\n".join(head + lines)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "speed-headline": speed_headline, "speed-summary": speed_summary, "speed-peers": speed_peers,
     "generation": generation, "quality": quality, "scaling": scaling, "malloc": malloc, "layout": layout,
     "flax-modules": flax_modules, "gradient-flow": gradient_flow, "adding": adding, "clipping": clipping,
+    "accelerator": accelerator,
 }
 
 

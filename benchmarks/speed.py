@@ -6,6 +6,16 @@ median of ``--steps`` timed steps after warm-up is reported, with the compile (f
 
     python -m benchmarks.speed                 # everything, on every backend JAX sees
     python -m benchmarks.speed --quick         # fewer steps and no sweeps
+    python -m benchmarks.speed --set device --configs default large seed xl --deadline-s 180 --out DIR
+                                               # an accelerator's rows (benchmarks/device_check.py runs this)
+
+``--set device`` measures what matters on a GPU: lstm_jax's Trainer with each layer route (``impl``
+``auto``, ``fused``, ``scan``, ``cudnn``; bf16 too), the fused layer's ``unroll`` lever, Flax
+``nn.RNN(OptimizedLSTMCell)`` and PyTorch's cuDNN ``nn.LSTM``/``nn.GRU`` in float32 and bf16
+autocast, with the compile time and the peak device memory of each (for JAX the compiled program's
+own arguments, outputs and temporaries; for PyTorch ``torch.cuda.max_memory_allocated``).
+``--deadline-s`` starts no new group of rows after that many seconds, writes what it has and skips
+the sweeps and the generation benchmark.
 
 Peers (when installed): PyTorch nn.LSTM/GRU/RNN (CPU threads = cores; cuDNN on GPU) in float32
 and with bf16 autocast, and Flax linen nn.RNN over OptimizedLSTMCell/GRUCell/SimpleCell. The bf16
@@ -39,7 +49,7 @@ import numpy as np
 import optax
 
 from benchmarks import machine
-from lstm_jax import onednn, parallel, runtime, scan_steps
+from lstm_jax import dispatch, onednn, parallel, runtime, scan_steps
 from lstm_jax.charlm.model import CharLM, CharLMConfig, cross_entropy
 from lstm_jax.charlm.sampling import generate
 from lstm_jax.dispatch import plan
@@ -50,15 +60,31 @@ CONFIGS = {  # name: (batch, time, hidden, layers)
     "seed": (128, 40, 128, 1),
     "default": (64, 100, 256, 2),
     "large": (64, 100, 512, 2),
+    "xl": (256, 200, 1024, 2),  # GPU-sized: an accelerator's configs only
+    "tiny": (4, 8, 16, 2),  # benchmarks/device_check.py --dry-run: the code paths, in seconds on a CPU
 }
+CPU_CONFIGS = ["seed", "default", "large"]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 class Case(NamedTuple):
-    """One implementation under test: ``run(n)`` performs ``n`` train steps and waits for them."""
+    """One implementation under test: ``run(n)`` performs ``n`` train steps and waits for them;
+    ``peak_bytes``: the device memory its step needs, where known."""
 
     run: Callable[[int], None]
     compile_s: float
+    peak_bytes: int | None = None
+
+
+def compiled_bytes(lowered) -> int | None:
+    """The device memory of a lowered program once compiled: arguments, outputs and temporaries
+    (less what outputs alias), from XLA's memory analysis (None where the backend gives none)."""
+    try:
+        stats = lowered.compile().memory_analysis()
+        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+                   - stats.alias_size_in_bytes)
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 def measure(cases: dict[str, Case], rounds: int, steps: int) -> dict[str, float]:
@@ -92,17 +118,18 @@ def in_own_process(builder: str, *args, **kwargs) -> Case:
         here.send(n)
         here.recv()
 
-    return Case(run, value)
+    return Case(run, *value)
 
 
 def _serve(conn, builder: str, args, kwargs) -> None:
-    runtime.tune_malloc()
+    if dispatch.cpu_choices_apply(dispatch.likely_platform()):
+        runtime.tune_malloc()
     try:
         case = globals()[builder](*args, **kwargs)
     except RuntimeError as err:
         conn.send(("error", str(err)))
         return
-    conn.send(("ready", case.compile_s))
+    conn.send(("ready", (case.compile_s, case.peak_bytes)))
     while True:
         try:
             n = conn.recv()
@@ -123,20 +150,21 @@ def jax_case(step, state: tuple, batch: tuple, per_dispatch: int = 1) -> Case:
 
     if per_dispatch > 1:
         batch = jax.tree.map(lambda b: jnp.broadcast_to(b, (per_dispatch, *b.shape)), batch)
-    dispatch = jax.jit(one) if per_dispatch == 1 else scan_steps(one)
+    program = jax.jit(one) if per_dispatch == 1 else scan_steps(one)
     box = [tuple(state)]
 
     def run(n: int) -> None:
         loss = None
         for _ in range(max(1, n // per_dispatch)):
-            box[0], loss = dispatch(box[0], batch)  # one loss, or one per step
+            box[0], loss = program(box[0], batch)  # one loss, or one per step
         jax.block_until_ready(loss)
 
     t0 = time.perf_counter()
     run(per_dispatch)
     compile_s = time.perf_counter() - t0
     run(per_dispatch)  # warm-up
-    return Case(run, compile_s)
+    peak = compiled_bytes(program.lower(box[0], batch)) if hasattr(program, "lower") else None
+    return Case(run, compile_s, peak)
 
 
 def train_flops(batch, t, hidden, layers, cell) -> float:
@@ -182,6 +210,29 @@ def case_lstm_jax(cell, b, t, h, layers, impl, dtype="float32", unroll=1, per_di
     return jax_case(step, state, _tokens(b, t), per_dispatch)
 
 
+def case_lstm_jax_staggered(b, t, h, per_dispatch=10) -> Case:
+    """The char model with its two LSTM layers in one staggered scan (``lstm_jax.kernels.staggered``:
+    layer 2 a step behind layer 1, ``T + 1`` sequential steps instead of ``2T``), autodiff backward."""
+    from lstm_jax import LSTMCell
+    from lstm_jax.kernels.staggered import staggered_lstm2
+
+    cell = LSTMCell(h)
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = dict(embed=0.1 * jax.random.normal(k[0], (V, E)), l1=cell.init(k[1], E), l2=cell.init(k[2], h),
+                  head=dict(kernel=0.05 * jax.random.normal(k[3], (h, V)), bias=jnp.zeros(V)))
+    tx = optax.rmsprop(1e-3)
+
+    def loss(p, x, y):
+        x_proj = jnp.take(p["embed"], x.T, axis=0) @ p["l1"]["input_kernel"] + p["l1"]["bias"]  # (T, B, 4H)
+        zero = cell.initial_carry(x.shape[0])
+        ys = staggered_lstm2(p["l1"]["recurrent_kernel"], p["l2"]["input_kernel"], p["l2"]["bias"],
+                             p["l2"]["recurrent_kernel"], x_proj, zero, zero)[3]
+        logits = ys.reshape(-1, h) @ p["head"]["kernel"] + p["head"]["bias"]
+        return cross_entropy(logits, y.T.reshape(-1))
+
+    return jax_case(rmsprop_step(loss, tx), (params, tx.init(params)), _tokens(b, t), per_dispatch)
+
+
 def case_lstm_jax_synchronous(*args, **kwargs) -> Case:
     """``case_lstm_jax`` under JAX's synchronous CPU dispatch, the option docs/cpu-backends.md gives a user's
     own one-step calls (the program runs on the calling thread, from the main malloc heap; see
@@ -195,17 +246,18 @@ def case_lstm_jax_synchronous(*args, **kwargs) -> Case:
     return case_lstm_jax(*args, **kwargs)
 
 
-def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devices=1) -> Case:
+def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devices=1, impl="auto") -> Case:
     """lstm_jax's real training path: ``Trainer`` runs ``chunk`` steps per dispatch (lax.scan),
     batches gathered on the device, state donated, losses copied to the host after each chunk;
-    data parallel over the first ``devices`` devices (train.py: one CPU device per core)."""
+    data parallel over the first ``devices`` devices (train.py: one CPU device per core); the
+    layers' ``impl`` as given."""
     from lstm_jax.charlm.training import TrainConfig, Trainer
 
     model = CharLM(CharLMConfig(V, cell=cell, hidden_size=h, num_layers=layers, embed_size=E, dtype=dtype))
     ids = np.random.default_rng(0).integers(0, V, b * (t * chunk * 8 + 2)).astype(np.int32)
     trainer = Trainer(model, TrainConfig(batch_size=b, seq_len=t, chunk_steps=chunk, learning_rate=1e-3,
                                          lr_schedule="constant", clip_norm=0.0), ids, epochs=10**6,
-                      mesh=parallel.data_mesh(devices))
+                      mesh=parallel.data_mesh(devices), impl=impl)
     box = [trainer.init_state()]
 
     def run(n: int) -> None:
@@ -214,7 +266,8 @@ def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devi
 
     t0 = time.perf_counter()
     run(chunk)
-    return Case(run, time.perf_counter() - t0)
+    compile_s = time.perf_counter() - t0
+    return Case(run, compile_s, compiled_bytes(trainer._chunk.lower(box[0], trainer.data, num_steps=chunk)))
 
 
 def without_onednn(build: Callable[[], Case]) -> Case:
@@ -281,11 +334,13 @@ def case_torch(cell, b, t, h, layers, device="cpu", autocast_bf16=False) -> Case
         if device == "cuda":
             torch.cuda.synchronize()
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     run(1)
     compile_s = time.perf_counter() - t0
     run(3)  # warm-up
-    return Case(run, compile_s)
+    return Case(run, compile_s, int(torch.cuda.max_memory_allocated()) if device == "cuda" else None)
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -326,8 +381,7 @@ def bench_generation(length=1000, rounds=3):
     return result
 
 
-def matmul_peak(dtype) -> float:
-    n = 2048
+def matmul_peak(dtype, n: int = 2048) -> float:
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -346,24 +400,65 @@ def memory_bytes(t, remat) -> int:
     return int(stats.temp_size_in_bytes)
 
 
-def main():
-    runtime.tune_malloc()  # before this process allocates its arrays, for every peer alike
-    parallel.cpu_devices_per_core()  # as train.py: one CPU device per core (before JAX starts)
+def device_builders(cell: str, b: int, t: int, h: int, layers: int, unrolls, has_torch: bool,
+                    dev: str) -> dict[str, Callable[[], Case]]:
+    """The rows of ``--set device``: lstm_jax's Trainer on each layer route and in bf16, the fused
+    layer's ``unroll`` lever in a user's own 10-step call, Flax and PyTorch (cuDNN on a GPU)."""
+    trainer = functools.partial(case_lstm_jax_trainer, cell, b, t, h, layers)
+    builders = {"lstm_jax Trainer (10 steps/dispatch)": trainer,
+                "lstm_jax Trainer, fused layer": functools.partial(trainer, impl="fused"),
+                "lstm_jax Trainer, autodiff scan": functools.partial(trainer, impl="scan")}
+    if cell == "lstm":
+        builders["lstm_jax Trainer, cudnn layer"] = functools.partial(trainer, impl="cudnn")
+    builders["lstm_jax bf16 Trainer (10 steps/dispatch)"] = functools.partial(trainer, dtype="bfloat16")
+    for u in unrolls:
+        builders[f"lstm_jax fused, unroll {u} (10 steps/dispatch)"] = functools.partial(
+            case_lstm_jax, cell, b, t, h, layers, "fused", unroll=u, per_dispatch=10)
+    if cell == "lstm" and layers == 2:
+        builders["lstm_jax staggered 2 layers, autodiff (10 steps/dispatch)"] = functools.partial(
+            case_lstm_jax_staggered, b, t, h)
+    if cell == "lstm":
+        builders["flax nn.RNN (10 steps/dispatch)"] = functools.partial(case_flax, cell, b, t, h, layers,
+                                                                        per_dispatch=10)
+    if has_torch:
+        builders[f"torch nn.{cell.upper()}"] = functools.partial(in_own_process, "case_torch", cell, b, t, h,
+                                                                 layers, dev)
+        builders[f"torch nn.{cell.upper()} bf16 autocast"] = functools.partial(
+            in_own_process, "case_torch", cell, b, t, h, layers, dev, autocast_bf16=True)
+    return builders
+
+
+def main(argv: list[str] | None = None):
+    on_cpu = dispatch.cpu_choices_apply(dispatch.likely_platform())
+    if on_cpu:
+        runtime.tune_malloc()  # before this process allocates its arrays, for every peer alike
+        parallel.cpu_devices_per_core()  # as train.py: one CPU device per core (before JAX starts)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 10 steps per implementation, taking turns")
     ap.add_argument("--quick", action="store_true", help="2 rounds, no sweeps")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=CPU_CONFIGS)
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"])
-    args = ap.parse_args()
+    ap.add_argument("--set", choices=["all", "device"], default="all",
+                    help="'all': every row (CPU set-ups too); 'device': an accelerator's rows")
+    ap.add_argument("--unrolls", type=int, nargs="+", default=[1, 4, 16], help="--set device: the fused layer's "
+                                                                                "unroll lever [1 4 16]")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no new group of rows after this many seconds; skip sweeps and generation")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the matmul that measures the peak [2048]")
+    ap.add_argument("--out", default=None, help="folder of the result files [benchmarks/results]")
+    ap.add_argument("--tag", default=None, help="result file stem [speed-<backend>[-<cpu>]]")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    late = lambda: args.deadline_s is not None and time.perf_counter() - start > args.deadline_s
     rounds = 2 if args.quick else args.rounds
     backend = jax.default_backend()
-    rows = []
+    rows, skipped = [], []
     try:
         import torch  # noqa: F401
         has_torch = True
     except ImportError:
         has_torch = False
-    peak = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    peak = {"float32": matmul_peak(jnp.float32, args.matmul_n), "bfloat16": matmul_peak(jnp.bfloat16, args.matmul_n)}
     info = machine.describe()
     bf16_units = backend != "cpu" or info["flags"]["avx512_bf16"] or info["flags"]["amx_bf16"]
     no_bf16 = "skipped: this CPU has no bf16 units (avx512_bf16 / amx_bf16), where bf16 runs slower than float32"
@@ -371,6 +466,29 @@ def main():
     for name in args.configs:
         b, t, h, layers = CONFIGS[name]
         for cell in args.cells:
+            if late():
+                skipped.append(f"{name}/{cell}")
+                continue
+            if args.set == "device":
+                builders = device_builders(cell, b, t, h, layers, args.unrolls, has_torch,
+                                           "cuda" if backend == "gpu" else "cpu")
+                cases = {}
+                for impl, build in builders.items():
+                    if late():
+                        rows.append(dict(config=name, cell=cell, impl=impl, error="not built: --deadline-s passed"))
+                        continue
+                    try:
+                        cases[impl] = build()
+                    except Exception as err:  # noqa: BLE001 -- one row's failure is a result, not the run's end
+                        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+                        print(f"{name:8s} {cell:5s} {impl:44s} failed: {first}", flush=True)
+                        rows.append(dict(config=name, cell=cell, impl=impl, error=f"failed: {first}"))
+                rows += measured_rows(name, cell, cases, rounds, per_round, peak)
+                if args.out:  # what is measured so far, in case the run is stopped
+                    write(dict(backend=backend, tag=args.tag, rows=rows, partial=True, set=args.set,
+                               matmul_peak_gflops={k: v / 1e9 for k, v in peak.items()}, machine=info,
+                               generation=None, sweeps={}, command="(partial)"), Path(args.out))
+                continue
             builders = {"lstm_jax Trainer (10 steps/dispatch)": lambda: case_lstm_jax_trainer(cell, b, t, h, layers),
                         "lstm_jax, 1 step/dispatch": lambda: case_lstm_jax(cell, b, t, h, layers, "auto"),
                         "lstm_jax, scan_steps (10 steps/dispatch)":
@@ -424,34 +542,56 @@ def main():
                     print(f"{name:8s} {cell:5s} {impl:44s} unavailable: {str(err).splitlines()[0][:100]}", flush=True)
                     rows.append(dict(config=name, cell=cell, impl=impl,
                                      error="unavailable: " + str(err).splitlines()[0][:200]))
-            for impl, step_s in measure(cases, rounds, per_round).items():
-                flops = train_flops(b, t, h, layers, cell)
-                dtype = "bfloat16" if "bf16" in impl else "float32"
-                compile_s = cases[impl].compile_s
-                rows.append(dict(config=name, cell=cell, impl=impl, batch=b, seq_len=t, hidden=h, layers=layers,
-                                 ms_per_step=step_s * 1e3, chars_per_s=b * t / step_s, compile_s=compile_s,
-                                 gflops=flops / step_s / 1e9, share_of_matmul_peak=flops / step_s / peak[dtype]))
-                print(f"{name:8s} {cell:5s} {impl:44s} {step_s * 1e3:9.1f} ms {b * t / step_s:10.0f} chars/s "
-                      f"compile {compile_s:5.1f} s", flush=True)
+            rows += measured_rows(name, cell, cases, rounds, per_round, peak)
+    quick_end = late() or args.set == "device"
     out = dict(backend=backend, devices=[str(d) for d in jax.devices()], cpus=os.cpu_count(),
-               machine=info, cpu_tag=machine.cpu_tag(), jax=jax.__version__,
+               device_kind=jax.devices()[0].device_kind, machine=info, cpu_tag=machine.cpu_tag(),
+               jax=jax.__version__, set=args.set, skipped_for_time=skipped, tag=args.tag,
                matmul_peak_gflops={k: v / 1e9 for k, v in peak.items()}, rows=rows, sweeps={},
-               generation=bench_generation(), command="python -m benchmarks.speed " + " ".join(sys.argv[1:]),
+               generation=None if quick_end else bench_generation(),
+               command="python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
                onednn=dict(available=onednn.available(), unavailable_reason=onednn.unavailable_reason(),
                            threads_per_layer_shape={k: v.get("threads", 0) for k, v in plan.decisions().items()
                                                     if "|onednn-" in k}))
-    write(out)  # the table first; the sweeps take a while
-    if not args.quick:
-        out["sweeps"] = run_sweeps(lambda sweeps: write(dict(out, sweeps=sweeps)))
-        write(out)
+    folder = Path(args.out) if args.out else RESULTS
+    write(out, folder)  # the table first; the sweeps take a while
+    if not args.quick and not quick_end:
+        out["sweeps"] = run_sweeps(lambda sweeps: write(dict(out, sweeps=sweeps), folder))
+        write(out, folder)
     print(markdown(out))
+    return out
 
 
-def write(out: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"speed-{out['backend']}" + (f"-{out['cpu_tag']}" if out["backend"] == "cpu" else "")
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown(out))
+def measured_rows(name: str, cell: str, cases: dict[str, Case], rounds: int, per_round: int, peak: dict) -> list:
+    """The rows of one group of cases, measured taking turns (printed as they come)."""
+    b, t, h, layers = CONFIGS[name]
+    rows = []
+    for impl, step_s in measure(cases, rounds, per_round).items():
+        flops = train_flops(b, t, h, layers, cell)
+        dtype = "bfloat16" if "bf16" in impl else "float32"
+        compile_s, peak_bytes = cases[impl].compile_s, cases[impl].peak_bytes
+        rows.append(dict(config=name, cell=cell, impl=impl, batch=b, seq_len=t, hidden=h, layers=layers,
+                         ms_per_step=step_s * 1e3, chars_per_s=b * t / step_s, compile_s=compile_s,
+                         peak_bytes=peak_bytes, gflops=flops / step_s / 1e9,
+                         share_of_matmul_peak=flops / step_s / peak[dtype]))
+        memory = f" peak {peak_bytes / 2**20:8.1f} MiB" if peak_bytes else ""
+        print(f"{name:8s} {cell:5s} {impl:44s} {step_s * 1e3:9.1f} ms {b * t / step_s:10.0f} chars/s "
+              f"compile {compile_s:5.1f} s{memory}", flush=True)
+    return rows
+
+
+def result_name(out: dict) -> str:
+    """The result files' stem: ``--tag``, else speed-<backend>[-<cpu>]."""
+    if out.get("tag"):
+        return out["tag"]
+    return f"speed-{out['backend']}" + (f"-{out['cpu_tag']}" if out["backend"] == "cpu" else "")
+
+
+def write(out: dict, folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = result_name(out)
+    (folder / f"{name}.json").write_text(json.dumps(out, indent=2))
+    (folder / f"{name}.md").write_text(markdown(out))
 
 
 def _chars_per_s(b, t, h, layers=1) -> float:
@@ -617,6 +757,15 @@ def markdown(out) -> str:
             lines += ["", "LSTM and GRU layers (cell, steps x rows x inputs x hidden, dtype, cores per device) "
                       "as `impl='auto'` chose them by measurement (lstm_jax.onednn.pays): " + "; ".join(chosen) + "."]
     g = out["generation"]
+    if out.get("skipped_for_time"):
+        lines += ["", "Not measured (the run's --deadline-s had passed): " + ", ".join(out["skipped_for_time"]) + "."]
+    if any(r.get("peak_bytes") for r in out["rows"]):
+        lines += ["", "Peak device memory of a step (JAX: the compiled program's arguments, outputs and temporaries; "
+                  "PyTorch: torch.cuda.max_memory_allocated), MiB: " + "; ".join(
+                      f"{r['config']} {r['cell']} {r['impl']}: {r['peak_bytes'] / 2**20:,.0f}"
+                      for r in out["rows"] if r.get("peak_bytes"))]
+    if g is None:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Generation (2x256 LSTM, 4 temperatures x 1000 chars, one batch): lstm_jax "
               f"{g['lstm_jax_chars_per_s']:,.0f} chars/s"
               + (f", PyTorch per-character loop {g['torch_loop_chars_per_s']:,.0f} "

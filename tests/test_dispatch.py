@@ -94,18 +94,22 @@ def test_a_measurement_that_needs_another_does_not_deadlock(fresh_cache):
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu"])
 def test_plans_by_platform_without_a_device(fresh_cache, monkeypatch, platform):
     """The plan is a function of the platform name: off CPU no oneDNN and no transposed carry,
-    whatever the switches say about CPU choices."""
+    whatever the switches say about CPU choices; cuDNN for float32 LSTM layers on CUDA (fixed rule:
+    nothing is timed here; the measured rule is in test_platforms.py)."""
     monkeypatch.setenv("LSTM_JAX_LAYOUT", "transposed")
+    monkeypatch.setenv("LSTM_JAX_DISPATCH", "fixed")
     shape = dict(steps=100, rows=64, features=512)
+    cudnn = platform == "cuda"
     lstm = plan.plan_layer(LSTMCell(64), platform=platform, **shape)
-    assert lstm.impl == ("fused" if platform != "cpu" or not dispatch.onednn_ready() else lstm.impl)
+    assert lstm.impl == ("cudnn" if cudnn else "fused")
     if lstm.impl == "fused":
         assert lstm.transposed == (platform == "cpu") and lstm.loop_factors  # 64 units: factors in the loop
     assert plan.plan_layer(LSTMCell(256), platform=platform, impl="fused", **shape).loop_factors is False
     assert plan.plan_layer(RNNCell(64), platform=platform, **shape).impl == "fused"
     assert plan.plan_layer(GRUCell(64, reset_after=False), platform=platform, **shape).impl == "scan"
     assert plan.plan_layer(LeakyRNNCell(64), platform=platform, **shape).impl == "scan"
-    assert plan.plan_layer(LSTMCell(64), platform=platform, seq_lengths=True, **shape).impl == "scan"
+    assert plan.plan_layer(LSTMCell(64), platform=platform, seq_lengths=True, **shape).impl == (
+        "cudnn" if cudnn else "scan")
     assert plan.plan_layer(LSTMCell(64), platform=platform, remat=True, **shape).impl == "scan"
     assert plan.plan_layer(LSTMCell(64), platform=platform, impl="scan", **shape).impl == "scan"
     monkeypatch.setenv("LSTM_JAX_ONEDNN", "1")  # oneDNN wherever supported: still never where 'fused' is asked
@@ -117,7 +121,8 @@ def test_impl_is_checked_before_any_shortcut():
     """An unknown impl is refused even where the layer would run the plain scan anyway (empty input)."""
     cell = LSTMCell(4)
     params = cell.init(jax.random.key(0), 3)
-    with pytest.raises(ConfigError, match=r"impl must be one of 'auto', 'scan', 'fused', 'onednn', got 'bogus'"):
+    allowed = "'auto', 'scan', 'fused', 'onednn', 'cudnn'"
+    with pytest.raises(ConfigError, match=rf"impl must be one of {allowed}, got 'bogus'"):
         scan_cell(cell, params, jnp.zeros((2, 0, 3)), impl="bogus")
     with pytest.raises(ConfigError, match="impl must be one of"):
         scan_cell(cell, params, jnp.zeros((2, 5, 3)), impl="bogus")

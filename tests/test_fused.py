@@ -22,6 +22,7 @@ def _perturbed(cell, input_size):
                                   RNNCell(16, activation="relu"), LSTMCell(128), GRUCell(128)],
                          ids=["lstm", "gru", "lstm_tokens", "rnn_tanh", "rnn_relu", "lstm_128", "gru_128"])
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.gpu
 def test_fused_matches_scan_values_and_gradients(cell, reverse):
     input_size = 11
     params = _perturbed(cell, input_size)
@@ -79,6 +80,7 @@ def test_transposed_carry_gives_the_same_numbers_and_is_used_when_chosen(kind, g
     np.testing.assert_allclose(outputs["transposed"], outputs["row-major"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 def test_fused_stack_matches_scan_stack_under_vmap():
     stack = RecurrentStack(LSTMCell(8), num_layers=2, bidirectional=True)
     params = stack.init(KEY, 4)
@@ -87,6 +89,7 @@ def test_fused_stack_matches_scan_stack_under_vmap():
     np.testing.assert_allclose(run("fused"), run("scan"), atol=1e-6)
 
 
+@pytest.mark.gpu
 def test_fused_bf16_is_close_to_f32_scan():
     cell = LSTMCell(32, dtype=jnp.bfloat16)
     params = cell.init(KEY, 8)
@@ -107,3 +110,18 @@ def test_fused_rejects_what_it_does_not_support():
                   seq_lengths=jnp.array([5, 3]))
     with pytest.raises(ConfigError, match="impl must be"):
         scan_cell(LSTMCell(4), LSTMCell(4).init(KEY, 3), jnp.ones((2, 5, 3)), impl="cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", [LSTMCell(8), GRUCell(8), RNNCell(8)], ids=lambda c: c.name)
+@pytest.mark.parametrize("unroll", [4, 16])
+def test_unrolled_fused_layers_equal_the_scan(cell, unroll):
+    """``unroll``, the accelerator lever benchmarks/speed.py --set device measures, changes no number."""
+    params = cell.init(jax.random.key(0), 3)
+    x = jax.random.normal(jax.random.key(1), (2, 7, 3))  # 7 steps: not a multiple of the unroll
+    loss = lambda p, impl, u: jnp.sum(scan_cell(cell, p, x, impl=impl, unroll=u)[1] ** 2)
+    want, g_want = jax.value_and_grad(loss)(params, "scan", 1)
+    got, g_got = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(params, "fused", unroll)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for w, g in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -59,7 +59,7 @@ def test_folded_embedding_equals_embedding_then_projection(cell):
     assert float(jnp.abs(g_fold["embedding"]).max()) > 0
 
 
-@pytest.mark.parametrize("preset", ["lm", "keras"])
+@pytest.mark.parametrize("preset", [pytest.param("lm", marks=pytest.mark.gpu), "keras"])
 def test_resume_equals_uninterrupted_training_bitwise(text_corpus, tmp_path, preset):
     vocab, train_ids, _ = _ids(text_corpus)
     model = CharLM(CharLMConfig(len(vocab), hidden_size=16, num_layers=2, dropout=0.1))
@@ -96,6 +96,7 @@ def test_resume_equals_uninterrupted_training_bitwise(text_corpus, tmp_path, pre
     jax.tree.map(np.testing.assert_array_equal, restored.params, state_full.params)
 
 
+@pytest.mark.gpu
 def test_training_lowers_the_loss_and_compiles_once(text_corpus):
     vocab, train_ids, val_ids = _ids(text_corpus)
     model = CharLM(CharLMConfig(len(vocab), hidden_size=32, num_layers=1))

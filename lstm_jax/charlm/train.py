@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lstm_jax import runtime
+from lstm_jax import dispatch, runtime
 from lstm_jax.charlm import budget
 from lstm_jax.charlm.checkpoint import (
     Checkpointer,
@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--num-layers", type=int, help="recurrent layers [2]")
     add("--embed-size", type=int, help="embedding size; 0 = one-hot input [64]")
     add("--dropout", type=float, help="dropout between recurrent layers [0]")
-    add("--dtype", choices=["float32", "bfloat16"], help="compute dtype of the matmuls; params stay float32 [float32]")
+    add("--dtype", choices=["float32", "bfloat16"],
+        help="compute dtype of the matmuls; params and state stay float32 [bfloat16 on TPU, else float32]")
     add("--batch-size", type=int, help="parallel streams (lm) or windows (keras) per step [64]")
     add("--seq-len", type=int, help="characters per step and stream (lm) or window length (keras) [100]")
     add("--window-step", type=int, help="keras preset: characters between window starts [3]")
@@ -126,11 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
-    """Flags over the saved run's config (resuming) over the preset over the defaults."""
+def resolve_config(args: argparse.Namespace, saved: dict | None, platform: str | None = None) -> dict:
+    """Flags over the saved run's config (resuming) over the preset over the defaults; the default
+    compute dtype is the dispatch's proposal for ``platform`` (default: JAX's backend): bf16
+    products on TPU, float32 elsewhere."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in RUN_KEYS}
     preset = PRESETS.get(given.get("preset") or (saved or {}).get("preset"), {})
-    config = {**DEFAULTS, **preset, **(saved or {}), **given}
+    proposed = {"dtype": dispatch.proposed_compute_dtype(dispatch.current_platform(platform))}
+    config = {**DEFAULTS, **proposed, **preset, **(saved or {}), **given}
     check_length(given, saved, args.run_dir)
     if saved:
         clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k)]
@@ -257,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and saved is None:
         raise CheckpointError(f"--resume was given but {run_dir} holds no run; drop --resume to start one.")
     config = resolve_config(args, saved)
-    auto = args.devices is None and getattr(args, "cpu_devices_auto", None) and jax.default_backend() == "cpu"
+    on_cpu = dispatch.cpu_choices_apply(dispatch.current_platform())
+    auto = args.devices is None and getattr(args, "cpu_devices_auto", None) and on_cpu
     mesh = parallel.data_mesh(1 if auto else args.devices)
     parallel.check_divisible(config["batch_size"], mesh)
     corpus = load_corpus(config["corpus"])
@@ -270,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     train_config = TrainConfig(**{k: config[k] for k in TRAIN_KEYS})
     most = parallel.devices_for_batch(config["batch_size"]) if auto else mesh.size
     impl = "auto"
-    if jax.default_backend() == "cpu" and jax.process_count() == 1:
+    if on_cpu and jax.process_count() == 1:
         # one device per core, and the fused or the oneDNN LSTM layer, where measured faster here (cached)
         setup = fastest_setup(model, train_config, train_ids, sorted({mesh.size, most}))
         mesh, impl = parallel.data_mesh(setup.devices), setup.impl
@@ -356,7 +361,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    runtime.tune_malloc()  # before this process allocates its arrays (lstm_jax.runtime)
+    on_cpu = dispatch.cpu_choices_apply(dispatch.likely_platform())  # before JAX starts its backends
+    if on_cpu:
+        runtime.tune_malloc()  # before this process allocates its arrays (lstm_jax.runtime)
     logging.getLogger("absl").setLevel(logging.ERROR)
     silence_background_errors()
     started = time.monotonic()
@@ -368,9 +375,9 @@ def main(argv=None) -> int:
         if args.cpu_devices is not None and args.cpu_devices < 1:
             raise ConfigError(f"--cpu-devices must be at least 1 (one device per core: leave it out), "
                               f"got {args.cpu_devices}.")
-        if args.cpu_devices is not None:
+        if args.cpu_devices is not None and on_cpu:
             parallel.cpu_devices_per_core(args.cpu_devices)
-        elif watchdog is None:  # one process: one CPU device per core (used as the batch allows)
+        elif watchdog is None and on_cpu:  # one process: one CPU device per core (used as the batch allows)
             args.cpu_devices_auto = parallel.cpu_devices_per_core()
         return run(args)
     except NonFiniteLossError as err:

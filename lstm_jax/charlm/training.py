@@ -123,8 +123,8 @@ class Trainer:
     ``mesh`` (default ``parallel.data_mesh()``: every device) must divide ``batch_size``. With
     several processes every process passes the whole ``train_ids``; each device receives only
     its own streams. ``impl`` is how the recurrent layers run (``scan_cell``'s ``impl``: 'auto',
-    'fused', 'onednn' or 'scan'); ``fastest_setup`` measures which to use. Every choice gives the
-    same losses to float32 rounding.
+    'fused', 'onednn', 'cudnn' or 'scan'); ``fastest_setup`` measures which to use. Every choice
+    gives the same losses to float32 rounding (cuDNN's products may round as TF32).
 
     The learning-rate schedule spans ``total_steps`` (``config.total_steps``, else ``epochs`` x
     ``steps_per_epoch``). It is an argument of the compiled chunk, not a constant in it:
@@ -302,7 +302,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     """
     counts = sorted(set(counts))
     if impls is None:
-        gated = model.config.cell in ("lstm", "gru") and jax.default_backend() == "cpu"
+        gated = model.config.cell in ("lstm", "gru") and dispatch.cpu_choices_apply(dispatch.current_platform())
         impls = ("fused", "auto") if gated and dispatch.onednn_ready() else ("auto",)
     impls = [dispatch.check_impl(i) for i in dict.fromkeys(impls)]
     if len(counts) * len(impls) == 1 or not dispatch.measuring():

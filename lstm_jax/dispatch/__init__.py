@@ -16,14 +16,21 @@ from lstm_jax.dispatch.plan import (
     IMPLS,
     Plan,
     check_impl,
+    cpu_choices_apply,
+    cudnn_unsupported_reason,
+    current_platform,
     embedding_route,
+    likely_platform,
     measuring,
     onednn_ready,
     onednn_threads,
     onednn_unavailable_reason,
     plan_layer,
+    proposed_compute_dtype,
     transposed_carry_pays,
 )
 
 __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "embedding_route", "measuring", "onednn_ready",
-           "onednn_threads", "onednn_unavailable_reason", "transposed_carry_pays", "cache", "measure", "switches"]
+           "onednn_threads", "onednn_unavailable_reason", "transposed_carry_pays", "cpu_choices_apply",
+           "cudnn_unsupported_reason", "current_platform", "likely_platform", "proposed_compute_dtype", "cache",
+           "measure", "switches"]

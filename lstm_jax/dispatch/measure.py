@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lstm_jax.core.cells import LSTMCell
 from lstm_jax.core.products import folded_table, matmul
-from lstm_jax.kernels import onednn
+from lstm_jax.core.scan import scan_layer
+from lstm_jax.kernels import cudnn, onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, recurrent_product
 
-__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "MARGIN"]
+__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "cudnn_layer", "MARGIN"]
 
 MARGIN = 1.1  # a more complex candidate must be this much faster than a simpler one: a choice, not noise
 
@@ -117,3 +119,37 @@ def onednn_layer(steps: int, batch: int, features: int, hidden: int, dtype: Any 
         for run in runs.values():
             jax.block_until_ready(run(*args))  # compile
         return median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, rounds)
+
+
+def cudnn_layer(steps: int, batch: int, features: int, hidden: int, seq_lengths: bool = False,
+                rounds: int = 5) -> dict:
+    """Median seconds of one float32 LSTM layer's training pass (forward and backward) on the
+    default device (a GPU): ``'cudnn'`` (``jax.experimental.rnn``) and ``'other'``, the layer it
+    replaces (the fused layer, or the scan when the rows have ``seq_lengths``), taking turns."""
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
+            ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
+    host_lengths = rng.integers(steps // 2, steps + 1, batch).astype(np.int32)
+    cell = LSTMCell(hidden)
+    zeros = np.zeros((batch, hidden), np.float32)
+    lengths = None
+
+    def other(x, w_x, w_h, b):
+        x_proj = matmul(x, w_x, None, jnp.float32) + b
+        if seq_lengths:
+            params = {"input_kernel": w_x, "recurrent_kernel": w_h, "bias": b}
+            return jnp.sum(scan_layer(cell, params, x_proj, cell.initial_carry(batch), seq_lengths=lengths)[1])
+        return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, None, 1, False, hidden <= 128)[2])
+
+    def through_cudnn(x, w_x, w_h, b):
+        params = [{"input_kernel": w_x, "recurrent_kernel": w_h, "bias": b}]
+        return jnp.sum(cudnn.cudnn_lstm(x, zeros[None], zeros[None], params, lengths)[0])
+
+    with jax.ensure_compile_time_eval():  # concrete arrays even when asked while a program is traced
+        x, w_x, w_h, b = map(jnp.asarray, host)
+        lengths = jnp.asarray(host_lengths) if seq_lengths else None
+        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))) for k, f in
+                {"other": other, "cudnn": through_cudnn}.items()}
+        for run in runs.values():
+            jax.block_until_ready(run(x, w_x, w_h, b))  # compile
+        return median_seconds({k: functools.partial(run, x, w_x, w_h, b) for k, run in runs.items()}, rounds)

@@ -1,15 +1,16 @@
 """Which kernel runs a recurrent layer, and how: the one place that decides.
 
 ``plan_layer`` takes a cell, the layer's shapes, the platform and the caller's ``impl``, and
-returns a ``Plan``: the kernel (``'scan'``, ``'fused'`` or ``'onednn'``) and its settings (the
-fused loop's carry layout and what it saves for the backward pass, oneDNN's threads per call and
-its input route). The kernels receive those settings as arguments and ask nothing back.
+returns a ``Plan``: the kernel (``'scan'``, ``'fused'``, ``'onednn'`` or ``'cudnn'``) and its settings
+(the fused loop's carry layout and what it saves for the backward pass, oneDNN's threads per call
+and its input route). The kernels receive those settings as arguments and ask nothing back.
 
 The rules, in order:
 
-1. ``impl`` is checked first (``'auto'``, ``'scan'``, ``'fused'``, ``'onednn'``), then what the
-   cell and options allow: the fused kernels run ``LSTMCell``, ``RNNCell`` and
-   ``GRUCell(reset_after=True)`` without ``seq_lengths`` or ``remat``; oneDNN the LSTM and that GRU.
+1. ``impl`` is checked first (``'auto'``, ``'scan'``, ``'fused'``, ``'onednn'``, ``'cudnn'``), then
+   what the cell and options allow: the fused kernels run ``LSTMCell``, ``RNNCell`` and
+   ``GRUCell(reset_after=True)`` without ``seq_lengths`` or ``remat``; oneDNN the LSTM and that GRU;
+   cuDNN float32 ``LSTMCell`` layers (``seq_lengths`` allowed, no ``remat``) on CUDA or ROCm only.
    An empty sequence (no steps or no rows) runs the plain scan whatever was asked.
 2. oneDNN (CPU only; ``'auto'``): taken where the extension is loaded, ``LSTM_JAX_ONEDNN`` is not
    ``0``, oneDNN supports the shape, the layer's training pass has at least
@@ -18,6 +19,12 @@ The rules, in order:
    wins). ``LSTM_JAX_ONEDNN=1`` takes it wherever supported, unmeasured, on all the device's cores.
    Token inputs through an embedding go in as the embedding rows where they are the narrower input
    (after padding to oneDNN's blocks), else as the one-hot of the vocabulary (``embedding_route``).
+2b. cuDNN (CUDA/ROCm only; ``'auto'``): a float32 LSTM layer takes ``jax.experimental.rnn`` where
+   its training pass measured ``measure.MARGIN`` faster than the layer it replaces (the fused
+   layer, or the scan with ``seq_lengths``); with ``LSTM_JAX_DISPATCH=fixed`` by ``CUDNN_FIXED``
+   (CUDA yes, ROCm no). bf16 layers and other cells keep the fused layer (cuDNN's route is float32
+   only). Never on CPU or TPU.
+   Nothing of rule 2 or 3 runs off CPU (``cpu_choices_apply``), whatever the switches say.
 3. The fused loop's carry layout (CPU only): transposed where a loop of the layer's per-step
    products measured ``MARGIN`` faster that way; never for per-step products outside
    ``LAYOUT_STEP_FLOPS`` (below it the loop is bound by its overhead, above it both kernels run near
@@ -30,7 +37,7 @@ dtype, and cached in memory and on disk (``dispatch.cache``): the first call of 
 shape on CPU may take seconds per choice (each candidate compiled and timed), later calls and
 later processes none.
 ``LSTM_JAX_DISPATCH=fixed`` makes every choice without timing (row-major carry, the fused layer;
-oneDNN only with ``LSTM_JAX_ONEDNN=1``). Figures: ``benchmarks/layout.py`` and
+oneDNN only with ``LSTM_JAX_ONEDNN=1``; cuDNN per ``CUDNN_FIXED``). Figures: ``benchmarks/layout.py`` and
 ``benchmarks/speed.py`` (their committed results and the docs' performance page).
 """
 
@@ -52,9 +59,15 @@ from lstm_jax.kernels import onednn
 __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_kind", "transposed_carry_pays",
            "loop_factors", "onednn_threads", "onednn_ready", "onednn_unavailable_reason", "input_route",
            "embedding_route", "measuring", "decisions", "LAYOUT_STEP_FLOPS", "ONEDNN_MIN_LAYER_FLOPS",
-           "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS"]
+           "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS", "CUDNN_PLATFORMS", "CUDNN_FIXED",
+           "cudnn_unsupported_reason", "cudnn_pays", "cpu_choices_apply", "proposed_compute_dtype", "likely_platform",
+           "current_platform"]
 
-IMPLS = ("auto", "scan", "fused", "onednn")
+IMPLS = ("auto", "scan", "fused", "onednn", "cudnn")
+CUDNN_PLATFORMS = ("cuda", "rocm")  # where jax.experimental.rnn lowers (cuDNN, MIOpen)
+# LSTM_JAX_DISPATCH=fixed: whether a float32 LSTM layer takes cuDNN, per platform, unmeasured. CUDA as
+# Keras's JAX backend does; MIOpen's route has run nowhere yet, so ROCm keeps the fused layer.
+CUDNN_FIXED = {"cuda": True, "rocm": False}
 LAYOUT_STEP_FLOPS = (2 * 2**20, 2 * 2**28)  # per-step product h @ W_h: where the carry layout can matter
 LAYOUT_LOOP_STEPS = 100
 ONEDNN_MIN_LAYER_FLOPS = 2**28  # a layer's training pass below this keeps the fused loop, unmeasured
@@ -104,6 +117,72 @@ def onednn_kind(cell: Cell) -> str | None:
     return kind if kind in ("lstm", "gru") else None
 
 
+def cudnn_unsupported_reason(cell: Cell, platform: str, remat: bool = False) -> str | None:
+    """Why ``impl='cudnn'`` cannot run ``cell`` on ``platform``, in words (None where it can):
+    ``jax.experimental.rnn`` runs float32 LSTM layers on CUDA and ROCm only."""
+    if platform not in CUDNN_PLATFORMS:
+        return f"it needs a CUDA or ROCm device, and this program runs on {platform!r}"
+    if not isinstance(cell, LSTMCell):
+        return f"jax.experimental.rnn runs LSTM layers only, not a {cell.name}"
+    compute = jnp.dtype(cell.dtype or cell.param_dtype)
+    if compute != jnp.float32 or jnp.dtype(cell.param_dtype) != jnp.float32:
+        return (f"jax.experimental.rnn runs float32 only, and this layer computes in {compute.name} "
+                f"with {jnp.dtype(cell.param_dtype).name} params")
+    if remat:
+        return "cuDNN keeps its own saved state for the backward pass, so remat=True has no meaning there"
+    return None
+
+
+def cpu_choices_apply(platform: str) -> bool:
+    """Whether the CPU-only choices (oneDNN layers, the carry layout calibration, one device per
+    core, the allocator's tuning) may run for a program on ``platform``: on ``'cpu'`` only."""
+    return platform == "cpu"
+
+
+def current_platform(name: str | None = None) -> str:
+    """``name`` (default: JAX's default backend) with ``'gpu'`` resolved to ``'cuda'`` or
+    ``'rocm'`` (the names ``lax.platform_dependent`` and ``jax.experimental.rnn`` use), as the
+    device's client reports it."""
+    name = (name or jax.default_backend()).lower()
+    if name != "gpu":
+        return name
+    try:
+        version = jax.devices("gpu")[0].client.platform_version.lower()
+    except (RuntimeError, AttributeError, IndexError):
+        return "cuda"
+    return "rocm" if "rocm" in version or "hip" in version else "cuda"
+
+
+def likely_platform() -> str:
+    """The platform JAX will run on, named before its backends start where possible (the CPU-only
+    process settings must be made before): JAX's backend once started; else the first of
+    ``jax_platforms`` (``JAX_PLATFORMS``) when set; else ``'tpu'``, ``'cuda'`` or ``'rocm'`` where
+    such a JAX plugin is installed; else ``'cpu'``."""
+    from importlib import metadata, util
+
+    from jax._src import xla_bridge
+
+    try:
+        if xla_bridge.backends_are_initialized():
+            return current_platform()
+    except AttributeError:  # a JAX without that function: ask the backend itself
+        return current_platform()
+    configured = (jax.config.jax_platforms or "").split(",")[0].strip().lower()
+    if configured:
+        return {"gpu": "cuda"}.get(configured, configured)
+    plugins = " ".join(ep.name for ep in metadata.entry_points(group="jax_plugins")).lower()
+    if "tpu" in plugins or util.find_spec("libtpu") is not None:
+        return "tpu"
+    return next((p for p in ("cuda", "rocm") if p in plugins), "cpu")
+
+
+def proposed_compute_dtype(platform: str) -> str:
+    """The compute dtype of the matrix products the dispatch proposes on ``platform`` when the user
+    names none: ``'bfloat16'`` on TPU (its matrix units' native type; params and the carried
+    state stay float32), else ``'float32'``."""
+    return "bfloat16" if platform == "tpu" else "float32"
+
+
 def measuring() -> bool:
     """Whether choices are timed on this machine (``LSTM_JAX_DISPATCH`` is not ``fixed``)."""
     return switches.dispatch_mode() == "measure"
@@ -126,8 +205,9 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
                platform: str | None = None) -> Plan:
     """The plan for one layer of ``cell`` over ``steps`` steps of ``rows`` sequences of ``features``
     inputs (the vocabulary size with ``tokens``; ``embed``: the width of an embedding the token ids
-    pass through first, 0 without one). ``platform``: where the program runs (default: JAX's
-    default backend). Raises ``ConfigError`` for an ``impl`` the layer cannot run."""
+    pass through first, 0 without one). ``platform``: where the program runs, ``'cpu'``,
+    ``'cuda'``, ``'rocm'`` or ``'tpu'`` (default: JAX's default backend, ``'gpu'`` resolved by
+    ``current_platform``). Raises ``ConfigError`` for an ``impl`` the layer cannot run."""
     check_impl(impl)
     switches.check_all()
     kind, dnn = fused_kind(cell), onednn_kind(cell)
@@ -141,22 +221,55 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
         raise ConfigError(
             f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths or remat; "
             f"got {cell.name}{with_options}. Use impl='scan' or 'auto'.")
+    platform = current_platform(platform)
+    if impl == "cudnn":
+        reason = cudnn_unsupported_reason(cell, platform, remat)
+        if reason:
+            use = "'fused' or 'auto'" if fusable else "'scan' or 'auto'"
+            raise ConfigError(f"impl='cudnn' cannot run this layer: {reason}. Use impl={use}.")
     if impl == "onednn" and not onednn_ready():
         raise ConfigError(f"impl='onednn' is not available here: {onednn_unavailable_reason()}. "
                           f"Use impl='auto' (it falls back to the fused layer).")
-    if steps == 0 or rows == 0 or impl == "scan" or (impl == "auto" and not fusable):
+    if steps == 0 or rows == 0 or impl == "scan":
         return Plan("scan")
-    platform = platform or jax.default_backend()
+    if impl == "cudnn" or (impl == "auto" and cudnn_unsupported_reason(cell, platform, remat) is None
+                           and cudnn_pays(platform, steps, rows, features, cell.hidden_size, tokens, embed,
+                                          seq_lengths)):
+        return Plan("cudnn")
+    if impl == "auto" and not fusable:
+        return Plan("scan")
     hidden = cell.hidden_size
-    if dnn and platform == "cpu" and impl in ("auto", "onednn"):
+    if dnn and cpu_choices_apply(platform) and impl in ("auto", "onednn"):
         route = input_route(tokens, features, embed, cell.dtype)
         threads = (onednn.cores_per_device() if impl == "onednn"
                    else onednn_threads(steps, rows, features, hidden, cell.dtype, tokens, dnn, embed))
         if threads:  # loop_factors: for the fused kernel that runs it off CPU
             return Plan("onednn", threads=threads, route=route, loop_factors=loop_factors(hidden))
     gates = {"lstm": 4, "gru": 3}.get(kind)
-    transposed = bool(gates) and platform == "cpu" and transposed_carry_pays(rows, hidden, gates, cell.dtype)
+    transposed = bool(gates) and cpu_choices_apply(platform) and transposed_carry_pays(rows, hidden, gates, cell.dtype)
     return Plan("fused", transposed=transposed, loop_factors=loop_factors(hidden))
+
+
+def cudnn_pays(platform: str, steps: int, rows: int, features: int, hidden: int, tokens: bool = False,
+               embed: int = 0, seq_lengths: bool = False) -> bool:
+    """Rule 2b for ``impl='auto'``: whether a float32 LSTM layer takes cuDNN on ``platform``.
+    Measured (``LSTM_JAX_DISPATCH=measure``): its training pass at least ``measure.MARGIN`` faster
+    than the layer it would otherwise run (the fused layer; the scan with ``seq_lengths``), on the
+    default device; fixed: ``CUDNN_FIXED[platform]``. Never off CUDA/ROCm."""
+    if platform not in CUDNN_PLATFORMS:
+        return False
+    if not measuring():
+        return CUDNN_FIXED.get(platform, False)
+    width = embed if tokens and embed else features
+    device = jax.devices()[0].device_kind
+    key = (f"{machine_key()}|{platform}|{device}|jax {jax.__version__}|cudnn-lstm|{steps}x{rows}x{width}x{hidden}|"
+           f"{'tokens' if tokens else 'features'}|{'lengths' if seq_lengths else 'full'}")
+
+    def timed() -> dict:
+        seconds = measure.cudnn_layer(steps, rows, width, hidden, seq_lengths, ROUNDS)
+        return {"cudnn": seconds["other"] >= measure.MARGIN * seconds["cudnn"], "seconds": seconds}
+
+    return bool(_decided(key, timed)["cudnn"])
 
 
 def loop_factors(hidden: int) -> bool:
@@ -189,7 +302,7 @@ def transposed_carry_pays(batch: int, hidden: int, gates: int, dtype: Any = None
         return forced == "transposed"
     flops = 2 * batch * hidden * gates * hidden
     lo, hi = LAYOUT_STEP_FLOPS
-    if not lo <= flops <= hi or jax.default_backend() != "cpu" or not measuring():
+    if not lo <= flops <= hi or not cpu_choices_apply(jax.default_backend()) or not measuring():
         return False
     name = jnp.dtype(dtype or jnp.float32).name
 

@@ -1,9 +1,10 @@
 """Recurrent layers over whole sequences: ``scan_cell`` (one layer) and ``RecurrentStack``.
 
 ``scan_cell`` checks its input, asks ``lstm_jax.dispatch`` for a plan and runs it: the plain
-autodiff scan (``core.scan``), the fused custom-VJP kernels or oneDNN's primitives
-(``lstm_jax.kernels``). The input projection of all time steps is one matmul (a row gather for
-token ids) computed before the scanned loop, which does only the recurrent product and the gates.
+autodiff scan (``core.scan``), the fused custom-VJP kernels, oneDNN's primitives (CPU) or cuDNN's
+(CUDA/ROCm, ``jax.experimental.rnn``), all in ``lstm_jax.kernels``. The input projection of all
+time steps is one matmul (a row gather for token ids) computed before the scanned loop, which does
+only the recurrent product and the gates.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lstm_jax.core.scan import (
     scan_layer,
     time_axis,
 )
-from lstm_jax.kernels import onednn
+from lstm_jax.kernels import cudnn, onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
 
 __all__ = ["scan_cell", "reverse_padded", "reverse_in_time", "fold_embedding", "RecurrentStack"]
@@ -76,8 +77,10 @@ def scan_cell(
         ``reset_after``; no ``seq_lengths`` or ``remat``), which computes the recurrent-kernel
         gradient as one matmul after the backward loop; ``'onednn'`` runs an LSTM or GRU layer
         (same conditions) through oneDNN's RNN primitives on CPU (other platforms run ``'fused'``);
-        ``'auto'`` lets ``lstm_jax.dispatch`` choose (rules and measurements there). Every choice
-        gives the same numbers to rounding.
+        ``'cudnn'`` runs a float32 LSTM layer (``seq_lengths`` allowed, no ``remat``) through cuDNN
+        on CUDA (MIOpen on ROCm), ``jax.experimental.rnn.lstm``; ``'auto'`` lets ``lstm_jax.dispatch``
+        choose (rules and measurements there). Every choice gives the same numbers to rounding
+        (cuDNN's float32 products may round as TF32 does).
 
     Returns:
       ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
@@ -94,7 +97,9 @@ def scan_cell(
         features=params["embedding" if embed else "input_kernel"].shape[0], dtype=cell.dtype,
         tokens=cell.token_inputs, embed=embed, seq_lengths=seq_lengths is not None, remat=remat)
     carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
-    if plan.impl == "onednn":
+    if plan.impl == "cudnn":
+        carry, ys = _run_cudnn(cell, params, x, carry, batch_shape, reverse, seq_lengths)
+    elif plan.impl == "onednn":
         carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, plan)
     elif plan.impl == "fused":
         params = fold_embedding(cell, params)
@@ -130,6 +135,30 @@ def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape:
         carry = h.reshape(*batch_shape, hidden)
     ys = ys[::-1] if reverse else ys
     return carry, ys.reshape(steps, *batch_shape, hidden)
+
+
+def _run_cudnn(cell: Cell, params: dict, x: Array, carry: LSTMCarry, batch_shape: tuple, reverse: bool,
+               seq_lengths: Array | None):
+    """An LSTM layer through ``jax.experimental.rnn.lstm`` (``kernels.cudnn``): ``x`` time-major
+    ``(T, *batch, F)``, or token ids ``(T, *batch)`` given as their embedding rows (with an
+    ``'embedding'``) or as one-hot rows of the vocabulary. ``reverse`` reverses each sequence's
+    valid part, as the scan does."""
+    steps, hidden = x.shape[0], cell.hidden_size
+    lengths = None if seq_lengths is None else seq_lengths.reshape(-1).astype(jnp.int32)
+    xs = x.reshape(steps, -1, *x.shape[1 + len(batch_shape):])
+    flip = lambda a: a[::-1] if lengths is None else reverse_padded(a, lengths)
+    xs = flip(xs) if reverse else xs
+    weights = {k: params[k] for k in ("input_kernel", "recurrent_kernel", "bias")}
+    if cell.token_inputs and "embedding" in params:
+        xs = jnp.take(params["embedding"], xs, axis=0)
+    elif cell.token_inputs:
+        xs = jax.nn.one_hot(xs, params["input_kernel"].shape[0], dtype=jnp.float32)
+    h0, c0 = (carry.h.reshape(1, -1, hidden), carry.c.reshape(1, -1, hidden))
+    ys, h, c = cudnn.cudnn_lstm(xs, h0, c0, [weights], lengths)
+    ys = flip(ys) if reverse else ys
+    carry = LSTMCarry(h=h[0].reshape(*batch_shape, hidden).astype(carry.h.dtype),
+                      c=c[0].reshape(*batch_shape, hidden).astype(carry.c.dtype))
+    return carry, ys.reshape(steps, *batch_shape, hidden).astype(params["bias"].dtype)
 
 
 def _run_onednn(cell: Cell, params: dict, x: Array, carry: Any, batch_shape: tuple, reverse: bool,
