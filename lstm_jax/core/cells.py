@@ -80,6 +80,11 @@ class _FusedCell:
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def feature_ndim(self) -> int:
+        """The per-example trailing axes of one step's input: 1 (features), 0 for token ids."""
+        return 0 if self.token_inputs else 1
+
     def init(self, key: Array, input_size: int) -> Params:
         """Parameters ``{'input_kernel', 'recurrent_kernel', 'bias'}`` for inputs of ``input_size``
         features (or a vocabulary of ``input_size`` tokens when ``token_inputs``)."""
@@ -479,18 +484,32 @@ CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "mgu": MGUCell,
 
 
 def make_cell(kind: str, hidden_size: int, **options: Any) -> Cell:
-    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'`` or ``'leaky_rnn'``), checking every option.
+    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'``, ``'leaky_rnn'`` or
+    ``'convlstm'``), checking every option.
 
-    Unknown names or options raise ``ConfigError`` listing the valid ones, e.g.
-    ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)``.
+    Unknown names or options, or a required option left out (``kernel_size`` of ``'convlstm'``),
+    raise ``ConfigError`` listing the valid ones, e.g.
+    ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)`` or
+    ``make_cell('convlstm', 16, kernel_size=(3, 3))``.
     """
-    cls = CELL_TYPES.get(str(kind).lower())
+    name = str(kind).lower()
+    if name == "convlstm":  # defined in core.convlstm, which imports this module
+        from lstm_jax.core.convlstm import ConvLSTMCell
+
+        cls = ConvLSTMCell
+    else:
+        cls = CELL_TYPES.get(name)
     if cls is None:
-        raise ConfigError(f"Unknown cell kind {kind!r}; choose one of {sorted(CELL_TYPES)}.")
-    valid = {f.name for f in dataclasses.fields(cls)} - {"hidden_size"}
+        raise ConfigError(f"Unknown cell kind {kind!r}; choose one of {sorted([*CELL_TYPES, 'convlstm'])}.")
+    fields = [f for f in dataclasses.fields(cls) if f.name != "hidden_size"]
+    valid = {f.name for f in fields}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(
             f"Unknown option(s) {unknown} for a {kind} cell; valid options are {sorted(valid)}."
         )
+    missing = [f.name for f in fields if f.name not in options and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"A {kind} cell needs the option(s) {missing}, e.g. kernel_size=(3, 3); got none.")
     return cls(hidden_size=hidden_size, **options)
