@@ -180,3 +180,15 @@ def test_bad_options_inputs_and_imports_are_refused():
         from_flax_convlstm({**inner, "hh": {"kernel": inner["hh"]["kernel"]}})
     with pytest.raises(ConfigError, match="must have the shapes"):
         from_flax_convlstm({**inner, "hh": {**inner["hh"], "kernel": np.zeros((3, 2, 4, 12))}})
+
+
+def test_bf16_compute_stays_close_to_f32_and_differentiates():
+    cell = ConvLSTMCell(4, kernel_size=(3, 3))
+    params = cell.init(jax.random.key(0), 2)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5, 5, 2))
+    bf16 = ConvLSTMCell(4, kernel_size=(3, 3), dtype=jnp.bfloat16)
+    ys = scan_cell(bf16, params, x)[1]
+    assert ys.dtype == jnp.float32
+    np.testing.assert_allclose(ys, scan_cell(cell, params, x)[1], atol=3e-2)
+    grads = jax.grad(lambda p: jnp.sum(scan_cell(bf16, p, x)[1]))(params)
+    assert grads["input_kernel"].dtype == jnp.float32 and np.all(np.isfinite(grads["input_kernel"]))

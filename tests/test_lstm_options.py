@@ -154,3 +154,19 @@ def test_bad_options_are_refused_in_one_sentence():
         LSTMCell(4, layer_norm=True, norm_epsilon=0)
     with pytest.raises(ConfigError, match="Unknown option.*peephole'"):
         make_cell("lstm", 4, peephole=True)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_torch_modules_without_bias_import_with_zero_biases(kind):
+    """PyTorch ``bias=False`` (nn.LSTM's is in test_interop): the import fills zero biases, the same outputs."""
+    torch = pytest.importorskip("torch")
+    from lstm_jax import from_torch
+
+    torch.manual_seed(0)
+    module = getattr(torch.nn, kind)(input_size=3, hidden_size=4, num_layers=2, bias=False)
+    stack, params = from_torch(module.state_dict())
+    assert not np.any(np.asarray(params[0]["bias"]))
+    x = np.random.default_rng(4).normal(size=(5, 2, 3)).astype(np.float32)
+    y_t, _ = module(torch.from_numpy(x))
+    _, ys = stack.apply(params, jnp.asarray(x), time_major=True)
+    np.testing.assert_allclose(ys, y_t.detach().numpy(), atol=1e-5)
