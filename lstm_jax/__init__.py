@@ -1,4 +1,4 @@
-"""lstm_jax: LSTM, GRU, MGU and RNN cells as pure JAX functions, and a character-level text generator.
+"""lstm_jax: LSTM, GRU, MGU, RNN and ConvLSTM cells as pure JAX functions, and a character-level text generator.
 
 The package is built in layers; each imports only from the layers below it:
 
@@ -25,6 +25,7 @@ import importlib
 from typing import Any
 
 from lstm_jax.core.cells import GRUCell, LeakyRNNCell, LSTMCarry, LSTMCell, MGUCell, RNNCell, make_cell
+from lstm_jax.core.convlstm import ConvLSTMCell
 from lstm_jax.core.errors import CheckpointError, ConfigError, CorpusError, LstmJaxError, NonFiniteLossError
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
 from lstm_jax.layers.sequence import RecurrentStack, reverse_padded, scan_cell
@@ -34,7 +35,8 @@ __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {
-    **dict.fromkeys(["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu"], "lstm_jax.adapters.interop"),
+    **dict.fromkeys(["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_flax_convlstm"],
+                    "lstm_jax.adapters.interop"),
     "from_keras": "lstm_jax.adapters.keras",
     "from_keras_seed": "lstm_jax.charlm.keras_seed",
     **dict.fromkeys(["CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc"], "lstm_jax.charlm.model"),
@@ -50,11 +52,11 @@ _SUBMODULES = {"onednn", "parallel", "runtime", "interop", "nnx", "linen", "disp
 
 __all__ = [
     # cells and sequences
-    "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "LSTMCarry", "make_cell",
+    "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "ConvLSTMCell", "LSTMCarry", "make_cell",
     "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
     "onednn_gru", "onednn",
     # weight import
-    "from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_keras",
+    "from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_flax_convlstm", "from_keras",
     # the character model, data, training, sampling, checkpoints
     "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",
     "Corpus", "Document", "Vocabulary", "load_corpus", "split_documents",

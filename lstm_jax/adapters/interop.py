@@ -8,7 +8,9 @@ tensors are converted with ``.detach().cpu().numpy()``; Flax params are already 
   ``time_major=not batch_first`` when applying) and returns ``(RecurrentStack, params)``.
 * ``from_flax_lstm(params)`` takes the params of a Flax linen ``LSTMCell`` or
   ``OptimizedLSTMCell``; ``from_flax_gru(params)`` those of a ``GRUCell``;
-  ``from_flax_mgu(params, reset_gate=...)`` those of an ``MGUCell``. All return ``(cell, params)``.
+  ``from_flax_mgu(params, reset_gate=...)`` those of an ``MGUCell``;
+  ``from_flax_convlstm(params, strides=..., padding=...)`` those of a ``ConvLSTMCell``. All return
+  ``(cell, params)``.
   Flax's LSTM carry is ``(c, h)``; ours is ``LSTMCarry(h=h, c=c)``.
 """
 
@@ -22,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax.core.cells import GRUCell, LSTMCell, MGUCell, RNNCell
+from lstm_jax.core.convlstm import ConvLSTMCell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.layers.sequence import RecurrentStack
 
-__all__ = ["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu"]
+__all__ = ["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_flax_convlstm"]
 
 _TORCH_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
@@ -179,3 +182,51 @@ def from_flax_mgu(flax_params: Mapping[str, Any], reset_gate: bool = True) -> tu
     if reset_gate:
         params["recurrent_bias"] = jnp.asarray(np.concatenate([np.zeros(hidden, np.float32), w["hn/bias"]]))
     return MGUCell(hidden, reset_gate=reset_gate), params
+
+
+def from_flax_convlstm(flax_params: Mapping[str, Any], *, strides: Any = None,
+                       padding: Any = "SAME") -> tuple[ConvLSTMCell, dict]:
+    """Convert Flax linen ``ConvLSTMCell`` params (``{'params': ...}`` or inner) to a ``ConvLSTMCell``.
+
+    The kernel size, channels and features are read from the ``ih``/``hh`` kernels; ``strides``
+    and ``padding`` are not in the params, so pass the ones the Flax cell was built with. Flax's
+    gates ``i, g, f, o`` become ``i, f, g, o``; its two biases are summed, plus the 1 Flax adds to
+    the forget gate in every step (so a Flax cell with ``use_bias=False`` becomes one with a bias
+    holding that constant). Every weight is placed: a tree with an entry this conversion cannot
+    place, or without one it needs, raises ``ConfigError``.
+    """
+    what = "from_flax_convlstm"
+    if not isinstance(flax_params, Mapping):
+        raise ConfigError(f"{what}: flax_params must be a mapping of a linen ConvLSTMCell's params, "
+                          f"got {type(flax_params).__name__}.")
+    if "params" in flax_params:
+        others = {k: v for k, v in flax_params.items() if k != "params"}
+        flat = {**(_flat_paths(others) if others else {}), **_flat_paths(flax_params["params"])}
+    else:
+        flat = _flat_paths(flax_params)
+    use_bias = "ih/bias" in flat or "hh/bias" in flat
+    expected = ["ih/kernel", "hh/kernel"] + (["ih/bias", "hh/bias"] if use_bias else [])
+    extra, missing = sorted(set(flat) - set(expected)), sorted(set(expected) - set(flat))
+    if extra or missing:
+        found = " and ".join(([f"has unexpected {extra}"] if extra else []) + ([f"lacks {missing}"] if missing else []))
+        raise ConfigError(f"{what}: flax_params must hold exactly the entries {expected} of a linen ConvLSTMCell, "
+                          f"but {found}.")
+    w = {k: _np(v) for k, v in flat.items()}
+    k_in, k_hh = w["ih/kernel"], w["hh/kernel"]
+    n = k_in.ndim - 2
+    four_h = k_in.shape[-1] if k_in.ndim >= 3 else 0
+    hidden = four_h // 4
+    shapes = {"ih/kernel": (*k_in.shape[:n], k_in.shape[-2] if n > 0 else 0, 4 * hidden),
+              "hh/kernel": (*k_in.shape[:n], hidden, 4 * hidden), "ih/bias": (4 * hidden,),
+              "hh/bias": (4 * hidden,)}
+    wrong = {k: w[k].shape for k in expected if w[k].shape != shapes[k]}
+    if wrong or not 1 <= n <= 3 or not hidden or four_h % 4:
+        raise ConfigError(f"{what}: flax_params' weights must have the shapes of one ConvLSTMCell over 1 to 3 "
+                          f"spatial dimensions ((*k, C, 4H) and (*k, H, 4H) kernels, (4H,) biases), got "
+                          f"{ {k: w[k].shape for k in expected} }.")
+    reorder = lambda a: np.concatenate([np.split(a, 4, axis=-1)[i] for i in (0, 2, 1, 3)], axis=-1)  # igfo->ifgo
+    bias = reorder(w["ih/bias"] + w["hh/bias"]) if use_bias else np.zeros(4 * hidden, np.float32)
+    bias[hidden : 2 * hidden] += 1.0  # Flax's sigmoid(f + 1)
+    cell = ConvLSTMCell(hidden, kernel_size=tuple(k_in.shape[:n]), strides=strides, padding=padding)
+    return cell, {"input_kernel": jnp.asarray(reorder(k_in)), "recurrent_kernel": jnp.asarray(reorder(k_hh)),
+                  "bias": jnp.asarray(bias)}

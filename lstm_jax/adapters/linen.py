@@ -1,4 +1,4 @@
-"""lstm_jax's recurrent layers as Flax linen modules: ``LSTM``, ``GRU``, ``RNN``.
+"""lstm_jax's recurrent layers as Flax linen modules: ``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``.
 
 The same layers as ``lstm_jax.nnx`` for code written with ``flax.linen``: each module runs
 ``RecurrentStack.apply`` (the fused custom-VJP layers included) on params it declares with
@@ -18,11 +18,15 @@ The same layers as ``lstm_jax.nnx`` for code written with ``flax.linen``: each m
     variables = model.from_params(params)               # and back
 
 Dropout draws from the ``'dropout'`` RNG collection when ``deterministic=False`` (linen's
-convention; the default is ``True``). Initialisers and gate order are ``LSTMCell``'s.
+convention; the default is ``True``). Initialisers and gate order are the cells'. Each module's
+own fields are its cell's options: ``LSTM(peepholes=, layer_norm=)``, ``GRU(reset_after=)``,
+``RNN(activation=)``, ``MGU(reset_gate=)``, ``ConvLSTM(kernel_size=, strides=, padding=, use_bias=)``
+(inputs ``(*batch, T, *spatial, C)``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,9 +34,10 @@ import jax
 
 from lstm_jax.core.cells import make_cell
 from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.scan import time_axis
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN"]
+__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM"]
 
 
 class _Recurrent(nn.Module):
@@ -66,7 +71,7 @@ class _Recurrent(nn.Module):
         params = [(p["forward"], p["backward"]) if self.bidirectional else p for p in layers]
         drop = self.dropout > 0 and self.num_layers > 1 and not deterministic
         key = self.make_rng("dropout") if drop else None
-        t_axis = 0 if self.time_major else x.ndim - 2
+        t_axis = time_axis(stack.cell, x.ndim, self.time_major)
         flip = lambda a: reverse_in_time(a, t_axis, seq_lengths) if self.reverse else a
         carries, ys = stack.apply(params, flip(x), initial_carry=initial_carry, seq_lengths=seq_lengths,
                                   time_major=self.time_major, dropout_key=key, impl=self.impl)
@@ -89,9 +94,15 @@ def _named(layer: Any) -> dict:
 
 
 class LSTM(_Recurrent):
-    """LSTM layers (``LSTMCell``: gates i, f, g, o)."""
+    """LSTM layers (``LSTMCell``: gates i, f, g, o), with ``peepholes`` or ``layer_norm`` as
+    ``LSTMCell``'s options (those run the autodiff scan)."""
 
+    peepholes: bool = False
+    layer_norm: bool = False
     kind = "lstm"
+
+    def cell_options(self) -> dict:
+        return {"peepholes": self.peepholes, "layer_norm": self.layer_norm}
 
 
 class GRU(_Recurrent):
@@ -112,3 +123,29 @@ class RNN(_Recurrent):
 
     def cell_options(self) -> dict:
         return {"activation": self.activation}
+
+
+class MGU(_Recurrent):
+    """Minimal gated unit layers (``MGUCell``; ``reset_gate=True`` by default, as Flax's ``MGUCell``)."""
+
+    reset_gate: bool = True
+    kind = "mgu"
+
+    def cell_options(self) -> dict:
+        return {"reset_gate": self.reset_gate}
+
+
+class ConvLSTM(_Recurrent):
+    """Convolutional LSTM layers (``ConvLSTMCell``) over inputs ``(*batch, T, *spatial, C)``:
+    ``kernel_size`` (required: one int per spatial dimension, 1 to 3), ``strides``, ``padding``
+    and ``use_bias`` as the cell's."""
+
+    kernel_size: Sequence[int] = ()
+    strides: Sequence[int] | None = None
+    padding: Any = "SAME"
+    use_bias: bool = True
+    kind = "convlstm"
+
+    def cell_options(self) -> dict:
+        return {"kernel_size": tuple(self.kernel_size), "strides": self.strides, "padding": self.padding,
+                "use_bias": self.use_bias}

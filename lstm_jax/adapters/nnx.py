@@ -1,4 +1,4 @@
-"""lstm_jax's recurrent layers as Flax NNX modules: ``LSTM``, ``GRU``, ``RNN``.
+"""lstm_jax's recurrent layers as Flax NNX modules: ``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``.
 
 Each module holds a ``RecurrentStack`` (static) and its weights as ``nnx.Param``s named as the
 functional params: ``layers[i].input_kernel``, ``.recurrent_kernel``, ``.bias`` (and the GRU's
@@ -41,11 +41,13 @@ except ImportError as err:  # pragma: no cover - only without flax or with a Fla
         "Upgrade with pip install -U flax, or use the functional RecurrentStack / lstm_jax.linen."
     ) from None
 
-from lstm_jax.core.cells import GRUCell, LSTMCell, RNNCell, make_cell
+from lstm_jax.core.cells import GRUCell, LSTMCell, MGUCell, RNNCell, make_cell
+from lstm_jax.core.convlstm import ConvLSTMCell
 from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.scan import time_axis
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN", "from_params"]
+__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM", "from_params"]
 
 
 class _Weights(nnx.Module):
@@ -104,7 +106,7 @@ class _Recurrent(nnx.Module):
         deterministic = self.deterministic if deterministic is None else deterministic
         drop = self.stack.dropout > 0 and self.stack.num_layers > 1 and not deterministic
         key = self.rngs() if drop else None
-        t_axis = 0 if self.time_major else x.ndim - 2
+        t_axis = time_axis(self.stack.cell, x.ndim, self.time_major)
         flip = lambda a: reverse_in_time(a, t_axis, seq_lengths) if self.reverse else a
         carries, ys = self.stack.apply(self.to_params(), flip(x), initial_carry=initial_carry,
                                        seq_lengths=seq_lengths, time_major=self.time_major, dropout_key=key,
@@ -116,7 +118,8 @@ class _Recurrent(nnx.Module):
 class LSTM(_Recurrent):
     """``num_layers`` LSTM layers (``LSTMCell``: gates i, f, g, o). ``LSTM(in_features,
     hidden_size, *, num_layers=1, bidirectional=False, dropout=0.0, time_major=False,
-    reverse=False, impl='auto', dtype=None, rngs)``; extra keywords go to ``LSTMCell``."""
+    reverse=False, impl='auto', dtype=None, rngs)``; extra keywords go to ``LSTMCell``
+    (e.g. ``peepholes=True`` or ``layer_norm=True``, which run the autodiff scan)."""
 
     kind = "lstm"
 
@@ -133,12 +136,25 @@ class RNN(_Recurrent):
     kind = "rnn"
 
 
-_KINDS = {LSTMCell: LSTM, GRUCell: GRU, RNNCell: RNN}
+class MGU(_Recurrent):
+    """Minimal gated unit layers (``MGUCell``; ``reset_gate=True`` by default, as Flax's ``MGUCell``)."""
+
+    kind = "mgu"
+
+
+class ConvLSTM(_Recurrent):
+    """Convolutional LSTM layers (``ConvLSTMCell``): ``ConvLSTM(in_channels, hidden_size, *,
+    kernel_size, strides=None, padding='SAME', ..., rngs)`` over inputs ``(*batch, T, *spatial, C)``."""
+
+    kind = "convlstm"
+
+
+_KINDS = {LSTMCell: LSTM, GRUCell: GRU, RNNCell: RNN, MGUCell: MGU, ConvLSTMCell: ConvLSTM}
 
 
 def from_params(stack: RecurrentStack, params: list, *, time_major: bool = False, impl: str = "auto",
                 rngs: nnx.Rngs | None = None, cls: type | None = None) -> _Recurrent:
-    """The NNX module (``LSTM``, ``GRU`` or ``RNN`` by the stack's cell) holding ``params``::
+    """The NNX module (``LSTM``, ``GRU``, ``RNN``, ``MGU`` or ``ConvLSTM`` by the stack's cell) holding ``params``::
 
         module = from_params(*lstm_jax.from_torch(torch_lstm.state_dict()))
     """
@@ -149,7 +165,7 @@ def from_params(stack: RecurrentStack, params: list, *, time_major: bool = False
     first = params[0][0] if stack.bidirectional else params[0]
     cell = stack.cell
     options = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name != "hidden_size"}
-    module = kind(first["input_kernel"].shape[0], cell.hidden_size, num_layers=stack.num_layers,
+    module = kind(first["input_kernel"].shape[-2], cell.hidden_size, num_layers=stack.num_layers,
                   bidirectional=stack.bidirectional, dropout=stack.dropout, time_major=time_major, impl=impl,
                   rngs=rngs or nnx.Rngs(0), **options)
     if module.stack != stack:

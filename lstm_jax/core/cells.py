@@ -80,6 +80,11 @@ class _FusedCell:
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def feature_ndim(self) -> int:
+        """The per-example trailing axes of one step's input: 1 (features), 0 for token ids."""
+        return 0 if self.token_inputs else 1
+
     def init(self, key: Array, input_size: int) -> Params:
         """Parameters ``{'input_kernel', 'recurrent_kernel', 'bias'}`` for inputs of ``input_size``
         features (or a vocabulary of ``input_size`` tokens when ``token_inputs``)."""
@@ -163,6 +168,39 @@ class LSTMCell(_FusedCell):
       here there is one bias (their sum; see ``lstm_jax.interop``) and Keras initialisers.
       Flax orders the carry ``(c, h)``; this carry has named fields.
 
+    **Peepholes** (``peepholes=True``; Gers & Schmidhuber 2000, in the form of TF's
+    ``PeepholeLSTMCell`` and oneDNN's LSTM primitive): diagonal weights from the cell state into the
+    gates, the old state into ``i`` and ``f``, the new one into ``o``::
+
+        i = sigmoid(z_i + w_ci * c);  f = sigmoid(z_f + w_cf * c)
+        c' = f * c + i * tanh(z_g)
+        h' = sigmoid(z_o + w_co * c') * tanh(c')
+
+    Extra parameters ``peephole_i``, ``peephole_f``, ``peephole_o``, each ``(H,)``, zeros (the cell
+    starts as the plain LSTM).
+
+    **Layer normalisation** (``layer_norm=True``; Ba et al. 2016, placed as TF-Addons'
+    ``LayerNormLSTMCell``): ``LN`` normalises over the last axis, ``LN(v) = (v - mean(v)) /
+    sqrt(var(v) + norm_epsilon)`` (``norm_epsilon`` 1e-3, as TF-Addons), over all ``4H`` gate
+    pre-activations at once for the two projections, and over the ``H`` units for the state::
+
+        z = LN(x @ W_i) * g_x + LN(h @ W_h) * g_h + b
+        c' = LN(sigmoid(f) * c + sigmoid(i) * tanh(g)) * g_c + b_c      # the carried state
+        h' = sigmoid(o) * tanh(c')
+
+    Extra parameters ``ln_input_scale (4H,)``, ``ln_recurrent_scale (4H,)``, ``ln_cell_scale (H,)``
+    ones and ``ln_cell_offset (H,)`` zeros. The input projection ``LN(x @ W_i) * g_x + b`` is still
+    computed for all steps before the time loop.
+
+    Warning:
+      Both options run the autodiff scan only (``lstm_jax.dispatch``: the fused and oneDNN
+      kernels refuse them), and they cannot be combined. TF initialises the peephole weights
+      Glorot-uniform; here they start at zero. TF-Addons' two projection norms each have an offset
+      ``beta`` next to the bias ``b``: here the three are one ``bias`` (their sum, the same function).
+      TF-Addons carries the normalised state ``c'``, as here; Ba et al.'s equations carry the
+      un-normalised one and normalise only inside ``tanh``. Other implementations (e.g. TF1's
+      ``LayerNormBasicLSTMCell``) normalise each gate's block separately: not this one.
+
     Example::
 
         >>> import jax, jax.numpy as jnp
@@ -175,24 +213,83 @@ class LSTMCell(_FusedCell):
     """
 
     forget_bias: float = 1.0
+    peepholes: bool = False
+    layer_norm: bool = False
+    norm_epsilon: float = 1e-3
     num_gates = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        for option in ("peepholes", "layer_norm"):
+            if not isinstance(getattr(self, option), bool):
+                raise ConfigError(f"LSTMCell: {option} must be True or False, got {getattr(self, option)!r}.")
+        if self.peepholes and self.layer_norm:
+            raise ConfigError("LSTMCell: peepholes=True and layer_norm=True cannot be combined (no reference "
+                              "defines which cell state, normalised or not, the output gate's peephole reads); "
+                              "choose one.")
+        if not (isinstance(self.norm_epsilon, (int, float)) and self.norm_epsilon > 0):
+            raise ConfigError(f"LSTMCell: norm_epsilon must be a positive number, got {self.norm_epsilon!r}.")
 
     def init(self, key: Array, input_size: int) -> Params:
         params = super().init(key, input_size)
         h = self.hidden_size
         params["bias"] = params["bias"].at[h : 2 * h].add(self.forget_bias)
+        # --- options (peepholes, layer_norm): parameters of their own, none of the plain LSTM's changes
+        if self.peepholes:
+            params.update({f"peephole_{g}": jnp.zeros((h,), self.param_dtype) for g in "ifo"})
+        if self.layer_norm:
+            params.update(ln_input_scale=jnp.ones((4 * h,), self.param_dtype),
+                          ln_recurrent_scale=jnp.ones((4 * h,), self.param_dtype),
+                          ln_cell_scale=jnp.ones((h,), self.param_dtype),
+                          ln_cell_offset=jnp.zeros((h,), self.param_dtype))
         return params
 
     def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> LSTMCarry:
         zeros = super().initial_carry(batch_shape)
         return LSTMCarry(h=zeros, c=zeros)
 
+    def input_projection(self, params: Params, x: Array) -> Array:
+        if not self.layer_norm:
+            return super().input_projection(params, x)
+        # layer_norm: LN(x @ W_i) * g_x + b (the bias after the normalisation)
+        proj = super().input_projection({**params, "bias": jnp.zeros_like(params["bias"])}, x)
+        return _layer_norm(proj, params["ln_input_scale"], None, self.norm_epsilon) + params["bias"]
+
     def step(self, params: Params, carry: LSTMCarry, x_proj: Array) -> tuple[LSTMCarry, Array]:
+        if self.peepholes or self.layer_norm:
+            return self._step_with_options(params, carry, x_proj)
         z = x_proj + self.recurrent_projection(params, carry.h)
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return LSTMCarry(h=h, c=c), h
+
+    def _step_with_options(self, params: Params, carry: LSTMCarry, x_proj: Array) -> tuple[LSTMCarry, Array]:
+        """``step`` with peepholes or layer normalisation (the class docstring's equations)."""
+        u = self.recurrent_projection(params, carry.h)
+        if self.layer_norm:
+            u = _layer_norm(u, params["ln_recurrent_scale"], None, self.norm_epsilon)
+        i, f, g, o = jnp.split(x_proj + u, 4, axis=-1)
+        if self.peepholes:
+            i = i + params["peephole_i"] * carry.c
+            f = f + params["peephole_f"] * carry.c
+        c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        if self.layer_norm:
+            c = _layer_norm(c, params["ln_cell_scale"], params["ln_cell_offset"], self.norm_epsilon)
+        if self.peepholes:
+            o = o + params["peephole_o"] * c
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return LSTMCarry(h=h, c=c), h
+
+
+def _layer_norm(v: Array, scale: Array, offset: Array | None, epsilon: float) -> Array:
+    """``(v - mean) / sqrt(var + epsilon) * scale (+ offset)`` over the last axis (Keras's
+    ``LayerNormalization``: the biased variance, ``epsilon`` inside the square root)."""
+    mean = jnp.mean(v, axis=-1, keepdims=True)
+    centred = v - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    out = centred * jax.lax.rsqrt(var + epsilon) * scale
+    return out if offset is None else out + offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,18 +484,32 @@ CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "mgu": MGUCell,
 
 
 def make_cell(kind: str, hidden_size: int, **options: Any) -> Cell:
-    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'`` or ``'leaky_rnn'``), checking every option.
+    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'``, ``'leaky_rnn'`` or
+    ``'convlstm'``), checking every option.
 
-    Unknown names or options raise ``ConfigError`` listing the valid ones, e.g.
-    ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)``.
+    Unknown names or options, or a required option left out (``kernel_size`` of ``'convlstm'``),
+    raise ``ConfigError`` listing the valid ones, e.g.
+    ``make_cell('gru', 64, reset_after=False, dtype=jnp.bfloat16)`` or
+    ``make_cell('convlstm', 16, kernel_size=(3, 3))``.
     """
-    cls = CELL_TYPES.get(str(kind).lower())
+    name = str(kind).lower()
+    if name == "convlstm":  # defined in core.convlstm, which imports this module
+        from lstm_jax.core.convlstm import ConvLSTMCell
+
+        cls = ConvLSTMCell
+    else:
+        cls = CELL_TYPES.get(name)
     if cls is None:
-        raise ConfigError(f"Unknown cell kind {kind!r}; choose one of {sorted(CELL_TYPES)}.")
-    valid = {f.name for f in dataclasses.fields(cls)} - {"hidden_size"}
+        raise ConfigError(f"Unknown cell kind {kind!r}; choose one of {sorted([*CELL_TYPES, 'convlstm'])}.")
+    fields = [f for f in dataclasses.fields(cls) if f.name != "hidden_size"]
+    valid = {f.name for f in fields}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(
             f"Unknown option(s) {unknown} for a {kind} cell; valid options are {sorted(valid)}."
         )
+    missing = [f.name for f in fields if f.name not in options and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"A {kind} cell needs the option(s) {missing}, e.g. kernel_size=(3, 3); got none.")
     return cls(hidden_size=hidden_size, **options)

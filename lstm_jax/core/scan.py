@@ -25,9 +25,13 @@ Array = jax.Array
 
 
 def time_axis(cell: Cell, ndim: int, time_major: bool) -> int:
-    min_ndim = 1 if cell.token_inputs else 2
+    """The time axis of inputs with ``ndim`` axes: 0 if ``time_major``, else the one before the
+    cell's per-example axes (``cell.feature_ndim``: 1 for features, 0 for token ids, the spatial
+    axes and the channels for a convolutional cell)."""
+    min_ndim = 1 + cell.feature_ndim
     if ndim < min_ndim:
-        what = "(time,) token ids" if cell.token_inputs else "(time, features)"
+        what = ("(time,) token ids" if cell.token_inputs else "(time, features)" if cell.feature_ndim == 1
+                else f"(time, {cell.feature_ndim - 1} spatial axes, channels)")
         raise ConfigError(
             f"scan_cell: inputs need at least {min_ndim} dimension(s), {what}, but got {ndim}; "
             f"add a time axis."
@@ -97,7 +101,8 @@ def fold_embedding(cell: Cell, params: dict) -> dict:
 
 def scan_layer(cell: Cell, params: dict, x_proj: Array, carry: Any, *, seq_lengths: Array | None = None,
                reverse: bool = False, unroll: int | bool = 1, remat: bool = False) -> tuple[Any, Array]:
-    """``cell.step`` scanned over time-major ``x_proj`` ``(T, *batch, G*H)`` from ``carry``, with
+    """``cell.step`` scanned over time-major ``x_proj`` ``(T, *batch, G*H)`` (a convolutional
+    cell's ``(T, *batch, *spatial, 4H)``) from ``carry``, with
     automatic differentiation. With ``seq_lengths`` (already checked, int32 ``(*batch,)``) the
     inputs are right-padded: the carry stops at each sequence's last valid step and outputs past
     it are zero; with ``reverse`` as well, ``x_proj`` is expected reversed within each valid part
@@ -107,9 +112,10 @@ def scan_layer(cell: Cell, params: dict, x_proj: Array, carry: Any, *, seq_lengt
         x_t, t = xs
         new_carry, y = cell.step(params, carry, x_t)
         if seq_lengths is not None:
-            valid = (t < seq_lengths)[..., None]
-            new_carry = jax.tree.map(lambda n, o: jnp.where(valid, n, o), new_carry, carry)
-            y = jnp.where(valid, y, jnp.zeros_like(y))
+            valid = t < seq_lengths  # (*batch,), broadcast over each leaf's trailing axes
+            like = lambda a: valid.reshape(valid.shape + (1,) * (a.ndim - valid.ndim))
+            new_carry = jax.tree.map(lambda n, o: jnp.where(like(n), n, o), new_carry, carry)
+            y = jnp.where(like(y), y, jnp.zeros_like(y))
         return new_carry, y
 
     if remat:

@@ -12,6 +12,12 @@ The rules, in order:
    ``GRUCell(reset_after=True)`` without ``seq_lengths`` or ``remat``; oneDNN the LSTM and that GRU;
    cuDNN float32 ``LSTMCell`` layers (``seq_lengths`` allowed, no ``remat``) on CUDA or ROCm only.
    An empty sequence (no steps or no rows) runs the plain scan whatever was asked.
+   ``LSTMCell(peepholes=True)`` and ``LSTMCell(layer_norm=True)`` run the plain scan only: the fused
+   kernels' hand-written backward pass knows the plain gates alone (peepholes add the cell state
+   into the gates, layer norm a reduction over the units inside the step). oneDNN's LSTM primitive
+   has peephole weights, but our binding (``kernels/onednn``) does not pass them, and the primitive
+   has no layer normalisation. ``MGUCell``, ``LeakyRNNCell``, ``GRUCell(reset_after=False)`` and
+   ``ConvLSTMCell`` (a convolution per step) run the plain scan too.
 2. oneDNN (CPU only; ``'auto'``): taken where the extension is loaded, ``LSTM_JAX_ONEDNN`` is not
    ``0``, oneDNN supports the shape, the layer's training pass has at least
    ``ONEDNN_MIN_LAYER_FLOPS``, and it measured at least ``measure.MARGIN`` faster than the fused
@@ -103,16 +109,18 @@ def check_impl(impl: Any) -> str:
 
 
 def fused_kind(cell: Cell) -> str | None:
-    """``'lstm'``, ``'gru'`` or ``'rnn'`` where a fused kernel runs ``cell``, else None."""
+    """``'lstm'``, ``'gru'`` or ``'rnn'`` where a fused kernel runs ``cell``, else None (an LSTM
+    with ``peepholes`` or ``layer_norm`` included: rule 1)."""
     if isinstance(cell, LSTMCell):
-        return "lstm"
+        return None if cell.peepholes or cell.layer_norm else "lstm"
     if isinstance(cell, GRUCell) and cell.reset_after:
         return "gru"
     return "rnn" if isinstance(cell, RNNCell) else None
 
 
 def onednn_kind(cell: Cell) -> str | None:
-    """``'lstm'`` or ``'gru'`` where oneDNN's primitives run ``cell``, else None."""
+    """``'lstm'`` or ``'gru'`` where oneDNN's primitives run ``cell``, else None (an LSTM with
+    ``peepholes``, which the primitive has but our binding does not pass, or ``layer_norm``: rule 1)."""
     kind = fused_kind(cell)
     return kind if kind in ("lstm", "gru") else None
 
@@ -213,13 +221,17 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
     kind, dnn = fused_kind(cell), onednn_kind(cell)
     fusable = kind is not None and not seq_lengths and not remat
     with_options = " with those options" if seq_lengths or remat else ""
+    if isinstance(cell, LSTMCell) and (cell.peepholes or cell.layer_norm):
+        with_options = f"(peepholes={cell.peepholes}, layer_norm={cell.layer_norm}){with_options}"
     if impl == "onednn" and not (fusable and dnn):
         raise ConfigError(
-            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths or remat; got "
+            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths or remat (an "
+            f"LSTM without peepholes or layer_norm); got "
             f"{cell.name}{with_options}. Use impl='fused' or 'auto'.")
     if impl == "fused" and not fusable:
         raise ConfigError(
-            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths or remat; "
+            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths or remat "
+            f"(an LSTM without peepholes or layer_norm); "
             f"got {cell.name}{with_options}. Use impl='scan' or 'auto'.")
     platform = current_platform(platform)
     if impl == "cudnn":

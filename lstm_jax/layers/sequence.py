@@ -53,13 +53,14 @@ def scan_cell(
     """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
 
     Args:
-      cell: an ``LSTMCell``, ``GRUCell``, ``MGUCell``, ``RNNCell`` or ``LeakyRNNCell``.
+      cell: an ``LSTMCell``, ``GRUCell``, ``MGUCell``, ``RNNCell``, ``LeakyRNNCell`` or ``ConvLSTMCell``.
       params: the cell's params (``cell.init``). A ``token_inputs`` cell's params may also hold an
         ``'embedding'`` table ``(V, E)``; the ``input_kernel`` is then ``(E, G*H)`` and step t's
         input is ``embedding[x_t] @ input_kernel``. The fused layer gathers rows of the folded
         table ``embedding @ input_kernel``; oneDNN may take the embedding rows instead (as the
         dispatch plans); the numbers agree to rounding.
-      inputs: ``(*batch, T, F)`` floats, or ``(*batch, T)`` token ids for ``token_inputs`` cells;
+      inputs: ``(*batch, T, F)`` floats, or ``(*batch, T)`` token ids for ``token_inputs`` cells,
+        or ``(*batch, T, *spatial, C)`` for a ``ConvLSTMCell``;
         with ``time_major=True`` the time axis comes first: ``(T, *batch, F)``.
       initial_carry: the carry at the first step (default: zeros).
       seq_lengths: ``(*batch,)`` valid lengths of right-padded sequences. The carry stops at each
@@ -83,11 +84,13 @@ def scan_cell(
         (cuDNN's float32 products may round as TF32 does).
 
     Returns:
-      ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major).
+      ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major;
+      a ``ConvLSTMCell``'s ``(*batch, T, *spatial', H)``).
     """
     dispatch.check_impl(impl)
     x = jnp.moveaxis(inputs, time_axis(cell, inputs.ndim, time_major), 0)
-    batch_shape = x.shape[1 : x.ndim if cell.token_inputs else x.ndim - 1]
+    batch_shape = x.shape[1 : x.ndim - cell.feature_ndim]
+    carry_shape = x.shape[1 : x.ndim - min(cell.feature_ndim, 1)]  # a ConvLSTMCell's includes the spatial axes
     if seq_lengths is not None:
         seq_lengths = check_lengths(seq_lengths, batch_shape, x.shape[0])
     embed = check_embedding(cell, params)
@@ -96,7 +99,7 @@ def scan_cell(
         cell, impl=impl, steps=x.shape[0], rows=int(np.prod(batch_shape)),
         features=params["embedding" if embed else "input_kernel"].shape[0], dtype=cell.dtype,
         tokens=cell.token_inputs, embed=embed, seq_lengths=seq_lengths is not None, remat=remat)
-    carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
+    carry = cell.initial_carry(carry_shape) if initial_carry is None else initial_carry
     if plan.impl == "cudnn":
         carry, ys = _run_cudnn(cell, params, x, carry, batch_shape, reverse, seq_lengths)
     elif plan.impl == "onednn":
@@ -111,7 +114,7 @@ def scan_cell(
         params = fold_embedding(cell, params)
         carry, ys = scan_layer(cell, params, cell.input_projection(params, x), carry, seq_lengths=seq_lengths,
                                reverse=reverse, unroll=unroll, remat=remat)
-    return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+    return carry, (ys if time_major else jnp.moveaxis(ys, 0, len(batch_shape)))
 
 
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
@@ -200,7 +203,8 @@ class RecurrentStack:
         carries, ys = stack.apply(params, xs)    # carries: list, one entry per layer
 
     Each layer's params and carry are the cell's own, or a ``(forward, backward)`` pair when
-    ``bidirectional`` (the two directions' outputs are concatenated on the feature axis). Pass
+    ``bidirectional`` (the two directions' outputs are concatenated on the feature axis; for a
+    ``ConvLSTMCell`` ``initial_carry``'s ``batch_shape`` is the input's ``(*batch, *spatial)``). Pass
     ``initial_carry=carries`` from the previous batch to carry state across batches (truncated
     backpropagation through time). Only the first layer uses ``cell.token_inputs``.
 
@@ -287,7 +291,8 @@ class RecurrentStack:
                 if masks is None:  # all layers' masks at once, shaped like a layer's output (*batch, F)
                     masks = _dropout_masks(dropout_key, self.num_layers - 1, 1.0 - self.dropout, x.shape[1:])
                 x = jnp.where(masks[layer], x / (1.0 - self.dropout), jnp.zeros_like(x))
-        return carries, (x if time_major else jnp.moveaxis(x, 0, -2))
+        per_example = max(self.cell.feature_ndim, 1)  # the outputs' trailing axes: features, or spatial + channels
+        return carries, (x if time_major else jnp.moveaxis(x, 0, x.ndim - 1 - per_example))
 
 
 def _dropout_masks(key: Array, count: int, keep: float, shape: tuple[int, ...]) -> Array:
