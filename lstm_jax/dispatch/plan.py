@@ -9,7 +9,13 @@ The rules, in order:
 
 1. ``impl`` is checked first (``'auto'``, ``'scan'``, ``'fused'``, ``'onednn'``), then what the
    cell and options allow: the fused kernels run ``LSTMCell``, ``RNNCell`` and
-   ``GRUCell(reset_after=True)`` without ``seq_lengths`` or ``remat``; oneDNN the LSTM and that GRU.
+   ``GRUCell(reset_after=True)`` without ``remat``, ``seq_lengths`` included (the carry frozen past
+   each sequence's end inside the fused loop); oneDNN the LSTM and that GRU without ``seq_lengths``
+   either: its RNN primitives take one sequence length for the whole batch (no per-sequence
+   lengths, unlike cuDNN), so padded batches keep the fused layer; nor with ``recurrent_dropout``
+   (the fused loops take the mask; oneDNN's primitive has no hook for a mask on the state); nor an
+   ``LSTMCell(proj_size=P)``: oneDNN's LSTM primitive supports a projection (LSTMP) but our
+   extension does not bind it (weights layout and backward pass), so LSTMP layers run fused.
    An empty sequence (no steps or no rows) runs the plain scan whatever was asked.
 2. oneDNN (CPU only; ``'auto'``): taken where the extension is loaded, ``LSTM_JAX_ONEDNN`` is not
    ``0``, oneDNN supports the shape, the layer's training pass has at least
@@ -99,7 +105,9 @@ def fused_kind(cell: Cell) -> str | None:
 
 
 def onednn_kind(cell: Cell) -> str | None:
-    """``'lstm'`` or ``'gru'`` where oneDNN's primitives run ``cell``, else None."""
+    """``'lstm'`` or ``'gru'`` where oneDNN's primitives run ``cell``, else None (rule 1)."""
+    if getattr(cell, "proj_size", 0):  # LSTMP: the primitive has a projection, our binding does not
+        return None
     kind = fused_kind(cell)
     return kind if kind in ("lstm", "gru") else None
 
@@ -123,7 +131,7 @@ def onednn_unavailable_reason() -> str | None:
 
 def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, features: int, dtype: Any = None,
                tokens: bool = False, embed: int = 0, seq_lengths: bool = False, remat: bool = False,
-               platform: str | None = None) -> Plan:
+               platform: str | None = None, recurrent_dropout: bool = False) -> Plan:
     """The plan for one layer of ``cell`` over ``steps`` steps of ``rows`` sequences of ``features``
     inputs (the vocabulary size with ``tokens``; ``embed``: the width of an embedding the token ids
     pass through first, 0 without one). ``platform``: where the program runs (default: JAX's
@@ -131,16 +139,19 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
     check_impl(impl)
     switches.check_all()
     kind, dnn = fused_kind(cell), onednn_kind(cell)
-    fusable = kind is not None and not seq_lengths and not remat
-    with_options = " with those options" if seq_lengths or remat else ""
+    fusable = kind is not None and not remat
+    options = [n for n, on in (("seq_lengths", seq_lengths), ("remat", remat),
+                                ("recurrent_dropout", recurrent_dropout)) if on]
+    dnn = dnn if not (seq_lengths or recurrent_dropout) else None  # rule 1: what oneDNN has no hook for
     if impl == "onednn" and not (fusable and dnn):
         raise ConfigError(
-            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths or remat; got "
-            f"{cell.name}{with_options}. Use impl='fused' or 'auto'.")
+            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths, recurrent_dropout "
+            f"or remat; got {cell.name}{' with ' + ' and '.join(options) if options else ''}. "
+            f"Use impl='fused' or 'auto'.")
     if impl == "fused" and not fusable:
         raise ConfigError(
-            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths or remat; "
-            f"got {cell.name}{with_options}. Use impl='scan' or 'auto'.")
+            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without remat; "
+            f"got {cell.name}{' with remat' if remat else ''}. Use impl='scan' or 'auto'.")
     if impl == "onednn" and not onednn_ready():
         raise ConfigError(f"impl='onednn' is not available here: {onednn_unavailable_reason()}. "
                           f"Use impl='auto' (it falls back to the fused layer).")
