@@ -10,7 +10,7 @@ ratios are side by side on the same machine:
 * each option of ``LSTMCell``/``scan_cell`` on the fused layer: ``proj_size``, ``recurrent_dropout``
   (with a dropout key: the training step) and input ``dropout``.
 
-    python -m benchmarks.padded              # a few minutes on 2 cores
+    python -m benchmarks.padded --rounds 15     # about 10 minutes on 2 shared cores
 
 Writes benchmarks/results/padded-<backend>[-<cpu>].{json,md}; ``benchmarks/report.py`` makes the
 docs' table from the JSON.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None):
     out = {"backend": jax.default_backend(), "jax": jax.__version__, "machine": machine.describe(),
            "shape": {"batch": BATCH, "steps": STEPS, "hidden": HIDDEN, "features": FEATURES},
            "mean_length": float(np.mean(np.asarray(lengths))), "rounds": args.rounds,
-           "command": "python -m benchmarks.padded", "rows": rows}
+           "command": " ".join(["python -m benchmarks.padded", *(sys.argv[1:] if argv is None else argv)]),
+           "rows": rows}
     name = f"padded-{out['backend']}" + (f"-{machine.cpu_tag()}" if out["backend"] == "cpu" else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))

@@ -78,7 +78,8 @@ def scan_cell(
         hand-written backward pass of ``lstm_jax.kernels.fused`` (LSTM, RNN, and GRU with
         ``reset_after``; ``seq_lengths`` too, no ``remat``), which computes the recurrent-kernel
         gradient as one matmul after the backward loop; ``'onednn'`` runs an LSTM or GRU layer
-        (no ``seq_lengths`` or ``remat``) through oneDNN's RNN primitives on CPU (other platforms run ``'fused'``);
+        (no ``seq_lengths``, ``recurrent_dropout``, ``proj_size`` or ``remat``) through oneDNN's RNN
+        primitives on CPU (other platforms run ``'fused'``);
         ``'auto'`` lets ``lstm_jax.dispatch`` choose (rules and measurements there). Every choice
         gives the same numbers to rounding.
       dropout: variational dropout rate on the layer's inputs (Keras's ``dropout``): with a
