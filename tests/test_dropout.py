@@ -163,3 +163,32 @@ def test_equals_keras_cells_given_the_same_masks(kind):
         ys.append(np.asarray(y))
     ours = scan_cell(cell, params, x, dropout=0.3, recurrent_dropout=0.4, dropout_key=key, impl="fused")[1]
     np.testing.assert_allclose(ours, np.stack(ys, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_flax_modules_take_the_variational_dropout_and_proj_size():
+    """NNX and linen modules: recurrent/input dropout acts in training mode only (eval equals the
+    functional stack), ``proj_size`` reaches the LSTM, and a PyTorch LSTMP converts to an NNX module."""
+    nnx = pytest.importorskip("flax.nnx")
+    from lstm_jax import linen as lj_linen
+    from lstm_jax import nnx as lj_nnx
+
+    x = jax.random.normal(jax.random.key(1), (3, 6, 5))
+    module = lj_nnx.LSTM(5, 8, proj_size=3, input_dropout=0.2, recurrent_dropout=0.4, rngs=nnx.Rngs(0))
+    train = module(x)
+    assert train.shape == (3, 6, 3)
+    module.eval()
+    np.testing.assert_allclose(module(x), module.stack.apply(module.to_params(), x)[1], atol=1e-6)
+    assert not np.allclose(module(x), train)
+    model = lj_linen.LSTM(hidden_size=8, proj_size=3, recurrent_dropout=0.4)
+    variables = model.init(jax.random.key(0), x)
+    ys = model.apply(variables, x)
+    np.testing.assert_allclose(ys, model.stack().apply(model.to_params(variables), x)[1], atol=1e-6)
+    dropped = model.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert ys.shape == (3, 6, 3) and not np.allclose(dropped, ys)
+    torch = pytest.importorskip("torch")
+    from lstm_jax import from_torch
+
+    layer = torch.nn.LSTM(5, 6, proj_size=2, num_layers=2, batch_first=True)
+    converted = lj_nnx.from_params(*from_torch(layer.state_dict()))
+    expected, _ = layer(torch.from_numpy(np.array(x)))
+    np.testing.assert_allclose(converted(x), expected.detach().numpy(), atol=1e-5)
