@@ -254,6 +254,18 @@ def flax_modules(stem: str) -> str:
     return _caption(out, stem) + "\n\n" + "\n".join(lines)
 
 
+def padded(stem: str) -> str:
+    """ms per training step of one LSTM layer: padded batches on the fused and scan layers, and each
+    option against the plain fused LSTM of the same size (``benchmarks/padded.py``)."""
+    from benchmarks.padded import table as padded_table
+
+    out = load(BENCH / f"{stem}.json")
+    s = out["shape"]
+    shape = (f"B={s['batch']}, T={s['steps']}, H={s['hidden']}, {s['features']} input features, lengths uniform "
+             f"in [1, T] (mean {out['mean_length']:.1f}), median of {out['rounds']} turns taking turns")
+    return _caption(out, stem) + f" {shape}.\n\n" + padded_table(out)
+
+
 # ---- experiments ---------------------------------------------------------------------------------
 
 
@@ -350,8 +362,8 @@ def accelerator() -> str:
 TABLES: dict[str, Callable[..., str]] = {
     "speed-headline": speed_headline, "speed-summary": speed_summary, "speed-peers": speed_peers,
     "generation": generation, "quality": quality, "scaling": scaling, "malloc": malloc, "layout": layout,
-    "flax-modules": flax_modules, "gradient-flow": gradient_flow, "adding": adding, "clipping": clipping,
-    "accelerator": accelerator,
+    "flax-modules": flax_modules, "padded": padded, "gradient-flow": gradient_flow, "adding": adding,
+    "clipping": clipping, "accelerator": accelerator,
 }
 
 

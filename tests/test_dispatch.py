@@ -109,7 +109,8 @@ def test_plans_by_platform_without_a_device(fresh_cache, monkeypatch, platform):
     assert plan.plan_layer(GRUCell(64, reset_after=False), platform=platform, **shape).impl == "scan"
     assert plan.plan_layer(LeakyRNNCell(64), platform=platform, **shape).impl == "scan"
     assert plan.plan_layer(LSTMCell(64), platform=platform, seq_lengths=True, **shape).impl == (
-        "cudnn" if cudnn else "scan")
+        "cudnn" if cudnn else "fused")  # never oneDNN: no per-sequence lengths
+    assert plan.plan_layer(GRUCell(64), platform=platform, seq_lengths=True, **shape).impl == "fused"
     assert plan.plan_layer(LSTMCell(64), platform=platform, remat=True, **shape).impl == "scan"
     assert plan.plan_layer(LSTMCell(64), platform=platform, impl="scan", **shape).impl == "scan"
     monkeypatch.setenv("LSTM_JAX_ONEDNN", "1")  # oneDNN wherever supported: still never where 'fused' is asked

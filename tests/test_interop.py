@@ -114,9 +114,68 @@ def test_torch_import_of_module_without_bias_and_with_tensors():
 def test_torch_import_rejects_foreign_state_dicts():
     with pytest.raises(ConfigError, match="weight_ih_l0"):
         from_torch({"weight": np.zeros((3, 3))})
-    lstm = _torch_module("lstm", input_size=3, hidden_size=4, proj_size=2)
-    with pytest.raises(ConfigError, match="proj_size"):
-        from_torch(_sd(lstm))
+    gru = _sd(_torch_module("gru", input_size=3, hidden_size=4))
+    with pytest.raises(ConfigError, match="weight_hr_l0 .a projection. belongs to an nn.LSTM only"):
+        from_torch({**gru, "weight_hr_l0": np.zeros((2, 4), np.float32)})
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,packed,impl", [(1, False, False, "fused"), (2, True, False, "scan"),
+                                                                  (2, True, True, "fused"), (2, False, True, "scan")])
+def test_torch_lstm_with_projection_values_and_gradients(num_layers, bidirectional, packed, impl):
+    """nn.LSTM(proj_size=P): outputs, final (h, c) and every weight's gradient equal PyTorch's,
+    packed sequences included, on the fused layer and the scan."""
+    module = _torch_module("lstm", input_size=4, hidden_size=7, proj_size=3, num_layers=num_layers,
+                           bidirectional=bidirectional, batch_first=True)
+    stack, params = from_torch(_sd(module))
+    assert stack.cell.proj_size == 3 and stack.output_size == 3 * (2 if bidirectional else 1)
+    lengths = [6, 2, 4]
+    x = np.random.default_rng(5).normal(size=(3, 6, 4)).astype(np.float32)
+    x_t = torch.from_numpy(x)
+    if packed:
+        y_p, carry_t = module(torch.nn.utils.rnn.pack_padded_sequence(x_t, lengths, batch_first=True,
+                                                                      enforce_sorted=False))
+        y_t = torch.nn.utils.rnn.pad_packed_sequence(y_p, batch_first=True)[0]
+    else:
+        y_t, carry_t = module(x_t)
+    w = np.cos(np.arange(y_t.numel(), dtype=np.float32)).reshape(y_t.shape)
+    loss_t = (y_t * torch.from_numpy(w)).sum() + carry_t[0].sin().sum() + carry_t[1].sin().sum()
+    loss_t.backward()
+
+    seq = jnp.array(lengths) if packed else None
+
+    def loss(p):
+        carries, ys = stack.apply(p, jnp.asarray(x), seq_lengths=seq, impl=impl)
+        h, c = _stacked(carries, bidirectional)
+        return jnp.sum(ys * w) + jnp.sum(jnp.sin(h)) + jnp.sum(jnp.sin(c)), (carries, ys)
+
+    (value, (carries, ys)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    np.testing.assert_allclose(ys, y_t.detach().numpy(), atol=ATOL)
+    _assert_carry_close(carries, carry_t, "lstm", bidirectional)
+    np.testing.assert_allclose(value, loss_t.item(), rtol=1e-5)
+    named = dict(module.named_parameters())
+    for layer in range(num_layers):
+        for d, suffix in enumerate(["", "_reverse"][: 1 + bidirectional]):
+            g = grads[layer][d] if bidirectional else grads[layer]
+            sfx = f"_l{layer}{suffix}"
+            np.testing.assert_allclose(g["input_kernel"], named["weight_ih" + sfx].grad.numpy().T, atol=1e-4)
+            np.testing.assert_allclose(g["recurrent_kernel"], named["weight_hh" + sfx].grad.numpy().T, atol=1e-4)
+            np.testing.assert_allclose(g["projection_kernel"], named["weight_hr" + sfx].grad.numpy().T, atol=1e-4)
+            np.testing.assert_allclose(g["bias"], named["bias_ih" + sfx].grad.numpy(), atol=1e-4)
+
+
+def _stacked(carries, bidirectional):
+    per_dir = [c for layer in carries for c in (layer if bidirectional else (layer,))]
+    return jnp.stack([c.h for c in per_dir]), jnp.stack([c.c for c in per_dir])
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_torch_import_of_gru_and_rnn_without_bias(kind):
+    module = _torch_module(kind, input_size=3, hidden_size=4, bias=False, num_layers=2)
+    stack, params = from_torch(_sd(module))
+    x = np.random.default_rng(4).normal(size=(5, 2, 3)).astype(np.float32)
+    y_t, _ = module(torch.from_numpy(x))
+    _, ys = stack.apply(params, jnp.asarray(x), time_major=True)
+    np.testing.assert_allclose(ys, y_t.detach().numpy(), atol=ATOL)
 
 
 # --- Flax -------------------------------------------------------------------------------------

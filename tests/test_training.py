@@ -185,7 +185,7 @@ def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
 def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
     """Kill a real train.py after its first checkpoint, rerun the same command: same metrics, same params."""
     a, b = tmp_path / "a", tmp_path / "b"
-    flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", *TINY]
+    flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", "--recurrent-dropout", "0.25", *TINY]
     assert _train(["--run-dir", a, *flags]) == 0
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--run-dir", str(b), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -199,8 +199,9 @@ def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
     assert _train(["--run-dir", b, *flags]) == 0
     rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_bpc"], r["val_bpc"]) for r in rows(a)] == [(r["train_bpc"], r["val_bpc"]) for r in rows(b)]
-    _, pa, _, _ = load_run(a)
+    model_a, pa, _, _ = load_run(a)
     _, pb, _, _ = load_run(b)
+    assert model_a.config.recurrent_dropout == 0.25 and model_a.stack.recurrent_dropout == 0.25  # round trip
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 

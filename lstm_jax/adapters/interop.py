@@ -30,7 +30,7 @@ from lstm_jax.layers.sequence import RecurrentStack
 
 __all__ = ["from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_flax_convlstm"]
 
-_TORCH_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
+_TORCH_KEY = re.compile(r"^(weight_(?:ih|hh|hr)|bias_(?:ih|hh))_l(\d+)(_reverse)?$")
 
 
 def _np(value: Any) -> np.ndarray:
@@ -45,6 +45,8 @@ def _torch_layer(sd: Mapping[str, Any], suffix: str, gates: int, hidden: int) ->
     b_ih = _np(sd["bias_ih" + suffix]) if "bias_ih" + suffix in sd else zeros
     b_hh = _np(sd["bias_hh" + suffix]) if "bias_hh" + suffix in sd else zeros
     params = {"input_kernel": jnp.asarray(w_ih.T), "recurrent_kernel": jnp.asarray(w_hh.T)}
+    if "weight_hr" + suffix in sd:  # LSTMP: (P, H) in PyTorch, (H, P) here
+        params["projection_kernel"] = jnp.asarray(_np(sd["weight_hr" + suffix]).T)
     if gates == 3:  # GRU: the recurrent bias sits inside r * (h @ W_hn + b_hn)
         params.update(bias=jnp.asarray(b_ih), recurrent_bias=jnp.asarray(b_hh))
     else:
@@ -57,8 +59,11 @@ def from_torch(state_dict: Mapping[str, Any], *, nonlinearity: str = "tanh") -> 
 
     The cell kind, hidden size, input size, ``num_layers`` and ``bidirectional`` are read from
     the weight shapes; ``nonlinearity`` ('tanh' or 'relu') must be given for ``nn.RNN`` since the
-    state dict does not record it. Returns ``(stack, params)`` with ``stack.apply(params, x)``
-    equal to the PyTorch module's output (``time_major=True`` unless ``batch_first``).
+    state dict does not record it. ``nn.LSTM(proj_size=P)`` (keys ``weight_hr_l{k}``) becomes an
+    ``LSTMCell(H, proj_size=P)`` stack; ``bias=False`` modules get zero biases (their function
+    exactly). Returns ``(stack, params)`` with ``stack.apply(params, x)`` equal to the PyTorch
+    module's output (``time_major=True`` unless ``batch_first``); packed sequences are
+    ``seq_lengths``.
     """
     keys = [k for k in state_dict if _TORCH_KEY.match(k)]
     unknown = sorted(set(state_dict) - set(keys))
@@ -66,13 +71,18 @@ def from_torch(state_dict: Mapping[str, Any], *, nonlinearity: str = "tanh") -> 
         raise ConfigError(
             "from_torch expects the state_dict() of nn.LSTM, nn.GRU or nn.RNN (keys like "
             f"'weight_ih_l0'); got unexpected keys {unknown or sorted(state_dict)[:5]}. "
-            "proj_size > 0 and wrapped modules are not supported: pass the recurrent module's own state dict."
+            "Wrapped modules are not supported: pass the recurrent module's own state dict."
         )
-    hidden = _np(state_dict["weight_hh_l0"]).shape[1]
+    proj = _np(state_dict["weight_hr_l0"]).shape[0] if "weight_hr_l0" in state_dict else 0
+    hidden = _np(state_dict["weight_hr_l0"]).shape[1] if proj else _np(state_dict["weight_hh_l0"]).shape[1]
     gates = _np(state_dict["weight_ih_l0"]).shape[0] // hidden
-    num_layers = 1 + max(int(_TORCH_KEY.match(k).group(3)) for k in keys)
+    num_layers = 1 + max(int(_TORCH_KEY.match(k).group(2)) for k in keys)
     bidirectional = any(k.endswith("_reverse") for k in keys)
-    cells = {4: LSTMCell(hidden), 3: GRUCell(hidden, reset_after=True), 1: RNNCell(hidden, activation=nonlinearity)}
+    if proj and gates != 4:
+        raise ConfigError(f"from_torch: weight_hr_l0 (a projection) belongs to an nn.LSTM only, but weight_ih_l0 has "
+                          f"{gates}x{hidden} rows (not an LSTM's 4x); pass an nn.LSTM state dict.")
+    cells = {4: LSTMCell(hidden, proj_size=proj), 3: GRUCell(hidden, reset_after=True),
+             1: RNNCell(hidden, activation=nonlinearity)}
     if gates not in cells:
         raise ConfigError(f"from_torch: weight_ih_l0 has {gates * hidden} rows for hidden size {hidden}; "
                           "expected 4x (LSTM), 3x (GRU) or 1x (RNN).")

@@ -49,6 +49,8 @@ class _Recurrent(nn.Module):
     reverse: bool = False
     impl: str = "auto"
     dtype: Any = None
+    input_dropout: float = 0.0  # variational, as RecurrentStack's (while not deterministic)
+    recurrent_dropout: float = 0.0
     kind = ""
 
     def cell_options(self) -> dict:
@@ -56,7 +58,8 @@ class _Recurrent(nn.Module):
 
     def stack(self) -> RecurrentStack:
         cell = make_cell(self.kind, self.hidden_size, dtype=self.dtype, **self.cell_options())
-        return RecurrentStack(cell, num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout)
+        return RecurrentStack(cell, num_layers=self.num_layers, bidirectional=self.bidirectional, dropout=self.dropout,
+                              input_dropout=self.input_dropout, recurrent_dropout=self.recurrent_dropout)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, initial_carry: Any = None, seq_lengths: jax.Array | None = None,
@@ -69,7 +72,8 @@ class _Recurrent(nn.Module):
         layers = [self.param(str(i), lambda key, i=i: _named(stack.init(key, features)[i]))
                   for i in range(self.num_layers)]
         params = [(p["forward"], p["backward"]) if self.bidirectional else p for p in layers]
-        drop = self.dropout > 0 and self.num_layers > 1 and not deterministic
+        inner = self.input_dropout > 0 or self.recurrent_dropout > 0
+        drop = (self.dropout > 0 and self.num_layers > 1 or inner) and not deterministic
         key = self.make_rng("dropout") if drop else None
         t_axis = time_axis(stack.cell, x.ndim, self.time_major)
         flip = lambda a: reverse_in_time(a, t_axis, seq_lengths) if self.reverse else a
@@ -95,14 +99,15 @@ def _named(layer: Any) -> dict:
 
 class LSTM(_Recurrent):
     """LSTM layers (``LSTMCell``: gates i, f, g, o), with ``peepholes`` or ``layer_norm`` as
-    ``LSTMCell``'s options (those run the autodiff scan)."""
+    ``LSTMCell``'s options (those run the autodiff scan); ``proj_size`` > 0 for LSTMP layers."""
 
     peepholes: bool = False
     layer_norm: bool = False
+    proj_size: int = 0
     kind = "lstm"
 
     def cell_options(self) -> dict:
-        return {"peepholes": self.peepholes, "layer_norm": self.layer_norm}
+        return {"peepholes": self.peepholes, "layer_norm": self.layer_norm, "proj_size": self.proj_size}
 
 
 class GRU(_Recurrent):

@@ -75,12 +75,14 @@ class _Recurrent(nnx.Module):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, time_major: bool = False, reverse: bool = False, impl: str = "auto",
-                 dtype: Any = None, rngs: nnx.Rngs, **cell_options):
+                 dtype: Any = None, rngs: nnx.Rngs, input_dropout: float = 0.0, recurrent_dropout: float = 0.0,
+                 **cell_options):
         if reverse and bidirectional:
             raise ConfigError("reverse=True and bidirectional=True together: a bidirectional layer runs both "
                               "directions already; pass one of them.")
         cell = make_cell(self.kind, hidden_size, dtype=dtype, **cell_options)
-        self.stack = RecurrentStack(cell, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout)
+        self.stack = RecurrentStack(cell, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
+                                    input_dropout=input_dropout, recurrent_dropout=recurrent_dropout)
         self.time_major, self.reverse, self.impl = time_major, reverse, impl
         self.deterministic = False
         self.rngs = rngs["dropout"].fork()
@@ -104,7 +106,9 @@ class _Recurrent(nnx.Module):
         """``x`` ``(*batch, T, F)`` (``(T, *batch, F)`` if ``time_major``) -> outputs
         ``(*batch, T, H * directions)``, or ``(carries, outputs)`` with ``return_carry``."""
         deterministic = self.deterministic if deterministic is None else deterministic
-        drop = self.stack.dropout > 0 and self.stack.num_layers > 1 and not deterministic
+        s = self.stack
+        inner = s.input_dropout > 0 or s.recurrent_dropout > 0
+        drop = (s.dropout > 0 and s.num_layers > 1 or inner) and not deterministic
         key = self.rngs() if drop else None
         t_axis = time_axis(self.stack.cell, x.ndim, self.time_major)
         flip = lambda a: reverse_in_time(a, t_axis, seq_lengths) if self.reverse else a
@@ -118,8 +122,10 @@ class _Recurrent(nnx.Module):
 class LSTM(_Recurrent):
     """``num_layers`` LSTM layers (``LSTMCell``: gates i, f, g, o). ``LSTM(in_features,
     hidden_size, *, num_layers=1, bidirectional=False, dropout=0.0, time_major=False,
-    reverse=False, impl='auto', dtype=None, rngs)``; extra keywords go to ``LSTMCell``
-    (e.g. ``peepholes=True`` or ``layer_norm=True``, which run the autodiff scan)."""
+    reverse=False, impl='auto', dtype=None, rngs, input_dropout=0.0, recurrent_dropout=0.0)``
+    (variational dropout as ``RecurrentStack``'s, while not ``deterministic``); extra keywords go
+    to ``LSTMCell``, e.g. ``proj_size``, ``peepholes=True`` or ``layer_norm=True`` (those two run
+    the autodiff scan)."""
 
     kind = "lstm"
 
@@ -167,7 +173,8 @@ def from_params(stack: RecurrentStack, params: list, *, time_major: bool = False
     options = {f.name: getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name != "hidden_size"}
     module = kind(first["input_kernel"].shape[-2], cell.hidden_size, num_layers=stack.num_layers,
                   bidirectional=stack.bidirectional, dropout=stack.dropout, time_major=time_major, impl=impl,
-                  rngs=rngs or nnx.Rngs(0), **options)
+                  rngs=rngs or nnx.Rngs(0), input_dropout=stack.input_dropout,
+                  recurrent_dropout=stack.recurrent_dropout, **options)
     if module.stack != stack:
         raise ConfigError(f"from_params could not rebuild the stack {stack} (got {module.stack}); "
                           "build the module directly and assign its params.")

@@ -47,6 +47,7 @@ class CharLMConfig:
     embed_size: int = 0
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of the matrix products; params stay float32
+    recurrent_dropout: float = 0.0  # variational, on the state entering each layer's recurrent product
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -55,6 +56,10 @@ class CharLMConfig:
         if self.vocab_size < 2:
             raise ConfigError(f"CharLMConfig.vocab_size must be at least 2, got {self.vocab_size}; the corpus needs "
                               "more than one distinct character.", "CharLMConfig.vocab_size")
+        if not 0.0 <= self.recurrent_dropout < 1.0:
+            raise ConfigError(f"CharLMConfig.recurrent_dropout must be in [0, 1) (the fraction of the state dropped "
+                              f"before each recurrent product), got {self.recurrent_dropout}.",
+                              "CharLMConfig.recurrent_dropout")
         if self.embed_size < 0:
             raise ConfigError(f"CharLMConfig.embed_size must be >= 0 (0 = one-hot input), got {self.embed_size}.",
                               "CharLMConfig.embed_size")
@@ -70,7 +75,7 @@ class CharLM:
     def stack(self) -> RecurrentStack:
         c = self.config
         cell = make_cell(c.cell, c.hidden_size, dtype=DTYPES[c.dtype], token_inputs=True)
-        return RecurrentStack(cell, num_layers=c.num_layers, dropout=c.dropout)
+        return RecurrentStack(cell, num_layers=c.num_layers, dropout=c.dropout, recurrent_dropout=c.recurrent_dropout)
 
     def init(self, key: Array) -> dict:
         c = self.config

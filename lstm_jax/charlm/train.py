@@ -55,7 +55,7 @@ from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc, fastest
 from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.layers import parallel
 
-MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "dtype")
+MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "recurrent_dropout", "dtype")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
@@ -65,7 +65,7 @@ LENGTH_FLAGS = ("epochs", "total_steps", "minutes")  # a run's length: one of th
 RUN_KEYS = ("run_dir", "resume", "devices", "cpu_devices", "coordinator", "num_processes", "process_id",
             "peer_timeout", "distributed", "started", "cpu_devices_auto")
 DEFAULTS = dict(
-    cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, dtype="float32",
+    cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, recurrent_dropout=0.0, dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
     corpus="state_union", val_from_year=2002, epochs=5, minutes=None,
     keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
@@ -99,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--num-layers", type=int, help="recurrent layers [2]")
     add("--embed-size", type=int, help="embedding size; 0 = one-hot input [64]")
     add("--dropout", type=float, help="dropout between recurrent layers [0]")
+    add("--recurrent-dropout", type=float,
+        help="variational dropout on the state entering each layer's recurrent product, one mask per sequence [0]")
     add("--dtype", choices=["float32", "bfloat16"],
         help="compute dtype of the matmuls; params and state stay float32 [bfloat16 on TPU, else float32]")
     add("--batch-size", type=int, help="parallel streams (lm) or windows (keras) per step [64]")

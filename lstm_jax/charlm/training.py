@@ -212,7 +212,9 @@ class Trainer:
         x, y = self._batch(data, state.step, order)
         carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((b,))
         # one dropout key per sequence: the masks do not depend on how the batch is split
-        keys = jax.random.split(jax.random.fold_in(state.key, state.step), b) if self.model.config.dropout > 0 else None
+        c = self.model.config
+        dropout = c.dropout > 0 or c.recurrent_dropout > 0
+        keys = jax.random.split(jax.random.fold_in(state.key, state.step), b) if dropout else None
         (loss, carry), grads = self._value_and_grad(state.params, carry, x, y, keys)
         updates, opt_state = self._optimizer(total_steps).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -136,11 +136,17 @@ class _FusedCell:
             proj = matmul(x, params["input_kernel"], self.dtype, out_dtype)
         return proj + params["bias"]
 
-    def recurrent_projection(self, params: Params, h: Array) -> Array:
+    def recurrent_projection(self, params: Params, h: Array, recurrent_mask: Array | None = None) -> Array:
+        """``h @ recurrent_kernel``; with ``recurrent_mask`` (variational recurrent dropout, already
+        scaled) ``(h * recurrent_mask) @ recurrent_kernel``."""
+        h = h if recurrent_mask is None else h * recurrent_mask
         return matmul(h, params["recurrent_kernel"], self.dtype, params["bias"].dtype)
 
-    def step(self, params: Params, carry: Any, x_proj: Array) -> tuple[Any, Array]:
-        """One time step from an already projected input ``x_proj = input_projection(params, x)``."""
+    def step(self, params: Params, carry: Any, x_proj: Array,
+             recurrent_mask: Array | None = None) -> tuple[Any, Array]:
+        """One time step from an already projected input ``x_proj = input_projection(params, x)``.
+        ``recurrent_mask`` ``(*batch, H)``: recurrent dropout, the state entering the recurrent
+        products is ``h * recurrent_mask`` (gated mixes such as the GRU's ``z * h`` keep ``h``)."""
         raise NotImplementedError
 
     def apply(self, params: Params, carry: Any, x: Array) -> tuple[Any, Array]:
@@ -163,10 +169,19 @@ class LSTMCell(_FusedCell):
     ``bias (4H,)`` zeros with the forget-gate slice set to ``forget_bias`` (1.0), as Keras.
     Carry: ``LSTMCarry(h, c)``, each ``(*batch, H)``.
 
+    With ``proj_size=P`` (0 < P < H; LSTMP, Sak et al. 2014; PyTorch's ``nn.LSTM(proj_size=P)``)
+    the output is projected, and the projection is what recurs::
+
+        h' = (sigmoid(o) * tanh(c')) @ W_hr       # (..., P); output y = h'
+
+    with ``projection_kernel`` ``W_hr (H, P)`` (Glorot-uniform) and ``recurrent_kernel (P, 4H)``;
+    the carry is ``h (*batch, P)`` and ``c (*batch, H)``.
+
     Warning:
       PyTorch keeps two biases (``b_ih`` and ``b_hh``) and initialises everything uniformly;
       here there is one bias (their sum; see ``lstm_jax.interop``) and Keras initialisers.
-      Flax orders the carry ``(c, h)``; this carry has named fields.
+      Flax orders the carry ``(c, h)``; this carry has named fields. PyTorch stores the
+      projection as ``weight_hr_l{k}`` ``(P, H)``, the transpose of ``projection_kernel``.
 
     **Peepholes** (``peepholes=True``; Gers & Schmidhuber 2000, in the form of TF's
     ``PeepholeLSTMCell`` and oneDNN's LSTM primitive): diagonal weights from the cell state into the
@@ -216,6 +231,7 @@ class LSTMCell(_FusedCell):
     peepholes: bool = False
     layer_norm: bool = False
     norm_epsilon: float = 1e-3
+    proj_size: int = 0  # LSTMP: 0 = no projection
     num_gates = 4
 
     def __post_init__(self):
@@ -229,6 +245,10 @@ class LSTMCell(_FusedCell):
                               "choose one.")
         if not (isinstance(self.norm_epsilon, (int, float)) and self.norm_epsilon > 0):
             raise ConfigError(f"LSTMCell: norm_epsilon must be a positive number, got {self.norm_epsilon!r}.")
+        proj = self.proj_size
+        if isinstance(proj, bool) or not isinstance(proj, int) or not 0 <= proj < self.hidden_size:
+            raise ConfigError(f"LSTMCell: proj_size must be an int in [0, hidden_size) = [0, {self.hidden_size}) "
+                              f"(0: no projection), got {proj!r}.")
 
     def init(self, key: Array, input_size: int) -> Params:
         params = super().init(key, input_size)
@@ -242,10 +262,16 @@ class LSTMCell(_FusedCell):
                           ln_recurrent_scale=jnp.ones((4 * h,), self.param_dtype),
                           ln_cell_scale=jnp.ones((h,), self.param_dtype),
                           ln_cell_offset=jnp.zeros((h,), self.param_dtype))
+        if self.proj_size:  # LSTMP: h is projected to P units, and P units recur
+            k_rec, k_proj = jax.random.split(jax.random.fold_in(key, 1))
+            params["recurrent_kernel"] = self.recurrent_kernel_init(k_rec, (self.proj_size, 4 * h), self.param_dtype)
+            params["projection_kernel"] = self.kernel_init(k_proj, (h, self.proj_size), self.param_dtype)
         return params
 
     def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> LSTMCarry:
         zeros = super().initial_carry(batch_shape)
+        if self.proj_size:
+            return LSTMCarry(h=jnp.zeros(zeros.shape[:-1] + (self.proj_size,), zeros.dtype), c=zeros)
         return LSTMCarry(h=zeros, c=zeros)
 
     def input_projection(self, params: Params, x: Array) -> Array:
@@ -255,18 +281,22 @@ class LSTMCell(_FusedCell):
         proj = super().input_projection({**params, "bias": jnp.zeros_like(params["bias"])}, x)
         return _layer_norm(proj, params["ln_input_scale"], None, self.norm_epsilon) + params["bias"]
 
-    def step(self, params: Params, carry: LSTMCarry, x_proj: Array) -> tuple[LSTMCarry, Array]:
+    def step(self, params: Params, carry: LSTMCarry, x_proj: Array,
+             recurrent_mask: Array | None = None) -> tuple[LSTMCarry, Array]:
         if self.peepholes or self.layer_norm:
-            return self._step_with_options(params, carry, x_proj)
-        z = x_proj + self.recurrent_projection(params, carry.h)
+            return self._step_with_options(params, carry, x_proj, recurrent_mask)
+        z = x_proj + self.recurrent_projection(params, carry.h, recurrent_mask)
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        if self.proj_size:  # LSTMP
+            h = matmul(h, params["projection_kernel"], self.dtype, params["bias"].dtype)
         return LSTMCarry(h=h, c=c), h
 
-    def _step_with_options(self, params: Params, carry: LSTMCarry, x_proj: Array) -> tuple[LSTMCarry, Array]:
+    def _step_with_options(self, params: Params, carry: LSTMCarry, x_proj: Array,
+                           recurrent_mask: Array | None = None) -> tuple[LSTMCarry, Array]:
         """``step`` with peepholes or layer normalisation (the class docstring's equations)."""
-        u = self.recurrent_projection(params, carry.h)
+        u = self.recurrent_projection(params, carry.h, recurrent_mask)
         if self.layer_norm:
             u = _layer_norm(u, params["ln_recurrent_scale"], None, self.norm_epsilon)
         i, f, g, o = jnp.split(x_proj + u, 4, axis=-1)
@@ -279,6 +309,8 @@ class LSTMCell(_FusedCell):
         if self.peepholes:
             o = o + params["peephole_o"] * c
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        if self.proj_size:  # LSTMP
+            h = matmul(h, params["projection_kernel"], self.dtype, params["bias"].dtype)
         return LSTMCarry(h=h, c=c), h
 
 
@@ -328,11 +360,13 @@ class GRUCell(_FusedCell):
             params["recurrent_bias"] = self.bias_init(k_rb, (3 * self.hidden_size,), self.param_dtype)
         return params
 
-    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+    def step(self, params: Params, carry: Array, x_proj: Array,
+             recurrent_mask: Array | None = None) -> tuple[Array, Array]:
         h = carry
+        h_rec = h if recurrent_mask is None else h * recurrent_mask  # Keras: only the products' input
         a_r, a_z, a_n = jnp.split(x_proj, 3, axis=-1)
         if self.reset_after:
-            u = self.recurrent_projection(params, h) + params["recurrent_bias"]
+            u = self.recurrent_projection(params, h_rec) + params["recurrent_bias"]
             u_r, u_z, u_n = jnp.split(u, 3, axis=-1)
             r, z = jax.nn.sigmoid(a_r + u_r), jax.nn.sigmoid(a_z + u_z)
             n = jnp.tanh(a_n + r * u_n)
@@ -340,9 +374,9 @@ class GRUCell(_FusedCell):
             w = params["recurrent_kernel"]
             hs = self.hidden_size
             out = params["bias"].dtype
-            u_rz = matmul(h, w[:, : 2 * hs], self.dtype, out)
+            u_rz = matmul(h_rec, w[:, : 2 * hs], self.dtype, out)
             r, z = jnp.split(jax.nn.sigmoid(jnp.concatenate([a_r, a_z], -1) + u_rz), 2, axis=-1)
-            n = jnp.tanh(a_n + matmul(r * h, w[:, 2 * hs :], self.dtype, out))
+            n = jnp.tanh(a_n + matmul(r * h_rec, w[:, 2 * hs :], self.dtype, out))
         h = (1.0 - z) * n + z * h
         return h, h
 
@@ -400,10 +434,11 @@ class MGUCell(_FusedCell):
             params["recurrent_bias"] = self.bias_init(k_rb, (2 * self.hidden_size,), self.param_dtype)
         return params
 
-    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+    def step(self, params: Params, carry: Array, x_proj: Array,
+             recurrent_mask: Array | None = None) -> tuple[Array, Array]:
         h = carry
         a_f, a_n = jnp.split(x_proj, 2, axis=-1)
-        u = self.recurrent_projection(params, h)
+        u = self.recurrent_projection(params, h, recurrent_mask)
         if self.reset_gate:
             u = u + params["recurrent_bias"]
         u_f, u_n = jnp.split(u, 2, axis=-1)
@@ -440,8 +475,9 @@ class RNNCell(_FusedCell):
                 f"RNNCell: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
             )
 
-    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
-        h = ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry))
+    def step(self, params: Params, carry: Array, x_proj: Array,
+             recurrent_mask: Array | None = None) -> tuple[Array, Array]:
+        h = ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry, recurrent_mask))
         return h, h
 
 
@@ -472,8 +508,9 @@ class LeakyRNNCell(_FusedCell):
                 f"LeakyRNNCell: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
             )
 
-    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
-        target = ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry))
+    def step(self, params: Params, carry: Array, x_proj: Array,
+             recurrent_mask: Array | None = None) -> tuple[Array, Array]:
+        target = ACTIVATIONS[self.activation](x_proj + self.recurrent_projection(params, carry, recurrent_mask))
         h = carry + self.alpha * (target - carry)
         return h, h
 

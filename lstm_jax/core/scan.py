@@ -100,17 +100,21 @@ def fold_embedding(cell: Cell, params: dict) -> dict:
 
 
 def scan_layer(cell: Cell, params: dict, x_proj: Array, carry: Any, *, seq_lengths: Array | None = None,
-               reverse: bool = False, unroll: int | bool = 1, remat: bool = False) -> tuple[Any, Array]:
+               reverse: bool = False, unroll: int | bool = 1, remat: bool = False,
+               recurrent_mask: Array | None = None) -> tuple[Any, Array]:
     """``cell.step`` scanned over time-major ``x_proj`` ``(T, *batch, G*H)`` (a convolutional
     cell's ``(T, *batch, *spatial, 4H)``) from ``carry``, with
     automatic differentiation. With ``seq_lengths`` (already checked, int32 ``(*batch,)``) the
     inputs are right-padded: the carry stops at each sequence's last valid step and outputs past
     it are zero; with ``reverse`` as well, ``x_proj`` is expected reversed within each valid part
-    (``reverse_padded``) and the outputs are put back in input order. Returns ``(carry, ys)``."""
+    (``reverse_padded``) and the outputs are put back in input order. ``recurrent_mask``
+    ``(*batch, H)``: variational recurrent dropout, the same mask at every step (``cell.step``).
+    Returns ``(carry, ys)``."""
+    masked = {} if recurrent_mask is None else {"recurrent_mask": recurrent_mask}
 
     def body(carry, xs):
         x_t, t = xs
-        new_carry, y = cell.step(params, carry, x_t)
+        new_carry, y = cell.step(params, carry, x_t, **masked)
         if seq_lengths is not None:
             valid = t < seq_lengths  # (*batch,), broadcast over each leaf's trailing axes
             like = lambda a: valid.reshape(valid.shape + (1,) * (a.ndim - valid.ndim))

@@ -8,9 +8,17 @@ and its input route). The kernels receive those settings as arguments and ask no
 The rules, in order:
 
 1. ``impl`` is checked first (``'auto'``, ``'scan'``, ``'fused'``, ``'onednn'``, ``'cudnn'``), then
-   what the cell and options allow: the fused kernels run ``LSTMCell``, ``RNNCell`` and
-   ``GRUCell(reset_after=True)`` without ``seq_lengths`` or ``remat``; oneDNN the LSTM and that GRU;
-   cuDNN float32 ``LSTMCell`` layers (``seq_lengths`` allowed, no ``remat``) on CUDA or ROCm only.
+   what the cell and options allow: the fused kernels run ``LSTMCell`` (``proj_size`` included),
+   ``RNNCell`` and ``GRUCell(reset_after=True)`` without ``remat``, ``seq_lengths`` and
+   ``recurrent_dropout`` included (the carry frozen past each sequence's end, the mask on the state,
+   inside the fused loop); oneDNN the LSTM and that GRU without ``seq_lengths`` either: its RNN
+   primitives take one sequence length for the whole batch (no per-sequence lengths, unlike cuDNN),
+   so padded batches keep the fused layer; nor with ``recurrent_dropout`` (oneDNN's primitive has no
+   hook for a mask on the state); nor an ``LSTMCell(proj_size=P)``: oneDNN's LSTM primitive supports
+   a projection (LSTMP) but our extension does not bind it (weights layout and backward pass), so
+   LSTMP layers run fused. cuDNN runs float32 plain ``LSTMCell`` layers (``seq_lengths`` allowed; no
+   ``remat``, ``recurrent_dropout`` or ``proj_size``: ``jax.experimental.rnn`` has neither) on CUDA
+   or ROCm only.
    An empty sequence (no steps or no rows) runs the plain scan whatever was asked.
    ``LSTMCell(peepholes=True)`` and ``LSTMCell(layer_norm=True)`` run the plain scan only: the fused
    kernels' hand-written backward pass knows the plain gates alone (peepholes add the cell state
@@ -120,18 +128,27 @@ def fused_kind(cell: Cell) -> str | None:
 
 def onednn_kind(cell: Cell) -> str | None:
     """``'lstm'`` or ``'gru'`` where oneDNN's primitives run ``cell``, else None (an LSTM with
-    ``peepholes``, which the primitive has but our binding does not pass, or ``layer_norm``: rule 1)."""
+    ``peepholes``, which the primitive has but our binding does not pass, ``layer_norm`` or
+    ``proj_size``: rule 1)."""
+    if getattr(cell, "proj_size", 0):  # LSTMP: the primitive has a projection, our binding does not
+        return None
     kind = fused_kind(cell)
     return kind if kind in ("lstm", "gru") else None
 
 
-def cudnn_unsupported_reason(cell: Cell, platform: str, remat: bool = False) -> str | None:
+def cudnn_unsupported_reason(cell: Cell, platform: str, remat: bool = False,
+                             recurrent_dropout: bool = False) -> str | None:
     """Why ``impl='cudnn'`` cannot run ``cell`` on ``platform``, in words (None where it can):
-    ``jax.experimental.rnn`` runs float32 LSTM layers on CUDA and ROCm only."""
+    ``jax.experimental.rnn`` runs float32 plain LSTM layers on CUDA and ROCm only."""
     if platform not in CUDNN_PLATFORMS:
         return f"it needs a CUDA or ROCm device, and this program runs on {platform!r}"
     if not isinstance(cell, LSTMCell):
         return f"jax.experimental.rnn runs LSTM layers only, not a {cell.name}"
+    if cell.peepholes or cell.layer_norm or cell.proj_size:
+        return ("jax.experimental.rnn runs the plain LSTM only, without peepholes, layer_norm or proj_size "
+                f"(got peepholes={cell.peepholes}, layer_norm={cell.layer_norm}, proj_size={cell.proj_size})")
+    if recurrent_dropout:
+        return "jax.experimental.rnn has no hook for a recurrent dropout mask on the state"
     compute = jnp.dtype(cell.dtype or cell.param_dtype)
     if compute != jnp.float32 or jnp.dtype(cell.param_dtype) != jnp.float32:
         return (f"jax.experimental.rnn runs float32 only, and this layer computes in {compute.name} "
@@ -210,7 +227,7 @@ def onednn_unavailable_reason() -> str | None:
 
 def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, features: int, dtype: Any = None,
                tokens: bool = False, embed: int = 0, seq_lengths: bool = False, remat: bool = False,
-               platform: str | None = None) -> Plan:
+               platform: str | None = None, recurrent_dropout: bool = False) -> Plan:
     """The plan for one layer of ``cell`` over ``steps`` steps of ``rows`` sequences of ``features``
     inputs (the vocabulary size with ``tokens``; ``embed``: the width of an embedding the token ids
     pass through first, 0 without one). ``platform``: where the program runs, ``'cpu'``,
@@ -219,23 +236,25 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
     check_impl(impl)
     switches.check_all()
     kind, dnn = fused_kind(cell), onednn_kind(cell)
-    fusable = kind is not None and not seq_lengths and not remat
-    with_options = " with those options" if seq_lengths or remat else ""
+    fusable = kind is not None and not remat
+    options = [n for n, on in (("seq_lengths", seq_lengths), ("remat", remat),
+                                ("recurrent_dropout", recurrent_dropout)) if on]
+    with_options = f" with {' and '.join(options)}" if options else ""
     if isinstance(cell, LSTMCell) and (cell.peepholes or cell.layer_norm):
         with_options = f"(peepholes={cell.peepholes}, layer_norm={cell.layer_norm}){with_options}"
+    dnn = dnn if not (seq_lengths or recurrent_dropout) else None  # rule 1: what oneDNN has no hook for
     if impl == "onednn" and not (fusable and dnn):
         raise ConfigError(
-            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths or remat (an "
-            f"LSTM without peepholes or layer_norm); got "
-            f"{cell.name}{with_options}. Use impl='fused' or 'auto'.")
+            f"impl='onednn' supports LSTMCell and GRUCell(reset_after=True) without seq_lengths, recurrent_dropout "
+            f"or remat (an LSTM without peepholes, layer_norm or proj_size); got {cell.name}{with_options}. "
+            f"Use impl='fused' or 'auto'.")
     if impl == "fused" and not fusable:
         raise ConfigError(
-            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without seq_lengths or remat "
-            f"(an LSTM without peepholes or layer_norm); "
-            f"got {cell.name}{with_options}. Use impl='scan' or 'auto'.")
+            f"impl='fused' supports LSTMCell, RNNCell and GRUCell(reset_after=True) without remat (an LSTM "
+            f"without peepholes or layer_norm); got {cell.name}{with_options}. Use impl='scan' or 'auto'.")
     platform = current_platform(platform)
     if impl == "cudnn":
-        reason = cudnn_unsupported_reason(cell, platform, remat)
+        reason = cudnn_unsupported_reason(cell, platform, remat, recurrent_dropout)
         if reason:
             use = "'fused' or 'auto'" if fusable else "'scan' or 'auto'"
             raise ConfigError(f"impl='cudnn' cannot run this layer: {reason}. Use impl={use}.")
@@ -244,7 +263,7 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
                           f"Use impl='auto' (it falls back to the fused layer).")
     if steps == 0 or rows == 0 or impl == "scan":
         return Plan("scan")
-    if impl == "cudnn" or (impl == "auto" and cudnn_unsupported_reason(cell, platform, remat) is None
+    if impl == "cudnn" or (impl == "auto" and cudnn_unsupported_reason(cell, platform, remat, recurrent_dropout) is None
                            and cudnn_pays(platform, steps, rows, features, cell.hidden_size, tokens, embed,
                                           seq_lengths)):
         return Plan("cudnn")

@@ -49,6 +49,9 @@ def scan_cell(
     unroll: int | bool = 1,
     remat: bool = False,
     impl: str = "auto",
+    dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    dropout_key: Array | None = None,
 ) -> tuple[Any, Array]:
     """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
 
@@ -75,19 +78,42 @@ def scan_cell(
         for the activations, at the price of recomputing the gates.
       impl: ``'scan'`` differentiates the scanned step automatically; ``'fused'`` uses the
         hand-written backward pass of ``lstm_jax.kernels.fused`` (LSTM, RNN, and GRU with
-        ``reset_after``; no ``seq_lengths`` or ``remat``), which computes the recurrent-kernel
+        ``reset_after``; ``seq_lengths`` too, no ``remat``), which computes the recurrent-kernel
         gradient as one matmul after the backward loop; ``'onednn'`` runs an LSTM or GRU layer
-        (same conditions) through oneDNN's RNN primitives on CPU (other platforms run ``'fused'``);
-        ``'cudnn'`` runs a float32 LSTM layer (``seq_lengths`` allowed, no ``remat``) through cuDNN
-        on CUDA (MIOpen on ROCm), ``jax.experimental.rnn.lstm``; ``'auto'`` lets ``lstm_jax.dispatch``
-        choose (rules and measurements there). Every choice gives the same numbers to rounding
-        (cuDNN's float32 products may round as TF32 does).
+        (no ``seq_lengths``, ``recurrent_dropout``, ``proj_size`` or ``remat``) through oneDNN's RNN
+        primitives on CPU (other platforms run ``'fused'``); ``'cudnn'`` runs a float32 plain LSTM
+        layer (``seq_lengths`` allowed; no ``remat``, ``recurrent_dropout`` or ``proj_size``) through
+        cuDNN on CUDA (MIOpen on ROCm), ``jax.experimental.rnn.lstm``; ``'auto'`` lets
+        ``lstm_jax.dispatch`` choose (rules and measurements there). Every choice gives the same
+        numbers to rounding (cuDNN's float32 products may round as TF32 does).
+      dropout: variational dropout rate on the layer's inputs (Keras's ``dropout``): with a
+        ``dropout_key``, each sequence's input features are multiplied by one mask
+        ``m_x ~ Bernoulli(1 - dropout) / (1 - dropout)`` drawn once and used at every step,
+        ``x_t -> x_t * m_x``. A token-input layer drops the features of its ``'embedding'`` rows
+        (it needs one).
+      recurrent_dropout: variational dropout rate on the state entering the recurrent product
+        (Keras's ``recurrent_dropout``; Gal & Ghahramani 2016): one mask ``m_h`` per sequence for
+        all steps, ``z_t = x_t @ W_i + (h_{t-1} * m_h) @ W_h + b``. The carry itself is not
+        masked: the LSTM's ``c`` and the GRU's ``z * h`` term see the whole state.
+      dropout_key: where the masks come from, as ``RecurrentStack``'s: one key, or one key per
+        sequence (a key array of the batch's shape), so that a batch split over devices draws the
+        same masks. ``None`` (inference): no dropout whatever the rates. The input and recurrent
+        masks come from ``fold_in(key, 0)`` and ``fold_in(key, 1)`` (per sequence).
+
+    Warning:
+      Keras 3 draws a separate mask per gate when ``recurrent_dropout > 0`` (its
+      ``implementation=1``); here one input mask and one recurrent mask serve all gates (as Keras
+      2's ``implementation=2``), so the recurrent product stays one matmul per step and the fused
+      layer can run it. PyTorch's ``nn.LSTM(dropout=)`` is dropout between layers
+      (``RecurrentStack.dropout``), it has no recurrent dropout.
 
     Returns:
       ``(final_carry, outputs)`` with outputs ``(*batch, T, H)`` (``(T, *batch, H)`` if time-major;
       a ``ConvLSTMCell``'s ``(*batch, T, *spatial', H)``).
     """
     dispatch.check_impl(impl)
+    check_rate("scan_cell", "dropout", dropout)
+    check_rate("scan_cell", "recurrent_dropout", recurrent_dropout)
     x = jnp.moveaxis(inputs, time_axis(cell, inputs.ndim, time_major), 0)
     batch_shape = x.shape[1 : x.ndim - cell.feature_ndim]
     carry_shape = x.shape[1 : x.ndim - min(cell.feature_ndim, 1)]  # a ConvLSTMCell's includes the spatial axes
@@ -95,10 +121,19 @@ def scan_cell(
         seq_lengths = check_lengths(seq_lengths, batch_shape, x.shape[0])
     embed = check_embedding(cell, params)
     cell.check_inputs(params, x)
+    rec_mask = None
+    if dropout_key is not None and dropout > 0:  # the inputs times one mask per sequence, every step
+        cell, params, x = _input_dropout(cell, params, x, dropout, dropout_key, batch_shape)
+        embed = 0
+    if dropout_key is not None and recurrent_dropout > 0:
+        width = carry_width(cell)
+        keep = sequence_masks(dropout_key, 1.0 - recurrent_dropout, batch_shape, width, salt=1)
+        rec_mask = jnp.where(keep, 1.0 / (1.0 - recurrent_dropout), 0.0).astype(cell.param_dtype)
     plan = dispatch.plan_layer(
         cell, impl=impl, steps=x.shape[0], rows=int(np.prod(batch_shape)),
         features=params["embedding" if embed else "input_kernel"].shape[0], dtype=cell.dtype,
-        tokens=cell.token_inputs, embed=embed, seq_lengths=seq_lengths is not None, remat=remat)
+        tokens=cell.token_inputs, embed=embed, seq_lengths=seq_lengths is not None, remat=remat,
+        recurrent_dropout=rec_mask is not None)
     carry = cell.initial_carry(carry_shape) if initial_carry is None else initial_carry
     if plan.impl == "cudnn":
         carry, ys = _run_cudnn(cell, params, x, carry, batch_shape, reverse, seq_lengths)
@@ -107,37 +142,99 @@ def scan_cell(
     elif plan.impl == "fused":
         params = fold_embedding(cell, params)
         carry, ys = _run_fused(cell, params, cell.input_projection(params, x), carry, batch_shape, reverse, unroll,
-                               plan)
+                               plan, seq_lengths, rec_mask)
     else:
         if reverse and seq_lengths is not None:
             x = reverse_padded(x, seq_lengths)
         params = fold_embedding(cell, params)
         carry, ys = scan_layer(cell, params, cell.input_projection(params, x), carry, seq_lengths=seq_lengths,
-                               reverse=reverse, unroll=unroll, remat=remat)
+                               reverse=reverse, unroll=unroll, remat=remat, recurrent_mask=rec_mask)
     return carry, (ys if time_major else jnp.moveaxis(ys, 0, len(batch_shape)))
 
 
+def carry_width(cell: Cell) -> int:
+    """The size of the state ``h`` that enters the recurrent product (an LSTMP's projection size)."""
+    return getattr(cell, "proj_size", 0) or cell.hidden_size
+
+
+def check_rate(where: str, name: str, rate: Any) -> float:
+    """A dropout rate in [0, 1), or ``ConfigError`` in one sentence."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ConfigError(f"{where}: {name} must be a number in [0, 1) (the fraction of units dropped), got {rate!r}.")
+    return float(rate)
+
+
+def sequence_masks(key: Array, keep: float, batch_shape: tuple[int, ...], width: int, salt: int) -> Array:
+    """Boolean keep-masks ``(*batch, width)`` from ``fold_in(key, salt)``: one key for the whole
+    batch, or one key per sequence (a key array of shape ``batch_shape``, typed or raw), in which
+    case each sequence's mask depends on its own key only."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    key_batch = key.shape if typed else key.shape[:-1]
+    if key_batch == ():
+        return jax.random.bernoulli(jax.random.fold_in(key, salt), keep, (*batch_shape, width))
+    if key_batch != tuple(batch_shape):
+        raise ConfigError(f"dropout_key must be one key or one key per sequence (batch shape {tuple(batch_shape)}), "
+                          f"got keys for batch shape {key_batch}; pass jax.random.split(key, batch_size).")
+    one = lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), keep, (width,))
+    for _ in key_batch:
+        one = jax.vmap(one)
+    return one(key)
+
+
+def fold_keys(key: Array, data: int) -> Array:
+    """``fold_in(key, data)`` for one key or for each key of a per-sequence key array."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    fold = lambda k: jax.random.fold_in(k, data)
+    for _ in key.shape if typed else key.shape[:-1]:
+        fold = jax.vmap(fold)
+    return fold(key)
+
+
+def _input_dropout(cell: Cell, params: dict, x: Array, rate: float, key: Array, batch_shape: tuple):
+    """``(cell, params, x)`` with the time-major inputs dropped by one mask per sequence; token ids
+    through an ``'embedding'`` become the embedded features (a float-input layer from there on)."""
+    if cell.token_inputs:
+        if "embedding" not in params:
+            raise ConfigError(
+                f"scan_cell: dropout on a token-input {cell.name} needs an 'embedding' in the params (it drops the "
+                f"embedded features); without one pass dropout=0 or embed the tokens first.")
+        x = jnp.take(params["embedding"], x, axis=0)
+        params = {k: v for k, v in params.items() if k != "embedding"}
+        cell = dataclasses.replace(cell, token_inputs=False)
+    keep = sequence_masks(key, 1.0 - rate, batch_shape, x.shape[-1], salt=0)
+    return cell, params, jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
-               unroll: int | bool, plan: dispatch.Plan):
-    """The fused kernels on ``(T, N, G*H)``: batch dims flattened, time flipped for ``reverse``."""
+               unroll: int | bool, plan: dispatch.Plan, seq_lengths: Array | None = None,
+               recurrent_mask: Array | None = None):
+    """The fused kernels on ``(T, N, G*H)``: batch dims flattened, time flipped for ``reverse``
+    (within each valid part with ``seq_lengths``, whose outputs past the end are zeroed here)."""
     steps, hidden = x_proj.shape[0], cell.hidden_size
     xp = x_proj.reshape(steps, -1, x_proj.shape[-1])
-    xp = xp[::-1] if reverse else xp
-    flat = lambda a: a.reshape(-1, hidden)
+    lengths = None if seq_lengths is None else seq_lengths.reshape(-1)
+    flip = (lambda a: a[::-1]) if lengths is None else (lambda a: reverse_padded(a, lengths))
+    xp = flip(xp) if reverse else xp
+    flat = lambda a: a.reshape(-1, a.shape[-1])
     choices = (plan.transposed, plan.loop_factors)
+    options = dict(seq_lengths=lengths, recurrent_mask=None if recurrent_mask is None else flat(recurrent_mask))
     if isinstance(cell, LSTMCell):
         h, c, ys = fused_lstm(params["recurrent_kernel"], xp, flat(carry.h), flat(carry.c), cell.dtype, unroll,
-                              *choices)
-        carry = LSTMCarry(h=h.reshape(*batch_shape, hidden), c=c.reshape(*batch_shape, hidden))
+                              *choices, **options, w_proj=params.get("projection_kernel"))
+        carry = LSTMCarry(h=h.reshape(*batch_shape, h.shape[-1]), c=c.reshape(*batch_shape, hidden))
     elif isinstance(cell, RNNCell):
-        h, ys = fused_rnn(params["recurrent_kernel"], xp, flat(carry), cell.activation, cell.dtype, unroll)
+        h, ys = fused_rnn(params["recurrent_kernel"], xp, flat(carry), cell.activation, cell.dtype, unroll,
+                          **options)
         carry = h.reshape(*batch_shape, hidden)
     else:
         h, ys = fused_gru(params["recurrent_kernel"], params["recurrent_bias"], xp, flat(carry), cell.dtype, unroll,
-                          *choices)
+                          *choices, **options)
         carry = h.reshape(*batch_shape, hidden)
-    ys = ys[::-1] if reverse else ys
-    return carry, ys.reshape(steps, *batch_shape, hidden)
+    if lengths is not None:  # outputs past each sequence's end are zero, as the scan's
+        ys = jnp.where(jnp.arange(steps)[:, None, None] < lengths[:, None], ys, jnp.zeros_like(ys))
+    ys = flip(ys) if reverse else ys
+    return carry, ys.reshape(steps, *batch_shape, ys.shape[-1])
 
 
 def _run_cudnn(cell: Cell, params: dict, x: Array, carry: LSTMCarry, batch_shape: tuple, reverse: bool,
@@ -214,18 +311,28 @@ class RecurrentStack:
     batch's shape, e.g. ``jax.random.split(key, batch)``): then each sequence's masks depend on its
     own key only, so a batch split over devices draws the same masks as the whole batch on one
     (``lstm_jax.parallel``).
+
+    Variational dropout inside every layer (Keras's ``LSTM(dropout=, recurrent_dropout=)``,
+    Gal & Ghahramani 2016), from the same ``dropout_key``: ``input_dropout`` (Keras's ``dropout``)
+    on each layer's inputs and ``recurrent_dropout`` on the state entering each layer's recurrent
+    product, one mask per sequence for all steps, as ``scan_cell``'s ``dropout`` and
+    ``recurrent_dropout`` (equations and the differences from Keras there). Layer ``l`` direction
+    ``d`` draws from ``fold_in(key, 1 + 2 l + d)`` per sequence. Without a key (inference) there is
+    no dropout of any kind.
     """
 
     cell: Cell
     num_layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0
+    input_dropout: float = 0.0
+    recurrent_dropout: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.num_layers, int) or self.num_layers < 1:
             raise ConfigError(f"RecurrentStack: num_layers must be an int >= 1, got {self.num_layers!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"RecurrentStack: dropout must be in [0, 1), got {self.dropout!r}.")
+        for name in ("dropout", "input_dropout", "recurrent_dropout"):
+            check_rate("RecurrentStack", name, getattr(self, name))
 
     @property
     def num_directions(self) -> int:
@@ -233,7 +340,7 @@ class RecurrentStack:
 
     @property
     def output_size(self) -> int:
-        return self.cell.hidden_size * self.num_directions
+        return carry_width(self.cell) * self.num_directions
 
     def layer_cell(self, layer: int) -> Cell:
         return self.cell if layer == 0 else dataclasses.replace(self.cell, token_inputs=False)
@@ -272,20 +379,24 @@ class RecurrentStack:
                 f"num_layers={self.num_layers}; initialise the params with this stack's init."
             )
         x = jnp.moveaxis(inputs, time_axis(self.cell, inputs.ndim, time_major), 0)
-        kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat, impl=impl)
+        kw = dict(seq_lengths=seq_lengths, time_major=True, unroll=unroll, remat=remat, impl=impl,
+                  dropout=self.input_dropout, recurrent_dropout=self.recurrent_dropout)
         drop, masks = dropout_key is not None and self.dropout > 0, None
+        inner = dropout_key is not None and (self.input_dropout > 0 or self.recurrent_dropout > 0)
+        key = lambda layer, direction: fold_keys(dropout_key, 1 + 2 * layer + direction) if inner else None
         carries = []
         for layer in range(self.num_layers):
             cell = self.layer_cell(layer)
             c0 = None if initial_carry is None else initial_carry[layer]
             if self.bidirectional:
                 c0 = (None, None) if c0 is None else c0
-                cf, yf = scan_cell(cell, params[layer][0], x, initial_carry=c0[0], **kw)
-                cb, yb = scan_cell(cell, params[layer][1], x, initial_carry=c0[1], reverse=True, **kw)
+                cf, yf = scan_cell(cell, params[layer][0], x, initial_carry=c0[0], dropout_key=key(layer, 0), **kw)
+                cb, yb = scan_cell(cell, params[layer][1], x, initial_carry=c0[1], reverse=True,
+                                   dropout_key=key(layer, 1), **kw)
                 carries.append((cf, cb))
                 x = jnp.concatenate([yf, yb], axis=-1)
             else:
-                c, x = scan_cell(cell, params[layer], x, initial_carry=c0, **kw)
+                c, x = scan_cell(cell, params[layer], x, initial_carry=c0, dropout_key=key(layer, 0), **kw)
                 carries.append(c)
             if drop and layer < self.num_layers - 1:
                 if masks is None:  # all layers' masks at once, shaped like a layer's output (*batch, F)
