@@ -106,10 +106,13 @@ def test_fused_rejects_what_it_does_not_support():
     with pytest.raises(ConfigError, match="impl='fused' supports"):
         scan_cell(GRUCell(4, reset_after=False), GRUCell(4, reset_after=False).init(KEY, 3), jnp.ones((2, 5, 3)),
                   impl="fused")
-    with pytest.raises(ConfigError, match="impl='fused' supports .* without remat; got LSTMCell with remat"):
+    with pytest.raises(ConfigError, match=r"impl='fused' supports .* without remat \(an LSTM without peepholes or "
+                                          r"layer_norm\); got LSTMCell with remat"):
         scan_cell(LSTMCell(4), LSTMCell(4).init(KEY, 3), jnp.ones((2, 5, 3)), impl="fused", remat=True)
-    with pytest.raises(ConfigError, match="impl must be"):
+    with pytest.raises(ConfigError, match="impl='cudnn' cannot run this layer: it needs a CUDA or ROCm device"):
         scan_cell(LSTMCell(4), LSTMCell(4).init(KEY, 3), jnp.ones((2, 5, 3)), impl="cudnn")
+    with pytest.raises(ConfigError, match="impl must be"):
+        scan_cell(LSTMCell(4), LSTMCell(4).init(KEY, 3), jnp.ones((2, 5, 3)), impl="cuda")
 
 
 @pytest.mark.gpu

@@ -39,7 +39,7 @@ def test_fixed_plans_per_platform(clean, platform):
     want = {"cpu": "fused", "cuda": "cudnn", "rocm": "fused", "tpu": "fused"}[platform]
     assert plan.plan_layer(LSTMCell(128), platform=platform, **SHAPE).impl == want
     assert plan.plan_layer(LSTMCell(128), platform=platform, seq_lengths=True, **SHAPE).impl == (
-        "cudnn" if want == "cudnn" else "scan")
+        "cudnn" if want == "cudnn" else "fused")
     bf16 = LSTMCell(128, dtype="bfloat16")
     assert plan.plan_layer(bf16, platform=platform, **SHAPE).impl == "fused"
     assert plan.plan_layer(GRUCell(128), platform=platform, **SHAPE).impl == "fused"

@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax.core.cells import LSTMCell
 from lstm_jax.core.products import folded_table, matmul
-from lstm_jax.core.scan import scan_layer
 from lstm_jax.kernels import cudnn, onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, recurrent_product
 
@@ -125,21 +123,17 @@ def cudnn_layer(steps: int, batch: int, features: int, hidden: int, seq_lengths:
                 rounds: int = 5) -> dict:
     """Median seconds of one float32 LSTM layer's training pass (forward and backward) on the
     default device (a GPU): ``'cudnn'`` (``jax.experimental.rnn``) and ``'other'``, the layer it
-    replaces (the fused layer, or the scan when the rows have ``seq_lengths``), taking turns."""
+    replaces (the fused layer, with the rows' ``seq_lengths`` where given), taking turns."""
     rng = np.random.default_rng(0)
     host = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
             ((steps, batch, features), (features, 4 * hidden), (hidden, 4 * hidden), (4 * hidden,))]
     host_lengths = rng.integers(steps // 2, steps + 1, batch).astype(np.int32)
-    cell = LSTMCell(hidden)
     zeros = np.zeros((batch, hidden), np.float32)
     lengths = None
 
     def other(x, w_x, w_h, b):
         x_proj = matmul(x, w_x, None, jnp.float32) + b
-        if seq_lengths:
-            params = {"input_kernel": w_x, "recurrent_kernel": w_h, "bias": b}
-            return jnp.sum(scan_layer(cell, params, x_proj, cell.initial_carry(batch), seq_lengths=lengths)[1])
-        return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, None, 1, False, hidden <= 128)[2])
+        return jnp.sum(fused_lstm(w_h, x_proj, zeros, zeros, None, 1, False, hidden <= 128, seq_lengths=lengths)[2])
 
     def through_cudnn(x, w_x, w_h, b):
         params = [{"input_kernel": w_x, "recurrent_kernel": w_h, "bias": b}]

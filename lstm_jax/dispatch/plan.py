@@ -35,7 +35,7 @@ The rules, in order:
    (after padding to oneDNN's blocks), else as the one-hot of the vocabulary (``embedding_route``).
 2b. cuDNN (CUDA/ROCm only; ``'auto'``): a float32 LSTM layer takes ``jax.experimental.rnn`` where
    its training pass measured ``measure.MARGIN`` faster than the layer it replaces (the fused
-   layer, or the scan with ``seq_lengths``); with ``LSTM_JAX_DISPATCH=fixed`` by ``CUDNN_FIXED``
+   layer, with ``seq_lengths`` too); with ``LSTM_JAX_DISPATCH=fixed`` by ``CUDNN_FIXED``
    (CUDA yes, ROCm no). bf16 layers and other cells keep the fused layer (cuDNN's route is float32
    only). Never on CPU or TPU.
    Nothing of rule 2 or 3 runs off CPU (``cpu_choices_apply``), whatever the switches say.
@@ -285,7 +285,7 @@ def cudnn_pays(platform: str, steps: int, rows: int, features: int, hidden: int,
                embed: int = 0, seq_lengths: bool = False) -> bool:
     """Rule 2b for ``impl='auto'``: whether a float32 LSTM layer takes cuDNN on ``platform``.
     Measured (``LSTM_JAX_DISPATCH=measure``): its training pass at least ``measure.MARGIN`` faster
-    than the layer it would otherwise run (the fused layer; the scan with ``seq_lengths``), on the
+    than the layer it would otherwise run (the fused layer, with ``seq_lengths`` too), on the
     default device; fixed: ``CUDNN_FIXED[platform]``. Never off CUDA/ROCm."""
     if platform not in CUDNN_PLATFORMS:
         return False
