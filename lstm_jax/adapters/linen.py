@@ -1,4 +1,5 @@
-"""lstm_jax's recurrent layers as Flax linen modules: ``LSTM``, ``GRU``, ``RNN``.
+"""lstm_jax's recurrent layers as Flax linen modules: ``LSTM``, ``GRU``, ``RNN``, ``MinGRU``, ``MinLSTM``,
+``SLSTM``, ``MLSTM``.
 
 The same layers as ``lstm_jax.nnx`` for code written with ``flax.linen``: each module runs
 ``RecurrentStack.apply`` (the fused custom-VJP layers included) on params it declares with
@@ -32,7 +33,7 @@ from lstm_jax.core.cells import make_cell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN"]
+__all__ = ["LSTM", "GRU", "RNN", "MinGRU", "MinLSTM", "SLSTM", "MLSTM"]
 
 
 class _Recurrent(nn.Module):
@@ -112,3 +113,36 @@ class RNN(_Recurrent):
 
     def cell_options(self) -> dict:
         return {"activation": self.activation}
+
+
+class MinGRU(_Recurrent):
+    """minGRU layers (``MinGRUCell``; the parallel scan over time under ``impl='auto'``)."""
+
+    kind = "mingru"
+
+
+class MinLSTM(_Recurrent):
+    """minLSTM layers (``MinLSTMCell``; the parallel scan over time under ``impl='auto'``)."""
+
+    kind = "minlstm"
+
+
+class SLSTM(_Recurrent):
+    """xLSTM's sLSTM layers (``SLSTMCell``), ``num_heads`` dividing ``hidden_size``."""
+
+    num_heads: int = 1
+    forget_gate: str = "sigmoid"
+    kind = "slstm"
+
+    def cell_options(self) -> dict:
+        return {"num_heads": self.num_heads, "forget_gate": self.forget_gate}
+
+
+class MLSTM(_Recurrent):
+    """xLSTM's mLSTM layers (``MLSTMCell``; the parallel form under ``impl='auto'``)."""
+
+    num_heads: int = 1
+    kind = "mlstm"
+
+    def cell_options(self) -> dict:
+        return {"num_heads": self.num_heads}
