@@ -117,7 +117,8 @@ def test_impl_is_checked_before_any_shortcut():
     """An unknown impl is refused even where the layer would run the plain scan anyway (empty input)."""
     cell = LSTMCell(4)
     params = cell.init(jax.random.key(0), 3)
-    with pytest.raises(ConfigError, match=r"impl must be one of 'auto', 'scan', 'fused', 'onednn', got 'bogus'"):
+    with pytest.raises(ConfigError,
+                       match=r"impl must be one of 'auto', 'scan', 'fused', 'onednn', 'parallel', got 'bogus'"):
         scan_cell(cell, params, jnp.zeros((2, 0, 3)), impl="bogus")
     with pytest.raises(ConfigError, match="impl must be one of"):
         scan_cell(cell, params, jnp.zeros((2, 5, 3)), impl="bogus")
