@@ -179,9 +179,9 @@ def test_chunks_chain_through_the_carry(name, options, monkeypatch):
     c2, y2 = scan_cell(cell, params, x[..., 6:, :], initial_carry=c1, impl="parallel")
     assert max_diff((whole_carry, whole), (c2, jnp.concatenate([y1, y2], -2))) < ATOL
     monkeypatch.setattr(plan_module, "MLSTM_CHUNK", 8)
-    plan = plan_layer(cell, steps=13, rows=6, features=3)
+    plan = plan_layer(cell, steps=13, rows=6, features=3, platform="gpu")
     assert plan.impl == "parallel" and plan.chunk == (8 if name == "mlstm" else 0)
-    assert max_diff(scan_cell(cell, params, x), (whole_carry, whole)) < ATOL
+    assert max_diff(scan_cell(cell, params, x), (whole_carry, whole)) < ATOL  # the mLSTM: chunks of 8
 
 
 def test_gradients_match_finite_differences():
@@ -215,9 +215,12 @@ def test_slstm_heads_are_block_diagonal_and_the_first_step_is_stable():
 def test_dispatch_picks_the_parallel_forms_and_refuses_the_others(monkeypatch):
     for name, options in PARALLEL:
         cell = make_cell(name, 8, **options)
-        assert plan_layer(cell, steps=50, rows=4, features=3).impl == "parallel"
-        assert plan_layer(cell, steps=50, rows=4, features=3, seq_lengths=True).impl == "parallel"
-        assert plan_layer(cell, steps=50, rows=4, features=3, remat=True).impl == "scan"
+        assert plan_layer(cell, steps=50, rows=4, features=3, platform="gpu").impl == "parallel"
+        assert plan_layer(cell, steps=50, rows=4, features=3, seq_lengths=True, platform="tpu").impl == "parallel"
+        on_cpu = plan_layer(cell, steps=50, rows=4, features=3, platform="cpu").impl  # measured: the scan wins there
+        assert on_cpu == ("parallel" if name == "mlstm" else "scan")
+        assert plan_layer(cell, impl="parallel", steps=50, rows=4, features=3, platform="cpu").impl == "parallel"
+        assert plan_layer(cell, steps=50, rows=4, features=3, remat=True, platform="gpu").impl == "scan"
         with pytest.raises(ConfigError, match="impl='parallel' .* without remat; got .* with remat"):
             plan_layer(cell, impl="parallel", steps=50, rows=4, features=3, remat=True)
     assert plan_layer(SLSTMCell(8), steps=50, rows=4, features=3).impl == "scan"

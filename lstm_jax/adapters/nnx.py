@@ -137,13 +137,13 @@ class RNN(_Recurrent):
 
 
 class MinGRU(_Recurrent):
-    """minGRU layers (``MinGRUCell``; the parallel scan over time under ``impl='auto'``)."""
+    """minGRU layers (``MinGRUCell``; the parallel scan over time under ``impl='auto'`` off CPU)."""
 
     kind = "mingru"
 
 
 class MinLSTM(_Recurrent):
-    """minLSTM layers (``MinLSTMCell``; the parallel scan over time under ``impl='auto'``)."""
+    """minLSTM layers (``MinLSTMCell``; the parallel scan over time under ``impl='auto'`` off CPU)."""
 
     kind = "minlstm"
 

@@ -26,7 +26,11 @@ The rules, in order:
    ``LOOP_FACTORS_MAX_HIDDEN`` units (the gates are still in cache), else in one vectorised pass.
 5. ``MinGRUCell``, ``MinLSTMCell`` and ``MLSTMCell`` (gates of the input alone) run their parallel
    form over time (``'parallel'``, ``kernels.parallel_scan``) under ``'auto'``, ``seq_lengths``
-   included, ``remat`` excluded (that runs the scan); a fixed rule, unmeasured. The mLSTM's form is
+   included, ``remat`` excluded (that runs the scan); a fixed rule, unmeasured at run time, but
+   for minGRU/minLSTM on CPU it is the plain scan: there the log-space associative scan (more work,
+   ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured 1.2-1.9x
+   slower than the scan (``benchmarks/modern_speed.py``); the mLSTM's form was 2.4-3.4x faster than
+   its scan. On GPU and TPU the depth ``log T`` is what counts. The mLSTM's form is
    quadratic in the steps, so ``'auto'`` runs it in chunks (``parallel_chunk``), and an explicit
    ``'parallel'`` over a sequence whose blocks would pass ``PARALLEL_MAX_BYTES`` is refused with
    the size it needs. Other cells refuse ``'parallel'``.
@@ -165,12 +169,13 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
             f"without remat; got {cell.name}{' with remat' if remat else ''}. Use impl='scan' or 'auto'.")
     if steps == 0 or rows == 0 or impl == "scan":
         return Plan("scan")
-    if parallel and impl in ("auto", "parallel") and not remat:
+    platform = platform or jax.default_backend()
+    linear_on_cpu = parallel == "linear" and platform == "cpu" and impl == "auto"
+    if parallel and impl in ("auto", "parallel") and not remat and not linear_on_cpu:
         chunk = parallel_chunk(cell, steps, rows, whole=impl == "parallel")
         return Plan("parallel", chunk=chunk) if chunk >= 0 else Plan("scan")
     if impl == "auto" and not fusable:
         return Plan("scan")
-    platform = platform or jax.default_backend()
     hidden = cell.hidden_size
     if dnn and platform == "cpu" and impl in ("auto", "onednn"):
         route = input_route(tokens, features, embed, cell.dtype)
