@@ -28,7 +28,7 @@ The rules, in order:
    form over time (``'parallel'``, ``kernels.parallel_scan``) under ``'auto'``, ``seq_lengths``
    included, ``remat`` excluded (that runs the scan); a fixed rule, unmeasured at run time, but
    for minGRU/minLSTM on CPU it is the plain scan: there the log-space associative scan (more work,
-   ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured 1.2-1.9x
+   ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured 1.1-2x
    slower than the scan (``benchmarks/modern_speed.py``); the mLSTM's form was 2.4-3.4x faster than
    its scan. On GPU and TPU the depth ``log T`` is what counts. The mLSTM's form is
    quadratic in the steps, so ``'auto'`` runs it in chunks (``parallel_chunk``), and an explicit
