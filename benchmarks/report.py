@@ -359,11 +359,19 @@ def accelerator() -> str:
     return "\n".join(head + lines)
 
 
+def modern_speed(stem: str) -> str:
+    """Training-step time of the modern cells against the fused LSTM (``benchmarks/modern_speed.py``)."""
+    from benchmarks.modern_speed import table as speed_table
+
+    out = load(BENCH / f"{stem}.json")
+    return speed_table(out, out["hyper"]["memory_steps"]) + "\n\n" + _caption(out, stem)
+
+
 TABLES: dict[str, Callable[..., str]] = {
     "speed-headline": speed_headline, "speed-summary": speed_summary, "speed-peers": speed_peers,
     "generation": generation, "quality": quality, "scaling": scaling, "malloc": malloc, "layout": layout,
     "flax-modules": flax_modules, "padded": padded, "gradient-flow": gradient_flow, "adding": adding,
-    "clipping": clipping, "accelerator": accelerator,
+    "clipping": clipping, "accelerator": accelerator, "modern-speed": modern_speed,
 }
 
 

@@ -11,7 +11,11 @@ last state, MSE, Adam with global-norm clipping. All seeds of a cell train toget
 ``jax.vmap``-ed, jitted program (a scan of ``--chunk`` steps per dispatch), not a loop of runs.
 
 Cells: tanh RNN, leaky RNN (alpha 0.1), GRU, LSTM (forget bias 1, the default) and LSTM with
-forget bias 0. Reported per cell, span and seed: test MSE at the end (4096 fresh sequences),
+forget bias 0; with ``--modern`` the RNN, GRU and LSTM against minGRU, minLSTM (parallel scan),
+sLSTM and mLSTM (4 heads each) at T = 100, 400 and 1000 (``adding-modern.*``). The readout reads
+the last step's output (for every cell but the mLSTM, whose carry is a matrix memory, that is the
+carry's ``h``); the gradient-flow curve perturbs ``h`` (the mLSTM: its memory ``C``).
+Reported per cell, span and seed: test MSE at the end (4096 fresh sequences),
 the first step whose test MSE (checked every ``--eval-every`` steps) fell below 0.01, wall time,
 and, after training (seed 0), ``||d prediction / dh_t||`` against the distance T - t.
 Writes experiments/results/adding[-quick].{json,md,png}.
@@ -38,7 +42,28 @@ CELLS = {
     "gru": ("gru", {}),
     "lstm": ("lstm", {}),
     "lstm_forget_bias_0": ("lstm", {"forget_bias": 0.0}),
+    "mingru": ("mingru", {}),
+    "minlstm": ("minlstm", {}),
+    "slstm": ("slstm", {"num_heads": 4}),
+    "mlstm": ("mlstm", {"num_heads": 4}),
 }
+CLASSIC = ["rnn", "leaky_rnn", "gru", "lstm", "lstm_forget_bias_0"]
+# --modern: the cells since 2014 against the classic ones (experiments/results/adding-modern.*)
+MODERN = ["rnn", "gru", "lstm", "mingru", "minlstm", "slstm", "mlstm"]
+
+
+def state_of(carry):
+    """The part of a carry that ``grad_by_distance`` perturbs: ``h`` where the carry has one (LSTM,
+    sLSTM), the carry itself for the one-array carries, the matrix memory ``C`` of the mLSTM."""
+    if hasattr(carry, "h"):
+        return carry.h
+    return carry.C if hasattr(carry, "C") else carry
+
+
+def with_state(carry, value):
+    if hasattr(carry, "h"):
+        return carry._replace(h=value)
+    return carry._replace(C=value) if hasattr(carry, "C") else value
 
 
 def adding_batch(key: jax.Array, batch: int, steps: int) -> tuple[jax.Array, jax.Array]:
@@ -62,24 +87,24 @@ def make_model(name: str, hidden: int):
         return {"cell": cell.init(k_cell, 2), "out": {"w": jnp.zeros((hidden, 1)), "b": jnp.ones((1,))}}
 
     def predict(params, x):
-        carry, _ = scan_cell(cell, params["cell"], x)
-        h = carry.h if hasattr(carry, "h") else carry
-        return (h @ params["out"]["w"] + params["out"]["b"])[..., 0]
+        _, ys = scan_cell(cell, params["cell"], x)
+        return (ys[..., -1, :] @ params["out"]["w"] + params["out"]["b"])[..., 0]  # the last step's output
 
     def grad_by_distance(params, x):
         """``||d prediction / dh_t||`` for one sequence ``x (T, 2)``, by distance T - t = 1 ... T."""
         def prediction(eps):
             def body(carry, inputs):
                 x_t, e_t = inputs
-                carry = carry._replace(h=carry.h + e_t) if hasattr(carry, "h") else carry + e_t
-                return cell.apply(params["cell"], carry, x_t)[0], None
+                carry, _ = carry
+                carry = with_state(carry, state_of(carry) + e_t)
+                return cell.apply(params["cell"], carry, x_t), None
 
-            carry, _ = jax.lax.scan(body, cell.initial_carry(()), (x, eps))
-            h = carry.h if hasattr(carry, "h") else carry
-            return (h @ params["out"]["w"])[0]
+            (_, y), _ = jax.lax.scan(body, (cell.initial_carry(()), jnp.zeros((hidden,))), (x, eps))
+            return (y @ params["out"]["w"])[0]
 
-        g = jax.grad(prediction)(jnp.zeros((x.shape[0], hidden)))
-        return jnp.linalg.norm(g, axis=-1)[::-1]
+        state = state_of(cell.initial_carry(()))
+        g = jax.grad(prediction)(jnp.zeros((x.shape[0], *state.shape)))
+        return jnp.linalg.norm(g.reshape(x.shape[0], -1), axis=-1)[::-1]
 
     return init, predict, grad_by_distance
 
@@ -100,8 +125,12 @@ def train(name: str, steps_span: int, seeds: int, args) -> dict:
         return jax.lax.scan(one, state, jax.random.split(key, args.chunk))
 
     run_chunk = jax.jit(jax.vmap(chunk))  # all seeds in one program
-    evaluate = jax.jit(jax.vmap(lambda p, x, y: loss_fn(p, x, y), in_axes=(0, None, None)))
+    batched = jax.jit(jax.vmap(lambda p, x, y: loss_fn(p, x, y), in_axes=(0, None, None)))
     test_x, test_y = adding_batch(jax.random.PRNGKey(10_000), 4096, steps_span)
+
+    def evaluate(params, x, y, part=1024):  # in parts: the mLSTM's parallel form is quadratic per sequence
+        return sum(batched(params, x[i : i + part], y[i : i + part]) for i in range(0, len(x), part)) / (len(x) // part)
+
     keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds))
     params = jax.vmap(init)(keys)
     state = (params, jax.vmap(tx.init)(params))
@@ -131,8 +160,10 @@ def train(name: str, steps_span: int, seeds: int, args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="spans 50 and 100, 2 seeds, 1500 steps, 32 units")
+    p.add_argument("--modern", action="store_true",
+                   help=f"cells {' '.join(MODERN)} at spans 100 400 1000 (tag adding-modern); other flags still apply")
     p.add_argument("--spans", type=int, nargs="+", default=[50, 100, 200])
-    p.add_argument("--cells", nargs="+", default=list(CELLS))
+    p.add_argument("--cells", nargs="+", default=None, choices=list(CELLS), help="default: the classic cells")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--hidden", type=int, default=64)
@@ -147,8 +178,12 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.spans, args.seeds, args.steps, args.hidden = [50, 100], 2, 1500, 32
-    tag = args.tag or ("adding-quick" if args.quick else "adding")
-    hyper = {k: v for k, v in vars(args).items() if k not in ("quick", "append", "spans", "cells")}
+    if args.modern:
+        args.spans = [100, 400, 1000] if args.spans == p.get_default("spans") else args.spans
+        args.cells = args.cells or MODERN
+    args.cells = args.cells or CLASSIC
+    tag = args.tag or ("adding-quick" if args.quick else "adding-modern" if args.modern else "adding")
+    hyper = {k: v for k, v in vars(args).items() if k not in ("quick", "modern", "append", "spans", "cells")}
     runs = []
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.append and (RESULTS / f"{tag}.json").exists():

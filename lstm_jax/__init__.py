@@ -1,4 +1,5 @@
-"""lstm_jax: LSTM, GRU, MGU, RNN and ConvLSTM cells as pure JAX functions, and a character-level text generator.
+"""lstm_jax: LSTM, GRU, MGU, RNN, ConvLSTM, minGRU/minLSTM and xLSTM cells as pure JAX functions, and a char-level
+text generator.
 
 The package is built in layers; each imports only from the layers below it:
 
@@ -27,6 +28,8 @@ from typing import Any
 from lstm_jax.core.cells import GRUCell, LeakyRNNCell, LSTMCarry, LSTMCell, MGUCell, RNNCell, make_cell
 from lstm_jax.core.convlstm import ConvLSTMCell
 from lstm_jax.core.errors import CheckpointError, ConfigError, CorpusError, LstmJaxError, NonFiniteLossError
+from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
+from lstm_jax.core.xlstm import MLSTMCarry, MLSTMCell, SLSTMCarry, SLSTMCell
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
 from lstm_jax.layers.sequence import RecurrentStack, reverse_padded, scan_cell
 from lstm_jax.layers.steps import scan_steps
@@ -53,6 +56,7 @@ _SUBMODULES = {"onednn", "parallel", "runtime", "interop", "nnx", "linen", "disp
 __all__ = [
     # cells and sequences
     "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "ConvLSTMCell", "LSTMCarry", "make_cell",
+    "MinGRUCell", "MinLSTMCell", "SLSTMCell", "MLSTMCell", "SLSTMCarry", "MLSTMCarry",
     "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
     "onednn_gru", "onednn",
     # weight import

@@ -122,7 +122,7 @@ def test_impl_is_checked_before_any_shortcut():
     """An unknown impl is refused even where the layer would run the plain scan anyway (empty input)."""
     cell = LSTMCell(4)
     params = cell.init(jax.random.key(0), 3)
-    allowed = "'auto', 'scan', 'fused', 'onednn', 'cudnn'"
+    allowed = "'auto', 'scan', 'fused', 'onednn', 'cudnn', 'parallel'"
     with pytest.raises(ConfigError, match=rf"impl must be one of {allowed}, got 'bogus'"):
         scan_cell(cell, params, jnp.zeros((2, 0, 3)), impl="bogus")
     with pytest.raises(ConfigError, match="impl must be one of"):

@@ -18,6 +18,7 @@ PACKAGE = Path(lstm_jax.__file__).parent
 
 PUBLIC = [
     "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "ConvLSTMCell", "LSTMCarry", "make_cell",
+    "MinGRUCell", "MinLSTMCell", "SLSTMCell", "MLSTMCell", "SLSTMCarry", "MLSTMCarry",
     "scan_cell", "reverse_padded", "RecurrentStack", "fused_lstm", "fused_gru", "fused_rnn", "onednn_lstm",
     "onednn_gru", "onednn", "from_torch", "from_flax_lstm", "from_flax_gru", "from_flax_mgu", "from_flax_convlstm",
     "from_keras", "CharLM", "CharLMConfig", "cross_entropy", "nats_to_bpc",

@@ -364,7 +364,8 @@ def test_the_simplest_candidate_is_kept_unless_a_later_one_is_ten_percent_faster
 
 def test_trainer_names_a_wrong_impl():
     model = CharLM(CharLMConfig(10, hidden_size=8, num_layers=1))
-    with pytest.raises(ConfigError, match="impl must be one of 'auto', 'scan', 'fused', 'onednn', got 'cudnn'"):
+    with pytest.raises(ConfigError,
+                       match="impl must be one of 'auto', 'scan', 'fused', 'onednn', 'parallel', got 'cudnn'"):
         Trainer(model, TrainConfig(batch_size=2, seq_len=5), np.arange(200) % 10, impl="cudnn")
 
 

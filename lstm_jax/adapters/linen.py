@@ -1,4 +1,5 @@
-"""lstm_jax's recurrent layers as Flax linen modules: ``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``.
+"""lstm_jax's recurrent layers as Flax linen modules: ``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``,
+``MinGRU``, ``MinLSTM``, ``SLSTM``, ``MLSTM``.
 
 The same layers as ``lstm_jax.nnx`` for code written with ``flax.linen``: each module runs
 ``RecurrentStack.apply`` (the fused custom-VJP layers included) on params it declares with
@@ -37,7 +38,7 @@ from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.scan import time_axis
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM"]
+__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM", "MinGRU", "MinLSTM", "SLSTM", "MLSTM"]
 
 
 class _Recurrent(nn.Module):
@@ -154,3 +155,36 @@ class ConvLSTM(_Recurrent):
     def cell_options(self) -> dict:
         return {"kernel_size": tuple(self.kernel_size), "strides": self.strides, "padding": self.padding,
                 "use_bias": self.use_bias}
+
+
+class MinGRU(_Recurrent):
+    """minGRU layers (``MinGRUCell``; the parallel scan over time under ``impl='auto'`` off CPU)."""
+
+    kind = "mingru"
+
+
+class MinLSTM(_Recurrent):
+    """minLSTM layers (``MinLSTMCell``; the parallel scan over time under ``impl='auto'`` off CPU)."""
+
+    kind = "minlstm"
+
+
+class SLSTM(_Recurrent):
+    """xLSTM's sLSTM layers (``SLSTMCell``), ``num_heads`` dividing ``hidden_size``."""
+
+    num_heads: int = 1
+    forget_gate: str = "sigmoid"
+    kind = "slstm"
+
+    def cell_options(self) -> dict:
+        return {"num_heads": self.num_heads, "forget_gate": self.forget_gate}
+
+
+class MLSTM(_Recurrent):
+    """xLSTM's mLSTM layers (``MLSTMCell``; the parallel form under ``impl='auto'``)."""
+
+    num_heads: int = 1
+    kind = "mlstm"
+
+    def cell_options(self) -> dict:
+        return {"num_heads": self.num_heads}

@@ -1,4 +1,5 @@
-"""lstm_jax's recurrent layers as Flax NNX modules: ``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``.
+"""lstm_jax's recurrent layers as Flax NNX modules: ``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``,
+``MinGRU``, ``MinLSTM``, ``SLSTM``, ``MLSTM``.
 
 Each module holds a ``RecurrentStack`` (static) and its weights as ``nnx.Param``s named as the
 functional params: ``layers[i].input_kernel``, ``.recurrent_kernel``, ``.bias`` (and the GRU's
@@ -44,10 +45,12 @@ except ImportError as err:  # pragma: no cover - only without flax or with a Fla
 from lstm_jax.core.cells import GRUCell, LSTMCell, MGUCell, RNNCell, make_cell
 from lstm_jax.core.convlstm import ConvLSTMCell
 from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
 from lstm_jax.core.scan import time_axis
+from lstm_jax.core.xlstm import MLSTMCell, SLSTMCell
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM", "from_params"]
+__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM", "MinGRU", "MinLSTM", "SLSTM", "MLSTM", "from_params"]
 
 
 class _Weights(nnx.Module):
@@ -155,12 +158,38 @@ class ConvLSTM(_Recurrent):
     kind = "convlstm"
 
 
-_KINDS = {LSTMCell: LSTM, GRUCell: GRU, RNNCell: RNN, MGUCell: MGU, ConvLSTMCell: ConvLSTM}
+class MinGRU(_Recurrent):
+    """minGRU layers (``MinGRUCell``; the parallel scan over time under ``impl='auto'`` off CPU)."""
+
+    kind = "mingru"
+
+
+class MinLSTM(_Recurrent):
+    """minLSTM layers (``MinLSTMCell``; the parallel scan over time under ``impl='auto'`` off CPU)."""
+
+    kind = "minlstm"
+
+
+class SLSTM(_Recurrent):
+    """xLSTM's sLSTM layers (``SLSTMCell``; ``num_heads=1``, ``forget_gate='sigmoid'``)."""
+
+    kind = "slstm"
+
+
+class MLSTM(_Recurrent):
+    """xLSTM's mLSTM layers (``MLSTMCell``; ``num_heads=1``; the parallel form under ``impl='auto'``)."""
+
+    kind = "mlstm"
+
+
+_KINDS = {LSTMCell: LSTM, GRUCell: GRU, RNNCell: RNN, MGUCell: MGU, ConvLSTMCell: ConvLSTM, MinGRUCell: MinGRU,
+          MinLSTMCell: MinLSTM, SLSTMCell: SLSTM, MLSTMCell: MLSTM}
 
 
 def from_params(stack: RecurrentStack, params: list, *, time_major: bool = False, impl: str = "auto",
                 rngs: nnx.Rngs | None = None, cls: type | None = None) -> _Recurrent:
-    """The NNX module (``LSTM``, ``GRU``, ``RNN``, ``MGU`` or ``ConvLSTM`` by the stack's cell) holding ``params``::
+    """The NNX module (``LSTM``, ``GRU``, ``RNN``, ``MGU``, ``ConvLSTM``, ``MinGRU``, ... by the stack's cell) holding
+    ``params``::
 
         module = from_params(*lstm_jax.from_torch(torch_lstm.state_dict()))
     """

@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--minutes", type=float, help="train for this many minutes of wall-clock time: the step count (and the "
                                       "cosine's length) is planned from this machine's measured speed")
     add("--preset", choices=["lm", "keras"], help="'lm': stateful next-char LM (default); 'keras': the lesson's set-up")
-    add("--cell", choices=["lstm", "gru", "mgu", "rnn", "leaky_rnn"], help="recurrent cell [lstm]")
+    add("--cell", choices=["lstm", "gru", "mgu", "rnn", "leaky_rnn", "mingru", "minlstm", "slstm", "mlstm"],
+        help="recurrent cell [lstm]")
     add("--hidden-size", type=int, help="units per layer [256]")
     add("--num-layers", type=int, help="recurrent layers [2]")
     add("--embed-size", type=int, help="embedding size; 0 = one-hot input [64]")

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
 from lstm_jax.core.products import matmul
+from lstm_jax.core.xlstm import MLSTMCell, SLSTMCell
 
 __all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCell", "Cell", "make_cell"]
 
@@ -515,14 +517,16 @@ class LeakyRNNCell(_FusedCell):
         return h, h
 
 
-Cell = LSTMCell | GRUCell | MGUCell | RNNCell | LeakyRNNCell
+Cell = LSTMCell | GRUCell | MGUCell | RNNCell | LeakyRNNCell | MinGRUCell | MinLSTMCell | SLSTMCell | MLSTMCell
 CELL_TYPES: dict[str, type] = {"lstm": LSTMCell, "gru": GRUCell, "mgu": MGUCell, "rnn": RNNCell,
-                               "leaky_rnn": LeakyRNNCell}
+                               "leaky_rnn": LeakyRNNCell, "mingru": MinGRUCell, "minlstm": MinLSTMCell,
+                               "slstm": SLSTMCell, "mlstm": MLSTMCell}
 
 
 def make_cell(kind: str, hidden_size: int, **options: Any) -> Cell:
-    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'``, ``'leaky_rnn'`` or
-    ``'convlstm'``), checking every option.
+    """Build a cell by name (``'lstm'``, ``'gru'``, ``'mgu'``, ``'rnn'``, ``'leaky_rnn'``, ``'convlstm'``,
+    ``'mingru'``, ``'minlstm'``, ``'slstm'`` or ``'mlstm'``; the last four in ``core.mincells`` and
+    ``core.xlstm``), checking every option.
 
     Unknown names or options, or a required option left out (``kernel_size`` of ``'convlstm'``),
     raise ``ConfigError`` listing the valid ones, e.g.

@@ -116,10 +116,10 @@ def scan_layer(cell: Cell, params: dict, x_proj: Array, carry: Any, *, seq_lengt
         x_t, t = xs
         new_carry, y = cell.step(params, carry, x_t, **masked)
         if seq_lengths is not None:
-            valid = t < seq_lengths  # (*batch,), broadcast over each leaf's trailing axes
-            like = lambda a: valid.reshape(valid.shape + (1,) * (a.ndim - valid.ndim))
-            new_carry = jax.tree.map(lambda n, o: jnp.where(like(n), n, o), new_carry, carry)
-            y = jnp.where(like(y), y, jnp.zeros_like(y))
+            valid = t < seq_lengths  # (*batch,), widened to each leaf (a matrix memory has more axes)
+            keep = lambda a: valid.reshape(valid.shape + (1,) * (a.ndim - valid.ndim))
+            new_carry = jax.tree.map(lambda n, o: jnp.where(keep(n), n, o), new_carry, carry)
+            y = jnp.where(keep(y), y, jnp.zeros_like(y))
         return new_carry, y
 
     if remat:

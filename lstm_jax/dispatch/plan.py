@@ -1,13 +1,15 @@
 """Which kernel runs a recurrent layer, and how: the one place that decides.
 
 ``plan_layer`` takes a cell, the layer's shapes, the platform and the caller's ``impl``, and
-returns a ``Plan``: the kernel (``'scan'``, ``'fused'``, ``'onednn'`` or ``'cudnn'``) and its settings
+returns a ``Plan``: the kernel (``'scan'``, ``'fused'``, ``'onednn'``, ``'cudnn'`` or
+``'parallel'``) and its settings
 (the fused loop's carry layout and what it saves for the backward pass, oneDNN's threads per call
 and its input route). The kernels receive those settings as arguments and ask nothing back.
 
 The rules, in order:
 
-1. ``impl`` is checked first (``'auto'``, ``'scan'``, ``'fused'``, ``'onednn'``, ``'cudnn'``), then
+1. ``impl`` is checked first (``'auto'``, ``'scan'``, ``'fused'``, ``'onednn'``, ``'cudnn'``,
+   ``'parallel'``), then
    what the cell and options allow: the fused kernels run ``LSTMCell`` (``proj_size`` included),
    ``RNNCell`` and ``GRUCell(reset_after=True)`` without ``remat``, ``seq_lengths`` and
    ``recurrent_dropout`` included (the carry frozen past each sequence's end, the mask on the state,
@@ -45,6 +47,16 @@ The rules, in order:
    the matmul peak) or off CPU. ``LSTM_JAX_LAYOUT`` fixes it.
 4. The fused loop computes the backward factors inside the forward loop for layers of at most
    ``LOOP_FACTORS_MAX_HIDDEN`` units (the gates are still in cache), else in one vectorised pass.
+5. ``MinGRUCell``, ``MinLSTMCell`` and ``MLSTMCell`` (gates of the input alone) run their parallel
+   form over time (``'parallel'``, ``kernels.parallel_scan``) under ``'auto'``, ``seq_lengths``
+   included, ``remat`` excluded (that runs the scan); a fixed rule, unmeasured at run time, but
+   for minGRU/minLSTM on CPU it is the plain scan: there the log-space associative scan (more work,
+   ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured 1.1-2x
+   slower than the scan (``benchmarks/modern_speed.py``); the mLSTM's form was 2.4-3.4x faster than
+   its scan. On GPU and TPU the depth ``log T`` is what counts. The mLSTM's form is
+   quadratic in the steps, so ``'auto'`` runs it in chunks (``parallel_chunk``), and an explicit
+   ``'parallel'`` over a sequence whose blocks would pass ``PARALLEL_MAX_BYTES`` is refused with
+   the size it needs. Other cells refuse ``'parallel'``.
 
 What is measured is measured once per machine (CPU model and units, cores, jax version), shape and
 dtype, and cached in memory and on disk (``dispatch.cache``): the first call of a layer on a new
@@ -67,17 +79,23 @@ import jax.numpy as jnp
 from lstm_jax.core.cells import Cell, GRUCell, LSTMCell, RNNCell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.host import machine_key
+from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
+from lstm_jax.core.xlstm import MLSTMCell
 from lstm_jax.dispatch import cache, measure, switches
 from lstm_jax.kernels import onednn
+from lstm_jax.kernels.parallel_scan import mlstm_parallel_bytes
 
 __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_kind", "transposed_carry_pays",
            "loop_factors", "onednn_threads", "onednn_ready", "onednn_unavailable_reason", "input_route",
            "embedding_route", "measuring", "decisions", "LAYOUT_STEP_FLOPS", "ONEDNN_MIN_LAYER_FLOPS",
            "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS", "CUDNN_PLATFORMS", "CUDNN_FIXED",
            "cudnn_unsupported_reason", "cudnn_pays", "cpu_choices_apply", "proposed_compute_dtype", "likely_platform",
-           "current_platform"]
+           "current_platform", "parallel_kind", "parallel_chunk",
+           "PARALLEL_MAX_BYTES", "MLSTM_CHUNK"]
 
-IMPLS = ("auto", "scan", "fused", "onednn", "cudnn")
+IMPLS = ("auto", "scan", "fused", "onednn", "cudnn", "parallel")
+PARALLEL_MAX_BYTES = 2 * 2**30  # the mLSTM's quadratic form (all its T x T blocks) must fit in this
+MLSTM_CHUNK = 128  # 'auto' runs the mLSTM's parallel form over chunks of at most this many steps
 CUDNN_PLATFORMS = ("cuda", "rocm")  # where jax.experimental.rnn lowers (cuDNN, MIOpen)
 # LSTM_JAX_DISPATCH=fixed: whether a float32 LSTM layer takes cuDNN, per platform, unmeasured. CUDA as
 # Keras's JAX backend does; MIOpen's route has run nowhere yet, so ROCm keeps the fused layer.
@@ -100,13 +118,15 @@ class Plan:
     """How one layer runs: ``impl`` ``'scan'``, ``'fused'`` or ``'onednn'``; for the fused kernels
     ``transposed`` (carry layout on CPU) and ``loop_factors`` (backward factors in the forward loop);
     for oneDNN ``threads`` per call and ``route`` (``'features'``, ``'one_hot'`` or ``'rows'``: how
-    the inputs reach it). A plan is a static value: it is part of what a jitted program is."""
+    the inputs reach it); for ``'parallel'`` ``chunk``, the mLSTM's steps per quadratic block (0: the whole
+    sequence at once). A plan is a static value: it is part of what a jitted program is."""
 
     impl: str
     transposed: bool = False
     loop_factors: bool = False
     threads: int = 0
     route: str = "features"
+    chunk: int = 0
 
 
 def check_impl(impl: Any) -> str:
@@ -261,12 +281,21 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
     if impl == "onednn" and not onednn_ready():
         raise ConfigError(f"impl='onednn' is not available here: {onednn_unavailable_reason()}. "
                           f"Use impl='auto' (it falls back to the fused layer).")
+    parallel = parallel_kind(cell)
+    if impl == "parallel" and (parallel is None or remat):
+        raise ConfigError(
+            f"impl='parallel' runs MinGRUCell, MinLSTMCell and MLSTMCell (cells whose gates see only the input) "
+            f"without remat; got {cell.name}{' with remat' if remat else ''}. Use impl='scan' or 'auto'.")
     if steps == 0 or rows == 0 or impl == "scan":
         return Plan("scan")
     if impl == "cudnn" or (impl == "auto" and cudnn_unsupported_reason(cell, platform, remat, recurrent_dropout) is None
                            and cudnn_pays(platform, steps, rows, features, cell.hidden_size, tokens, embed,
                                           seq_lengths)):
         return Plan("cudnn")
+    linear_on_cpu = parallel == "linear" and platform == "cpu" and impl == "auto"
+    if parallel and impl in ("auto", "parallel") and not remat and not linear_on_cpu:
+        chunk = parallel_chunk(cell, steps, rows, whole=impl == "parallel")
+        return Plan("parallel", chunk=chunk) if chunk >= 0 else Plan("scan")
     if impl == "auto" and not fusable:
         return Plan("scan")
     hidden = cell.hidden_size
@@ -301,6 +330,43 @@ def cudnn_pays(platform: str, steps: int, rows: int, features: int, hidden: int,
         return {"cudnn": seconds["other"] >= measure.MARGIN * seconds["cudnn"], "seconds": seconds}
 
     return bool(_decided(key, timed)["cudnn"])
+
+
+def parallel_kind(cell: Cell) -> str | None:
+    """``'linear'`` (minGRU, minLSTM: a linear recurrence in log space) or ``'mlstm'`` where a
+    parallel form over time runs ``cell``, else None."""
+    if isinstance(cell, (MinGRUCell, MinLSTMCell)):
+        return "linear"
+    return "mlstm" if isinstance(cell, MLSTMCell) else None
+
+
+def parallel_chunk(cell: Cell, steps: int, rows: int, whole: bool = False) -> int:
+    """Rule 5: the parallel form's ``chunk`` (0: the whole sequence at once; -1: run the plain
+    scan). The linear recurrences take the whole sequence (memory linear in T). The mLSTM takes
+    chunks of at most ``MLSTM_CHUNK`` steps, fewer where ``rows`` sequences' ``chunk x chunk``
+    blocks would pass ``PARALLEL_MAX_BYTES`` (below 8 steps: the plain scan). ``whole``
+    (``impl='parallel'``): the whole sequence in one block, or ``ConfigError`` with the size it needs."""
+    if parallel_kind(cell) != "mlstm":
+        return 0
+    heads = cell.num_heads
+    itemsize = jnp.dtype(cell.param_dtype).itemsize
+    if whole:
+        need = mlstm_parallel_bytes(steps, rows, heads, itemsize)
+        if need > PARALLEL_MAX_BYTES:
+            fits = int((PARALLEL_MAX_BYTES / mlstm_parallel_bytes(1, rows, heads, itemsize)) ** 0.5)
+            raise ConfigError(
+                f"impl='parallel': the mLSTM's quadratic form over {steps} steps of {rows} sequences and {heads} "
+                f"head(s) needs about {need / 2**30:.1f} GiB, more than PARALLEL_MAX_BYTES = "
+                f"{PARALLEL_MAX_BYTES / 2**30:.1f} GiB; pass impl='auto' (chunks of at most {min(MLSTM_CHUNK, fits)} "
+                f"steps), split the sequence into chunks of at most {fits} steps and pass the carry on "
+                f"(initial_carry=carry), or use impl='scan' (step by step).", argument="impl")
+        return 0
+    chunk = MLSTM_CHUNK
+    while chunk >= 8 and mlstm_parallel_bytes(chunk, rows, heads, itemsize) > PARALLEL_MAX_BYTES:
+        chunk //= 2
+    if chunk < 8:
+        return -1
+    return 0 if steps <= chunk else chunk
 
 
 def loop_factors(hidden: int) -> bool:

@@ -29,8 +29,10 @@ from lstm_jax.core.scan import (
     scan_layer,
     time_axis,
 )
+from lstm_jax.core.xlstm import MLSTMCarry, MLSTMCell
 from lstm_jax.kernels import cudnn, onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, fused_rnn
+from lstm_jax.kernels.parallel_scan import linear_scan_log, mlstm_parallel
 
 __all__ = ["scan_cell", "reverse_padded", "reverse_in_time", "fold_embedding", "RecurrentStack"]
 
@@ -56,7 +58,8 @@ def scan_cell(
     """Run ``cell`` over a sequence; returns ``(final_carry, outputs)``.
 
     Args:
-      cell: an ``LSTMCell``, ``GRUCell``, ``MGUCell``, ``RNNCell``, ``LeakyRNNCell`` or ``ConvLSTMCell``.
+      cell: an ``LSTMCell``, ``GRUCell``, ``MGUCell``, ``RNNCell``, ``LeakyRNNCell``, ``ConvLSTMCell``,
+        ``MinGRUCell``, ``MinLSTMCell``, ``SLSTMCell`` or ``MLSTMCell``.
       params: the cell's params (``cell.init``). A ``token_inputs`` cell's params may also hold an
         ``'embedding'`` table ``(V, E)``; the ``input_kernel`` is then ``(E, G*H)`` and step t's
         input is ``embedding[x_t] @ input_kernel``. The fused layer gathers rows of the folded
@@ -83,7 +86,10 @@ def scan_cell(
         (no ``seq_lengths``, ``recurrent_dropout``, ``proj_size`` or ``remat``) through oneDNN's RNN
         primitives on CPU (other platforms run ``'fused'``); ``'cudnn'`` runs a float32 plain LSTM
         layer (``seq_lengths`` allowed; no ``remat``, ``recurrent_dropout`` or ``proj_size``) through
-        cuDNN on CUDA (MIOpen on ROCm), ``jax.experimental.rnn.lstm``; ``'auto'`` lets
+        cuDNN on CUDA (MIOpen on ROCm), ``jax.experimental.rnn.lstm``; ``'parallel'`` runs
+        ``MinGRUCell``, ``MinLSTMCell`` or ``MLSTMCell`` over the whole sequence at once
+        (``kernels.parallel_scan``; ``seq_lengths`` and a carry in and out work; not with ``remat``);
+        ``'auto'`` lets
         ``lstm_jax.dispatch`` choose (rules and measurements there). Every choice gives the same
         numbers to rounding (cuDNN's float32 products may round as TF32 does).
       dropout: variational dropout rate on the layer's inputs (Keras's ``dropout``): with a
@@ -139,6 +145,8 @@ def scan_cell(
         carry, ys = _run_cudnn(cell, params, x, carry, batch_shape, reverse, seq_lengths)
     elif plan.impl == "onednn":
         carry, ys = _run_onednn(cell, params, x, carry, batch_shape, reverse, unroll, plan)
+    elif plan.impl == "parallel":
+        carry, ys = _run_parallel(cell, params, x, carry, batch_shape, seq_lengths, reverse, plan)
     elif plan.impl == "fused":
         params = fold_embedding(cell, params)
         carry, ys = _run_fused(cell, params, cell.input_projection(params, x), carry, batch_shape, reverse, unroll,
@@ -259,6 +267,33 @@ def _run_cudnn(cell: Cell, params: dict, x: Array, carry: LSTMCarry, batch_shape
     carry = LSTMCarry(h=h[0].reshape(*batch_shape, hidden).astype(carry.h.dtype),
                       c=c[0].reshape(*batch_shape, hidden).astype(carry.c.dtype))
     return carry, ys.reshape(steps, *batch_shape, hidden).astype(params["bias"].dtype)
+
+
+def _run_parallel(cell: Cell, params: dict, x: Array, carry: Any, batch_shape: tuple, seq_lengths: Array | None,
+                  reverse: bool, plan: dispatch.Plan):
+    """The parallel forms over time (``kernels.parallel_scan``) on time-major ``x``: batch dims
+    flattened; ``reverse`` flips each sequence's valid part before and the outputs after."""
+    if reverse:
+        x = x[::-1] if seq_lengths is None else reverse_padded(x, seq_lengths)
+    params = fold_embedding(cell, params)
+    xp = cell.input_projection(params, x)
+    steps, hidden = xp.shape[0], cell.hidden_size
+    xp = xp.reshape(steps, -1, xp.shape[-1])
+    flat = jax.tree.map(lambda a: a.reshape(xp.shape[1], *a.shape[len(batch_shape):]), carry)
+    valid = None if seq_lengths is None else jnp.arange(steps)[:, None] < seq_lengths.reshape(1, -1)
+    if isinstance(cell, MLSTMCell):
+        q, k, v, o, i_t, f_t = cell.split_projection(xp)
+        state, h = mlstm_parallel(q, k, v, i_t, f_t, tuple(flat), valid, chunk=plan.chunk, eps=cell.eps)
+        flat, ys = MLSTMCarry(*state), jax.nn.sigmoid(o) * h.reshape(steps, -1, hidden)
+    else:
+        flat, ys = linear_scan_log(*cell.log_coefficients(xp), flat, valid)
+    if valid is not None:
+        ys = jnp.where(valid[..., None], ys, jnp.zeros_like(ys))
+    ys = ys.reshape(steps, *batch_shape, hidden)
+    if reverse:
+        ys = ys[::-1] if seq_lengths is None else reverse_padded(ys, seq_lengths)
+    carry = jax.tree.map(lambda a, like: a.reshape(like.shape).astype(like.dtype), flat, carry)
+    return carry, ys
 
 
 def _run_onednn(cell: Cell, params: dict, x: Array, carry: Any, batch_shape: tuple, reverse: bool,

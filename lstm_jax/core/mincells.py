@@ -1,0 +1,212 @@
+r"""minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?", arXiv:2410.01201): gates
+that depend on the input alone, so the recurrence is linear in the state and a whole sequence
+runs as a parallel scan (``lstm_jax.kernels.parallel_scan``) instead of a loop over time.
+
+Both cells share ``ProjectedCell`` (also the base of the xLSTM cells in ``core.xlstm``): one input
+kernel ``(I, P)`` and one bias ``(P,)``, ``input_projection(params, x) = x @ input_kernel + bias``
+(a row gather for ``token_inputs``) hoisted out of the time loop, and
+``apply(p, carry, x) == step(p, carry, input_projection(p, x))``, as the cells of ``core.cells``.
+
+Both use the paper's log-space form: the candidate goes through ``g`` (positive, so the
+recurrence can be summed in log space), and the parallel form combines ``(log a_t, log b_t)``
+pairs of ``h_t = a_t * h_{t-1} + b_t`` with ``logaddexp``::
+
+    g(x)     = x + 0.5   if x >= 0 else sigmoid(x)
+    log g(x) = log(x + 0.5) if x >= 0 else -softplus(-x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lstm_jax.core.errors import ConfigError
+from lstm_jax.core.products import matmul
+
+__all__ = ["ProjectedCell", "MinGRUCell", "MinLSTMCell", "g", "log_g", "torch_linear_init"]
+
+Array = jax.Array
+Params = dict
+
+
+def g(x: Array) -> Array:
+    """The paper's positive candidate activation: ``x + 0.5`` for ``x >= 0``, else ``sigmoid(x)``."""
+    return jnp.where(x >= 0, x + 0.5, jax.nn.sigmoid(x))
+
+
+def log_g(x: Array) -> Array:
+    """``log(g(x))`` without forming ``g``: ``log(relu(x) + 0.5)`` for ``x >= 0``, else ``-softplus(-x)``."""
+    return jnp.where(x >= 0, jnp.log(jax.nn.relu(x) + 0.5), -jax.nn.softplus(-x))
+
+
+def torch_linear_init(key: Array, fan_in: int, shape: tuple[int, ...], dtype: Any) -> Array:
+    """PyTorch ``nn.Linear``'s default: uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (weights and bias)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedCell:
+    """Shared machinery of the cells whose input projection is one fused kernel and bias:
+    validation, the projection (``token_inputs``: a row gather), ``apply``. Subclasses define
+    ``projection_size``, ``init``, ``initial_carry`` and ``step``."""
+
+    hidden_size: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    token_inputs: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size <= 0:
+            raise ConfigError(f"{type(self).__name__}: hidden_size must be a positive int, got {self.hidden_size!r}.")
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def projection_size(self) -> int:
+        raise NotImplementedError
+
+    def _check_input_size(self, input_size: Any) -> None:
+        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
+            raise ConfigError(f"{self.name}.init: input_size must be a positive int, got {input_size!r}.")
+
+    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> Any:
+        """A zero carry for inputs with leading ``batch_shape`` (``()`` for a single example)."""
+        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        return jnp.zeros(shape + (self.hidden_size,), self.param_dtype)
+
+    def check_inputs(self, params: Params, x: Array) -> None:
+        """Raise ``ConfigError`` at trace time when ``x`` cannot feed this cell's ``params``."""
+        n_in = params["input_kernel"].shape[0]
+        is_int = jnp.issubdtype(x.dtype, jnp.integer)
+        if self.token_inputs and not is_int:
+            raise ConfigError(
+                f"{self.name} was built with token_inputs=True and expects integer token ids with no feature axis, "
+                f"but got {x.dtype} inputs of shape {x.shape}; pass token ids or build the cell with "
+                f"token_inputs=False.")
+        if not self.token_inputs and is_int:
+            raise ConfigError(
+                f"{self.name} expects float features of size {n_in} but got integer inputs ({x.dtype}, shape "
+                f"{x.shape}); embed the tokens first, or build the cell with token_inputs=True.")
+        if not self.token_inputs and (x.ndim == 0 or x.shape[-1] != n_in):
+            raise ConfigError(
+                f"{self.name}: inputs have {x.shape[-1] if x.ndim else 'no'} features (shape {x.shape}) but the "
+                f"params were initialised for input_size={n_in}; reshape the inputs or re-initialise the params.")
+
+    def input_projection(self, params: Params, x: Array) -> Array:
+        """``x @ input_kernel + bias`` in the params' dtype (a row gather for token ids): ``(..., P)``."""
+        self.check_inputs(params, x)
+        out_dtype = params["bias"].dtype
+        if self.token_inputs:
+            proj = jnp.take(params["input_kernel"], x, axis=0).astype(out_dtype)
+        else:
+            proj = matmul(x, params["input_kernel"], self.dtype, out_dtype)
+        return proj + params["bias"]
+
+    def step(self, params: Params, carry: Any, x_proj: Array) -> tuple[Any, Array]:
+        """One time step from an already projected input ``x_proj = input_projection(params, x)``."""
+        raise NotImplementedError
+
+    def apply(self, params: Params, carry: Any, x: Array) -> tuple[Any, Array]:
+        """One time step: ``(params, carry, x) -> (new_carry, y)``; fits ``jax.lax.scan`` directly."""
+        return self.step(params, carry, self.input_projection(params, x))
+
+
+@dataclasses.dataclass(frozen=True)
+class _MinCell(ProjectedCell):
+    num_gates = 2
+
+    @property
+    def projection_size(self) -> int:
+        return self.num_gates * self.hidden_size
+
+    def init(self, key: Array, input_size: int) -> Params:
+        """``input_kernel (I, G*H)`` and ``bias (G*H,)``, both uniform in ``±1/sqrt(I)`` (PyTorch's
+        ``nn.Linear`` default, as the paper's reference code). No recurrent kernel: the gates see
+        only ``x_t``."""
+        self._check_input_size(input_size)
+        k_w, k_b = jax.random.split(key)
+        size = self.projection_size
+        return {"input_kernel": torch_linear_init(k_w, input_size, (input_size, size), self.param_dtype),
+                "bias": torch_linear_init(k_b, input_size, (size,), self.param_dtype)}
+
+    def log_coefficients(self, x_proj: Array) -> tuple[Array, Array]:
+        """``(log a_t, log b_t)`` of the linear recurrence ``h_t = a_t * h_{t-1} + b_t``."""
+        raise NotImplementedError
+
+    def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+        log_a, log_b = self.log_coefficients(x_proj)
+        h = jnp.exp(log_a) * carry + jnp.exp(log_b)
+        return h, h
+
+
+@dataclasses.dataclass(frozen=True)
+class MinGRUCell(_MinCell):
+    r"""minGRU (Feng et al. 2024, log-space version): a GRU whose gate and candidate see ``x_t``
+    only, gates fused in the order ``z, h``::
+
+        k = x @ W_i + b                    # (..., 2H) -> k_z, k_h
+        z = sigmoid(k_z);  h~ = g(k_h)
+        h' = (1 - z) * h + z * h~          # output y = h'
+
+    In log space (the parallel form): ``log a = -softplus(k_z)``, ``log b = -softplus(-k_z) + log g(k_h)``.
+
+    Parameters (``I`` input features or vocabulary size, ``H = hidden_size``): ``input_kernel
+    (I, 2H)`` and ``bias (2H,)``, uniform in ``±1/sqrt(I)`` (PyTorch ``nn.Linear``, as the paper's
+    code). Carry: ``h`` ``(*batch, H)``.
+
+    Warning:
+      There is no recurrent kernel, so ``scan_cell``'s ``impl='fused'`` and ``'onednn'`` do not apply;
+      ``impl='auto'`` runs the parallel scan off CPU (on CPU the plain scan measured faster). The
+      paper's code starts from ``h_0 = g(...)`` > 0 in log space; here the carry is kept in linear
+      space, so any ``h_0`` (zeros by default) works.
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp
+        >>> cell = MinGRUCell(hidden_size=8)
+        >>> params = cell.init(jax.random.key(0), input_size=3)
+        >>> carry, y = cell.apply(params, cell.initial_carry((2,)), jnp.ones((2, 3)))
+        >>> y.shape, params["input_kernel"].shape
+        ((2, 8), (3, 16))
+    """
+
+    num_gates = 2
+
+    def log_coefficients(self, x_proj: Array) -> tuple[Array, Array]:
+        k_z, k_h = jnp.split(x_proj, 2, axis=-1)
+        return -jax.nn.softplus(k_z), -jax.nn.softplus(-k_z) + log_g(k_h)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinLSTMCell(_MinCell):
+    r"""minLSTM (Feng et al. 2024, log-space version): forget and input gates of ``x_t`` only,
+    normalised to sum to one (time-independent scale), gates fused in the order ``f, i, h``::
+
+        k = x @ W_i + b                    # (..., 3H) -> k_f, k_i, k_h
+        f = sigmoid(k_f);  i = sigmoid(k_i);  h~ = g(k_h)
+        f' = f / (f + i);  i' = i / (f + i)
+        h' = f' * h + i' * h~              # output y = h'
+
+    In log space: with ``d = softplus(-k_f) - softplus(-k_i)``, ``log f' = -softplus(d)``,
+    ``log i' = -softplus(-d)``, ``log b = log i' + log g(k_h)``.
+
+    Parameters: ``input_kernel (I, 3H)`` and ``bias (3H,)``, uniform in ``±1/sqrt(I)`` (PyTorch
+    ``nn.Linear``, as the paper's code). Carry: ``h`` ``(*batch, H)``.
+
+    Warning:
+      Not the classic LSTM: no cell state apart from ``h``, no output gate, no recurrent kernel.
+    """
+
+    num_gates = 3
+
+    def log_coefficients(self, x_proj: Array) -> tuple[Array, Array]:
+        k_f, k_i, k_h = jnp.split(x_proj, 3, axis=-1)
+        d = jax.nn.softplus(-k_f) - jax.nn.softplus(-k_i)
+        return -jax.nn.softplus(d), -jax.nn.softplus(-d) + log_g(k_h)
