@@ -267,7 +267,7 @@ def case_lstm_jax_trainer(cell, b, t, h, layers, chunk=10, dtype="float32", devi
     t0 = time.perf_counter()
     run(chunk)
     compile_s = time.perf_counter() - t0
-    return Case(run, compile_s, compiled_bytes(trainer._chunk.lower(box[0], trainer.data, num_steps=chunk)))
+    return Case(run, compile_s, compiled_bytes(trainer.lower(box[0], chunk)))
 
 
 def without_onednn(build: Callable[[], Case]) -> Case:

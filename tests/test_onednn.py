@@ -240,8 +240,10 @@ def test_onednn_refuses_what_it_does_not_run_with_one_clear_error():
     lstm = LSTMCell(4)
     with pytest.raises(ConfigError, match="impl='onednn' supports LSTMCell"):
         scan_cell(lstm, lstm.init(KEY, 3), x, impl="onednn", seq_lengths=jnp.array([5, 3]))
-    with pytest.raises(ConfigError, match="impl must be"):
+    with pytest.raises(ConfigError, match="impl='cudnn' cannot run this layer: it needs a CUDA or ROCm device"):
         scan_cell(lstm, lstm.init(KEY, 3), x, impl="cudnn")
+    with pytest.raises(ConfigError, match="impl must be"):
+        scan_cell(lstm, lstm.init(KEY, 3), x, impl="cuda")
     # an embedding in the params: only before a token-input cell, and only (vocab, E) for an (E, G*H) kernel
     tokens = LSTMCell(4, token_inputs=True)
     for cell, table in ((lstm, jnp.ones((7, 3))), (tokens, jnp.ones((7, 2))), (tokens, jnp.ones((3,)))):
@@ -365,8 +367,8 @@ def test_the_simplest_candidate_is_kept_unless_a_later_one_is_ten_percent_faster
 def test_trainer_names_a_wrong_impl():
     model = CharLM(CharLMConfig(10, hidden_size=8, num_layers=1))
     with pytest.raises(ConfigError,
-                       match="impl must be one of 'auto', 'scan', 'fused', 'onednn', 'parallel', got 'cudnn'"):
-        Trainer(model, TrainConfig(batch_size=2, seq_len=5), np.arange(200) % 10, impl="cudnn")
+                       match="impl must be one of 'auto', 'scan', 'fused', 'onednn', 'cudnn', 'parallel', got 'cuda'"):
+        Trainer(model, TrainConfig(batch_size=2, seq_len=5), np.arange(200) % 10, impl="cuda")
 
 
 def test_an_extension_built_against_a_newer_jaxlib_is_refused_with_a_reason(tmp_path):

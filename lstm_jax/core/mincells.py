@@ -69,6 +69,11 @@ class ProjectedCell:
         return type(self).__name__
 
     @property
+    def feature_ndim(self) -> int:
+        """The per-example trailing axes of one step's input: 1 (features), 0 for token ids."""
+        return 0 if self.token_inputs else 1
+
+    @property
     def projection_size(self) -> int:
         raise NotImplementedError
 
