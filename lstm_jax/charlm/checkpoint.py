@@ -286,6 +286,9 @@ def _shapes(tree: Any) -> list[tuple]:
     return sorted((tuple(x.shape), str(x.dtype)) for x in leaves)
 
 
+READ_ATTEMPTS = 5  # load_run: tries at listing a folder that a running trainer is pruning
+
+
 def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, Any, Vocabulary, dict]:
     """``(model, params, vocabulary, meta)`` of a run folder, restored onto this machine's devices.
 
@@ -298,7 +301,15 @@ def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, 
     params = model.init(jax.random.PRNGKey(0))
     target = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0),
                         model.initial_carry((train.batch_size,)))
-    ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
+    for attempt in range(READ_ATTEMPTS):
+        try:  # a trainer running on the folder may remove an old checkpoint while orbax lists them
+            ckpt = Checkpointer(run_dir, async_save=False, read_only=True)
+            break
+        except FileNotFoundError as err:
+            if attempt == READ_ATTEMPTS - 1:
+                raise CheckpointError(f"The checkpoints in {run_dir} kept changing while they were read ({err}); "
+                                      f"try again, or read a copy of the folder.") from err
+            time.sleep(0.2)
     try:
         state, meta = ckpt.restore(target, which)
     finally:
