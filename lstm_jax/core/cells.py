@@ -24,12 +24,12 @@ accumulate in float32 and the gate arithmetic and the carry stay in ``param_dtyp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from lstm_jax.core.base import Initializer, LSTMCarry, glorot_uniform, orthogonal, zeros
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
 from lstm_jax.core.products import matmul
@@ -39,23 +39,6 @@ __all__ = ["LSTMCarry", "LSTMCell", "GRUCell", "MGUCell", "RNNCell", "LeakyRNNCe
 
 Array = jax.Array
 Params = dict
-Initializer = Callable[..., Array]
-
-
-class LSTMCarry(NamedTuple):
-    """The LSTM state: hidden state ``h`` (also the output) and cell state ``c``.
-
-    Named fields on purpose: PyTorch orders the state ``(h, c)``, Flax ``(c, h)``.
-    """
-
-    h: Array
-    c: Array
-
-
-# Module-level defaults so that two equal cells compare (and hash) equal, e.g. as jit static args.
-glorot_uniform: Initializer = jax.nn.initializers.glorot_uniform()
-orthogonal: Initializer = jax.nn.initializers.orthogonal()
-zeros: Initializer = jax.nn.initializers.zeros
 
 
 @dataclasses.dataclass(frozen=True)

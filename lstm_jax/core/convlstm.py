@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.core.cells import Initializer, LSTMCarry, glorot_uniform, orthogonal, zeros
+from lstm_jax.core.base import Initializer, LSTMCarry, glorot_uniform, orthogonal, zeros
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.products import in_dtype
 
