@@ -9,6 +9,12 @@ count is fixed there and saved with the run (``TrainConfig.total_steps``): the c
 exactly, and a resumed run follows the same schedule to the same last step, bitwise, whatever its
 own machine's speed. The scratch steps are thrown away: the run itself starts from step 0 with the
 schedule already known, so a budget run of N steps is the same run as ``--total-steps N``.
+
+A plan is a forecast; a machine can turn slower after it (another job starts, the clock drops).
+``Deadline`` guards the budget: before each chunk it checks that the chunk and one epoch end still
+fit, at the pace the run is going now, and where they do not the run ends its epoch there (its
+validation and checkpoint inside the budget) and stops short of the plan, as an interrupted run
+would: resuming it finishes the planned schedule, bitwise.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Costs", "measure_costs", "plan_total_steps", "MARGIN"]
+__all__ = ["Costs", "Deadline", "measure_costs", "plan_total_steps", "MARGIN"]
 
 # Kept free of the budget for what is not timed in advance: checkpoint writes, the progress bar,
 # and the noise of a shared machine.
@@ -34,25 +40,62 @@ class Costs:
     epoch_end_s: float
 
 
-def measure_costs(trainer: Any, epoch_end: Callable[[Any], Any], timed_chunks: int = 1) -> Costs:
-    """Time ``trainer``'s compiled chunk and one ``epoch_end(state)`` on a scratch state.
+def measure_costs(trainer: Any, epoch_end: Callable[[Any], Any], min_chunks: int = 1, max_chunks: int = 5,
+                  min_seconds: float = 0.5) -> Costs:
+    """Time ``trainer``'s compiled chunk and ``epoch_end(state)`` on a scratch state.
 
-    The first chunk compiles (not timed), then ``timed_chunks`` chunks of ``chunk_steps`` steps
-    are timed; ``epoch_end`` (everything a run does at an epoch's end: validation, samples, the
-    checkpoint, the plot) is run twice and the second run timed (the first compiles what it
-    needs). The scratch state is dropped: nothing here touches the run's own state.
+    The first chunk compiles (not timed), then chunks of ``chunk_steps`` steps are timed, at
+    least ``min_chunks`` and then more until ``min_seconds`` have passed or ``max_chunks`` ran
+    (short chunks are timed over many, long ones once). ``epoch_end`` (everything a run does at an
+    epoch's end: validation, samples, the checkpoint, the plot) runs three times and the slower of
+    the last two counts (the first compiles what it needs). The scratch state is dropped: nothing
+    here touches the run's own state.
     """
     n = trainer.chunk_sizes(0)[0]
     scratch = trainer.init_state()
     scratch, _ = trainer.run_chunk(scratch, n)  # compiles; its losses reached the host: done
-    start = time.perf_counter()
-    for _ in range(timed_chunks):
+    chunks, start = 0, time.perf_counter()
+    while chunks < min_chunks or (chunks < max_chunks and time.perf_counter() - start < min_seconds):
         scratch, _ = trainer.run_chunk(scratch, n)
-    step_s = (time.perf_counter() - start) / (timed_chunks * n)
+        chunks += 1
+    step_s = (time.perf_counter() - start) / (chunks * n)
     epoch_end(scratch)
-    start = time.perf_counter()
-    epoch_end(scratch)
-    return Costs(step_s, time.perf_counter() - start)
+    ends = []
+    for _ in range(2):
+        start = time.perf_counter()
+        epoch_end(scratch)
+        ends.append(time.perf_counter() - start)
+    return Costs(step_s, max(ends))
+
+
+class Deadline:
+    """The budget's guard while a planned run trains: ``allows(n)`` (asked before each chunk of
+    ``n`` steps) is ``True`` while that chunk and one epoch end still finish by ``at`` (a
+    ``clock()`` reading), at the pace the run keeps now.
+
+    The pace is the slower of the planned ``costs`` and what the run shows: the time between two
+    ``allows`` calls (one chunk and its bookkeeping) and the last epoch end (``epoch_ended``). The
+    first call of an epoch has no chunk before it to time (``new_epoch`` forgets the last one).
+    """
+
+    def __init__(self, at: float, costs: Costs, clock: Callable[[], float] = time.monotonic):
+        self.at, self.costs, self.clock = at, costs, clock
+        self.step_s, self.epoch_end_s = costs.step_s, costs.epoch_end_s
+        self._last: tuple[float, int] | None = None
+
+    def new_epoch(self) -> None:
+        self._last = None
+
+    def epoch_ended(self, seconds: float) -> None:
+        self.epoch_end_s = max(self.costs.epoch_end_s, seconds)
+
+    def allows(self, n: int) -> bool:
+        now = self.clock()
+        if self._last is not None:
+            then, steps = self._last
+            self.step_s = max(self.costs.step_s, (now - then) / steps)
+        self._last = (now, n)
+        return now + n * self.step_s + self.epoch_end_s <= self.at
 
 
 def plan_total_steps(seconds_left: float, costs: Costs, steps_per_epoch: int, margin: float = MARGIN) -> int:

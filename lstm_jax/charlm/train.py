@@ -201,10 +201,10 @@ def samples_text(model, params, vocab, train_ids, config, key) -> str:
 
 
 def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, config: dict, mesh, started: float,
-                say) -> int:
+                say) -> tuple[int, budget.Costs]:
     """The step count that fits ``config['minutes']`` of wall-clock time counted from ``started``,
-    from this machine's measured step and epoch-end times (``lstm_jax.charlm.budget``); process 0's
-    plan in a run of several processes."""
+    from this machine's measured step and epoch-end times (``lstm_jax.charlm.budget``), and those
+    times; process 0's plan in a run of several processes."""
     with tempfile.TemporaryDirectory() as scratch_dir:  # the run folder gets nothing before the plan
         # orbax saves are collective: with several processes the checkpoint is left to the margin
         ckpt = Checkpointer(scratch_dir, keep=1, async_save=False) if jax.process_count() == 1 else None
@@ -240,7 +240,7 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
     say(f"budget {config['minutes']:g} min: {1e3 * costs.step_s:.1f} ms per step, {costs.epoch_end_s:.1f} s per "
         f"validation and samples, {time.monotonic() - started:.0f} s to set up; planned {total:,} steps "
         f"({total / trainer.steps_per_epoch:.1f} epochs), the cosine ending there")
-    return total
+    return total, costs
 
 
 def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
@@ -289,9 +289,13 @@ def run(args: argparse.Namespace) -> int:
         f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
     trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch
+    deadline = None
     if config["minutes"] and not config["total_steps"]:  # a new budget run: its length, measured and fixed
-        config["total_steps"] = trainer.schedule_steps = plan_budget(
-            trainer, model, vocab, train_ids, val_ids, config, mesh, started, say)
+        total, costs = plan_budget(trainer, model, vocab, train_ids, val_ids, config, mesh, started, say)
+        config["total_steps"] = trainer.schedule_steps = total
+        # The plan's guard; a stop must be every process's, so a run of several processes keeps to its plan.
+        if jax.process_count() == 1:
+            deadline = budget.Deadline(started + 60 * config["minutes"], costs)
     end = config["total_steps"] or spe * config["epochs"]  # the last step
     epochs = math.ceil(end / spe)
     lock = RunLock(run_dir).acquire() if main_process else None  # one trainer per folder
@@ -333,9 +337,14 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(len(losses))
 
             on_chunk.t = t0
-            state, losses = trainer.train_epoch(state, on_chunk, end)
+            if deadline is not None:
+                deadline.new_epoch()
+            state, losses = trainer.train_epoch(state, on_chunk, end, deadline and deadline.allows)
             bar.close()
             seconds = time.perf_counter() - t0
+            if not len(losses):  # the budget ran out as the epoch began: the last epoch end is saved
+                break
+            ended = time.perf_counter()
             val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
             row = dict(epoch=epoch, step=int(state.step), train_bpc=float(nats_to_bpc(losses.mean())),
                        val_bpc=val_bpc, chars_per_s=len(losses) * chars_per_step / seconds, epoch_s=seconds)
@@ -352,6 +361,16 @@ def run(args: argparse.Namespace) -> int:
                     f.write(json.dumps(row) + "\n")
                 save_plot(run_dir, rows)
             ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
+            if deadline is not None:
+                deadline.epoch_ended(time.perf_counter() - ended)
+                if int(state.step) < end and not deadline.allows(1):
+                    break
+        if int(state.step) < end:
+            ckpt.wait()
+            say(f"stopped at step {int(state.step):,} of the planned {end:,}: this machine ran slower than "
+                f"measured and the {config['minutes']:g} minutes are up ({time.monotonic() - started:.0f} s); the "
+                f"last checkpoint is saved, and lstm-jax-train --run-dir {run_dir} finishes the plan")
+            return 0
         length = f"{end:,} steps" if config["total_steps"] else f"{config['epochs']} epochs"
         say(f"done: {length} in {run_dir}, {time.monotonic() - started:.0f} s (best validation bpc "
             f"{min((r['val_bpc'] for r in rows), default=float('nan')):.3f}); "

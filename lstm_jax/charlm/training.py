@@ -261,11 +261,14 @@ class Trainer:
         return state, losses
 
     def train_epoch(self, state: TrainState, on_chunk: Callable[[np.ndarray], None] = lambda l: None,
-                    end: int | None = None):
+                    end: int | None = None, keep_going: Callable[[int], bool] | None = None):
         """Run to the end of the current epoch (or to step ``end`` where that comes first); returns
-        ``(state, per-step losses in nats)``."""
+        ``(state, per-step losses in nats)``. ``keep_going(n)``, where given, is asked before each
+        chunk of ``n`` steps; ``False`` ends the epoch there (a time budget running out)."""
         losses = []
         for n in self.chunk_sizes(int(state.step), end):
+            if keep_going is not None and not keep_going(n):
+                break
             state, chunk_losses = self.run_chunk(state, n)
             losses.append(chunk_losses)
             on_chunk(chunk_losses)
