@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.core.base import Initializer, LSTMCarry, glorot_uniform, orthogonal, zeros
+from lstm_jax.core.base import Initializer, LSTMCarry, ProjectedInputs, glorot_uniform, orthogonal, zeros
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
 from lstm_jax.core.products import matmul
@@ -42,8 +42,10 @@ Params = dict
 
 
 @dataclasses.dataclass(frozen=True)
-class _FusedCell:
-    """Shared machinery of the cells: parameters, input projection and validation."""
+class _FusedCell(ProjectedInputs):
+    """Shared machinery of the gated cells: parameters ``input_kernel (I, G*H)``,
+    ``recurrent_kernel (H, G*H)``, ``bias (G*H,)``, and the recurrent product; validation and the
+    input projection come from ``core.base.ProjectedInputs``."""
 
     hidden_size: int
     dtype: Any = None
@@ -55,26 +57,10 @@ class _FusedCell:
 
     num_gates = 1  # overridden per cell
 
-    def __post_init__(self):
-        if not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
-            raise ConfigError(
-                f"{type(self).__name__}: hidden_size must be a positive int, got {self.hidden_size!r}."
-            )
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    @property
-    def feature_ndim(self) -> int:
-        """The per-example trailing axes of one step's input: 1 (features), 0 for token ids."""
-        return 0 if self.token_inputs else 1
-
     def init(self, key: Array, input_size: int) -> Params:
         """Parameters ``{'input_kernel', 'recurrent_kernel', 'bias'}`` for inputs of ``input_size``
         features (or a vocabulary of ``input_size`` tokens when ``token_inputs``)."""
-        if not isinstance(input_size, int) or input_size <= 0:
-            raise ConfigError(f"{self.name}.init: input_size must be a positive int, got {input_size!r}.")
+        self._check_input_size(input_size)
         k_in, k_rec, k_b = jax.random.split(key, 3)
         gh = self.num_gates * self.hidden_size
         return {
@@ -82,44 +68,6 @@ class _FusedCell:
             "recurrent_kernel": self.recurrent_kernel_init(k_rec, (self.hidden_size, gh), self.param_dtype),
             "bias": self.bias_init(k_b, (gh,), self.param_dtype),
         }
-
-    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> Any:
-        """A zero carry for inputs with leading ``batch_shape`` (``()`` for a single example)."""
-        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-        return jnp.zeros(shape + (self.hidden_size,), self.param_dtype)
-
-    def check_inputs(self, params: Params, x: Array) -> None:
-        """Raise ``ConfigError`` at trace time when ``x`` cannot feed this cell's ``params``."""
-        n_in = params["input_kernel"].shape[0]
-        is_int = jnp.issubdtype(x.dtype, jnp.integer)
-        if self.token_inputs and not is_int:
-            raise ConfigError(
-                f"{self.name} was built with token_inputs=True and expects integer token ids with no "
-                f"feature axis, but got {x.dtype} inputs of shape {x.shape}; pass token ids or build "
-                f"the cell with token_inputs=False."
-            )
-        if not self.token_inputs and is_int:
-            raise ConfigError(
-                f"{self.name} expects float features of size {n_in} but got integer inputs "
-                f"({x.dtype}, shape {x.shape}); embed the tokens first, or build the cell with "
-                f"token_inputs=True to treat integers as token ids (a one-hot input done as a row gather)."
-            )
-        if not self.token_inputs and (x.ndim == 0 or x.shape[-1] != n_in):
-            raise ConfigError(
-                f"{self.name}: inputs have {x.shape[-1] if x.ndim else 'no'} features (shape {x.shape}) "
-                f"but the params were initialised for input_size={n_in}; reshape the inputs or "
-                f"re-initialise with cell.init(key, {x.shape[-1] if x.ndim else '...'})."
-            )
-
-    def input_projection(self, params: Params, x: Array) -> Array:
-        """``x @ input_kernel + bias`` in float32 (a row gather for token ids): ``(..., G*H)``."""
-        self.check_inputs(params, x)
-        out_dtype = params["bias"].dtype
-        if self.token_inputs:
-            proj = jnp.take(params["input_kernel"], x, axis=0).astype(out_dtype)
-        else:
-            proj = matmul(x, params["input_kernel"], self.dtype, out_dtype)
-        return proj + params["bias"]
 
     def recurrent_projection(self, params: Params, h: Array, recurrent_mask: Array | None = None) -> Array:
         """``h @ recurrent_kernel``; with ``recurrent_mask`` (variational recurrent dropout, already
@@ -134,9 +82,6 @@ class _FusedCell:
         products is ``h * recurrent_mask`` (gated mixes such as the GRU's ``z * h`` keep ``h``)."""
         raise NotImplementedError
 
-    def apply(self, params: Params, carry: Any, x: Array) -> tuple[Any, Array]:
-        """One time step: ``(params, carry, x) -> (new_carry, y)``; fits ``jax.lax.scan`` directly."""
-        return self.step(params, carry, self.input_projection(params, x))
 
 
 @dataclasses.dataclass(frozen=True)

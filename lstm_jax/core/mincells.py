@@ -24,8 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.core.errors import ConfigError
-from lstm_jax.core.products import matmul
+from lstm_jax.core.base import ProjectedInputs
 
 __all__ = ["ProjectedCell", "MinGRUCell", "MinLSTMCell", "g", "log_g", "torch_linear_init"]
 
@@ -50,77 +49,21 @@ def torch_linear_init(key: Array, fan_in: int, shape: tuple[int, ...], dtype: An
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectedCell:
-    """Shared machinery of the cells whose input projection is one fused kernel and bias:
-    validation, the projection (``token_inputs``: a row gather), ``apply``. Subclasses define
-    ``projection_size``, ``init``, ``initial_carry`` and ``step``."""
+class ProjectedCell(ProjectedInputs):
+    """The fields of the minGRU, minLSTM and xLSTM cells, whose input projection is one fused
+    kernel and bias of ``projection_size`` columns; validation, the projection (``token_inputs``: a
+    row gather) and ``apply`` come from ``core.base.ProjectedInputs``. Subclasses define
+    ``projection_size``, ``init``, ``initial_carry`` (a zero ``hidden_size`` state by default) and
+    ``step``."""
 
     hidden_size: int
     dtype: Any = None
     param_dtype: Any = jnp.float32
     token_inputs: bool = False
 
-    def __post_init__(self):
-        if not isinstance(self.hidden_size, int) or isinstance(self.hidden_size, bool) or self.hidden_size <= 0:
-            raise ConfigError(f"{type(self).__name__}: hidden_size must be a positive int, got {self.hidden_size!r}.")
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    @property
-    def feature_ndim(self) -> int:
-        """The per-example trailing axes of one step's input: 1 (features), 0 for token ids."""
-        return 0 if self.token_inputs else 1
-
     @property
     def projection_size(self) -> int:
         raise NotImplementedError
-
-    def _check_input_size(self, input_size: Any) -> None:
-        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
-            raise ConfigError(f"{self.name}.init: input_size must be a positive int, got {input_size!r}.")
-
-    def initial_carry(self, batch_shape: tuple[int, ...] | int = ()) -> Any:
-        """A zero carry for inputs with leading ``batch_shape`` (``()`` for a single example)."""
-        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-        return jnp.zeros(shape + (self.hidden_size,), self.param_dtype)
-
-    def check_inputs(self, params: Params, x: Array) -> None:
-        """Raise ``ConfigError`` at trace time when ``x`` cannot feed this cell's ``params``."""
-        n_in = params["input_kernel"].shape[0]
-        is_int = jnp.issubdtype(x.dtype, jnp.integer)
-        if self.token_inputs and not is_int:
-            raise ConfigError(
-                f"{self.name} was built with token_inputs=True and expects integer token ids with no feature axis, "
-                f"but got {x.dtype} inputs of shape {x.shape}; pass token ids or build the cell with "
-                f"token_inputs=False.")
-        if not self.token_inputs and is_int:
-            raise ConfigError(
-                f"{self.name} expects float features of size {n_in} but got integer inputs ({x.dtype}, shape "
-                f"{x.shape}); embed the tokens first, or build the cell with token_inputs=True.")
-        if not self.token_inputs and (x.ndim == 0 or x.shape[-1] != n_in):
-            raise ConfigError(
-                f"{self.name}: inputs have {x.shape[-1] if x.ndim else 'no'} features (shape {x.shape}) but the "
-                f"params were initialised for input_size={n_in}; reshape the inputs or re-initialise the params.")
-
-    def input_projection(self, params: Params, x: Array) -> Array:
-        """``x @ input_kernel + bias`` in the params' dtype (a row gather for token ids): ``(..., P)``."""
-        self.check_inputs(params, x)
-        out_dtype = params["bias"].dtype
-        if self.token_inputs:
-            proj = jnp.take(params["input_kernel"], x, axis=0).astype(out_dtype)
-        else:
-            proj = matmul(x, params["input_kernel"], self.dtype, out_dtype)
-        return proj + params["bias"]
-
-    def step(self, params: Params, carry: Any, x_proj: Array) -> tuple[Any, Array]:
-        """One time step from an already projected input ``x_proj = input_projection(params, x)``."""
-        raise NotImplementedError
-
-    def apply(self, params: Params, carry: Any, x: Array) -> tuple[Any, Array]:
-        """One time step: ``(params, carry, x) -> (new_carry, y)``; fits ``jax.lax.scan`` directly."""
-        return self.step(params, carry, self.input_projection(params, x))
 
 
 @dataclasses.dataclass(frozen=True)
