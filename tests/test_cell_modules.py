@@ -1,12 +1,12 @@
-"""The Flax NNX and linen modules select MGU, ConvLSTM and the LSTM options (peepholes, layer_norm) by name: each
-equals the functional stack of that cell, builds the cell the options name, and round-trips its params."""
+"""The Flax NNX and linen modules select MGU, the leaky RNN, ConvLSTM and the LSTM options (peepholes, layer_norm)
+by name: each equals the functional stack of that cell, builds the cell the options name, and round-trips its params."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import ConvLSTMCell, LSTMCell, MGUCell, scan_cell
+from lstm_jax import ConvLSTMCell, LeakyRNNCell, LSTMCell, MGUCell, scan_cell
 
 nnx = pytest.importorskip("flax.nnx")
 from lstm_jax import linen as lj_linen  # noqa: E402
@@ -15,6 +15,7 @@ from lstm_jax import nnx as lj_nnx  # noqa: E402
 # name -> (nnx class, linen class, cell options, the cell they build, input shape (batch, T, *spatial, C))
 CASES = {
     "mgu": (lj_nnx.MGU, lj_linen.MGU, {"reset_gate": False}, MGUCell(4, reset_gate=False), (2, 5, 3)),
+    "leaky_rnn": (lj_nnx.LeakyRNN, lj_linen.LeakyRNN, {"alpha": 0.3}, LeakyRNNCell(4, alpha=0.3), (2, 5, 3)),
     "peepholes": (lj_nnx.LSTM, lj_linen.LSTM, {"peepholes": True}, LSTMCell(4, peepholes=True), (2, 5, 3)),
     "layer_norm": (lj_nnx.LSTM, lj_linen.LSTM, {"layer_norm": True}, LSTMCell(4, layer_norm=True), (2, 5, 3)),
     "convlstm": (lj_nnx.ConvLSTM, lj_linen.ConvLSTM, {"kernel_size": (3, 3)}, ConvLSTMCell(4, (3, 3)),

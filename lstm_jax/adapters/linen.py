@@ -38,7 +38,7 @@ from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.scan import time_axis
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM", "MinGRU", "MinLSTM", "SLSTM", "MLSTM"]
+__all__ = ["LSTM", "GRU", "RNN", "LeakyRNN", "MGU", "ConvLSTM", "MinGRU", "MinLSTM", "SLSTM", "MLSTM"]
 
 
 class _Recurrent(nn.Module):
@@ -129,6 +129,18 @@ class RNN(_Recurrent):
 
     def cell_options(self) -> dict:
         return {"activation": self.activation}
+
+
+class LeakyRNN(_Recurrent):
+    """Leaky-integrator RNN layers (``LeakyRNNCell``): ``alpha`` in ``(0, 1]``, ``activation``
+    'tanh' or 'relu'. Neither PyTorch nor Flax has this layer."""
+
+    alpha: float = 0.1
+    activation: str = "tanh"
+    kind = "leaky_rnn"
+
+    def cell_options(self) -> dict:
+        return {"alpha": self.alpha, "activation": self.activation}
 
 
 class MGU(_Recurrent):

@@ -42,7 +42,7 @@ except ImportError as err:  # pragma: no cover - only without flax or with a Fla
         "Upgrade with pip install -U flax, or use the functional RecurrentStack / lstm_jax.linen."
     ) from None
 
-from lstm_jax.core.cells import GRUCell, LSTMCell, MGUCell, RNNCell, make_cell
+from lstm_jax.core.cells import GRUCell, LeakyRNNCell, LSTMCell, MGUCell, RNNCell, make_cell
 from lstm_jax.core.convlstm import ConvLSTMCell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.mincells import MinGRUCell, MinLSTMCell
@@ -50,7 +50,7 @@ from lstm_jax.core.scan import time_axis
 from lstm_jax.core.xlstm import MLSTMCell, SLSTMCell
 from lstm_jax.layers.sequence import RecurrentStack, reverse_in_time
 
-__all__ = ["LSTM", "GRU", "RNN", "MGU", "ConvLSTM", "MinGRU", "MinLSTM", "SLSTM", "MLSTM", "from_params"]
+__all__ = ["LSTM", "GRU", "RNN", "LeakyRNN", "MGU", "ConvLSTM", "MinGRU", "MinLSTM", "SLSTM", "MLSTM", "from_params"]
 
 
 class _Weights(nnx.Module):
@@ -145,6 +145,12 @@ class RNN(_Recurrent):
     kind = "rnn"
 
 
+class LeakyRNN(_Recurrent):
+    """Leaky-integrator RNN layers (``LeakyRNNCell``; ``alpha=0.1``, ``activation='tanh'`` by default)."""
+
+    kind = "leaky_rnn"
+
+
 class MGU(_Recurrent):
     """Minimal gated unit layers (``MGUCell``; ``reset_gate=True`` by default, as Flax's ``MGUCell``)."""
 
@@ -182,8 +188,8 @@ class MLSTM(_Recurrent):
     kind = "mlstm"
 
 
-_KINDS = {LSTMCell: LSTM, GRUCell: GRU, RNNCell: RNN, MGUCell: MGU, ConvLSTMCell: ConvLSTM, MinGRUCell: MinGRU,
-          MinLSTMCell: MinLSTM, SLSTMCell: SLSTM, MLSTMCell: MLSTM}
+_KINDS = {LSTMCell: LSTM, GRUCell: GRU, RNNCell: RNN, LeakyRNNCell: LeakyRNN, MGUCell: MGU, ConvLSTMCell: ConvLSTM,
+          MinGRUCell: MinGRU, MinLSTMCell: MinLSTM, SLSTMCell: SLSTM, MLSTMCell: MLSTM}
 
 
 def from_params(stack: RecurrentStack, params: list, *, time_major: bool = False, impl: str = "auto",
@@ -193,7 +199,10 @@ def from_params(stack: RecurrentStack, params: list, *, time_major: bool = False
 
         module = from_params(*lstm_jax.from_torch(torch_lstm.state_dict()))
     """
-    kind = _KINDS[type(stack.cell)]
+    kind = _KINDS.get(type(stack.cell))
+    if kind is None:
+        raise ConfigError(f"from_params: no NNX module holds a stack of {type(stack.cell).__name__}; the modules are "
+                          f"for {', '.join(sorted(c.__name__ for c in _KINDS))}.")
     if cls is not None and cls is not kind:
         raise ConfigError(f"{cls.__name__}.from_params got a stack of {type(stack.cell).__name__}; "
                           f"use {kind.__name__}.from_params or lstm_jax.nnx.from_params.")
