@@ -35,3 +35,16 @@ def text_corpus(tmp_path: Path) -> Path:
         (folder / f"{1990 + i}-speech.txt").write_text(base * (6 + i))
     return folder
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_dir(tmp_path_factory):
+    """The measured dispatch and set-up choices go to a cache folder of this test session (its
+    subprocesses too), not the user's ~/.cache/lstm_jax: a test run neither reads choices measured
+    elsewhere nor leaves its own behind. A cache folder given from outside is kept."""
+    if "LSTM_JAX_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["LSTM_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("lstm_jax_cache"))
+    yield
+    del os.environ["LSTM_JAX_CACHE_DIR"]

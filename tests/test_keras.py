@@ -305,3 +305,22 @@ def test_sample_py_generates_from_the_keras_weights(keras, seed_files, tmp_path,
     assert sample.main(["--keras-weights", str(files["keras3"]), "--vocab", str(text), "--window", "40",
                         "--prime", prime + "ab", "--length", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith(prime + "ab")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dropout_rates_come_with_the_layer_and_act_only_with_a_key(keras, bidirectional):
+    """Keras's LSTM(dropout=, recurrent_dropout=) becomes the stack's variational input and recurrent
+    dropout: without a dropout key the output is Keras's inference output, with one it is not."""
+    lstm = keras.layers.LSTM(5, dropout=0.2, recurrent_dropout=0.3, return_sequences=True)
+    layer = keras.layers.Bidirectional(lstm) if bidirectional else lstm
+    x = _x()
+    layer(x)
+    _perturbed(layer)
+    stack, params = from_keras(layer)
+    assert (stack.input_dropout, stack.recurrent_dropout, stack.bidirectional) == (0.2, 0.3, bidirectional)
+    expected = np.asarray(layer(x, training=False))
+    np.testing.assert_allclose(stack.apply(params, jnp.asarray(x))[1], expected, atol=ATOL)
+    key = jax.random.key(3)
+    dropped = stack.apply(params, jnp.asarray(x), dropout_key=key)[1]
+    assert np.abs(np.asarray(dropped) - expected).max() > 1e-3
+    np.testing.assert_array_equal(dropped, stack.apply(params, jnp.asarray(x), dropout_key=key)[1])

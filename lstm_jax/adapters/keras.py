@@ -181,8 +181,10 @@ def from_keras(layer_or_weights: Any, config: Mapping[str, Any] | None = None) -
       Keras orders the GRU's gates ``z, r, h``; ours are ``r, z, n`` (PyTorch's): the columns are
       permuted. Keras's LSTM state list is ``[h, c]``, ours ``LSTMCarry(h=..., c=...)``. Keras's
       ``Bidirectional`` state list is ``[h_f, (c_f,) h_b, (c_b)]``; ours is
-      ``carries[0] = (forward, backward)``. ``dropout`` and ``recurrent_dropout`` are not
-      imported (they act only while training). Options the cells cannot reproduce
+      ``carries[0] = (forward, backward)``. The layer's ``dropout`` and ``recurrent_dropout``
+      become the stack's ``input_dropout`` and ``recurrent_dropout``: they act only where
+      ``stack.apply`` gets a ``dropout_key`` (Keras's ``training=True``), with one mask per sequence
+      for all steps as Keras's, drawn from JAX's keys (so not the same masks). Options the cells cannot reproduce
       (``go_backwards``, ``stateful``, other activations, a ``merge_mode`` other
       than ``'concat'``) raise ``ConfigError``, as does any weight the import cannot place.
     """
@@ -221,11 +223,17 @@ def from_keras(layer_or_weights: Any, config: Mapping[str, Any] | None = None) -
         if cell_f != cell_b:
             raise ConfigError(f"from_keras: a Bidirectional layer's two directions must be the same kind and size "
                               f"to import, got {cell_f} and {cell_b}.", "layer_or_weights")
-        return RecurrentStack(cell_f, bidirectional=True), [(p_f, p_b)]
+        return RecurrentStack(cell_f, bidirectional=True, **_dropout(parts[0][1])), [(p_f, p_b)]
     where = f"the layer {cfg['name']!r}" if cfg.get("name") else "the layer"
     kind = _kind(class_name, cfg, layer_weights, where)
     cell, params = _layer_params(kind, cfg, layer_weights, where)
-    return RecurrentStack(cell), [params]
+    return RecurrentStack(cell, **_dropout(cfg)), [params]
+
+
+def _dropout(cfg: Mapping[str, Any]) -> dict:
+    """A Keras layer's variational dropout rates as ``RecurrentStack`` fields."""
+    return {"input_dropout": float(cfg.get("dropout", 0.0) or 0.0),
+            "recurrent_dropout": float(cfg.get("recurrent_dropout", 0.0) or 0.0)}
 
 
 def keras_lstm_params(kernel: Any, recurrent_kernel: Any, bias: Any | None, where: str = "the LSTM") -> dict:
