@@ -19,7 +19,7 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 TEXT = {p: p.read_text() for p in PAGES}
 INSTALL = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && python train.py'
-TEST = "python -m pytest"
+TEST = "python -m pytest -n auto"
 README_LIMIT = 12_000  # bytes: one screen; everything else lives in docs/
 
 
@@ -137,6 +137,8 @@ def test_readme_is_one_screen_with_the_two_set_up_commands():
     assert size < README_LIMIT, f"README.md is {size:,} bytes; move detail to docs/ (limit {README_LIMIT:,})"
     bash = [b.strip() for b in fenced(TEXT[README], "bash")]
     assert INSTALL in bash and TEST in bash  # each its own block, copied into a terminal as it stands
+    ci = [line.split("#")[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert TEST in ci, "CI must run the README's test command"
 
 
 def test_readme_links_resolve():
