@@ -9,7 +9,7 @@ package, ``python benchmarks/speed.py`` before), once per round, the commits alt
 round so that a slow spell of a shared machine hits both alike. Per row (config, cell,
 implementation) the median ms per step over the rounds is compared; PyTorch's and Flax's rows,
 whose code does not change between the commits, show how much the machine itself drifted.
-Writes ``benchmarks/results/before-after-<cpu>.{json,md}``.
+Writes ``benchmarks/results/before-after-<cpu>.{json,md}`` (``--tag`` names them otherwise).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("before")
     p.add_argument("after")
     p.add_argument("--rounds", type=int, default=2, help="runs per commit, the commits taking turns")
+    p.add_argument("--tag", default=None, help="the result files' stem (default: before-after-<cpu>)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
@@ -97,7 +98,7 @@ def main() -> None:
     out = dict(machine=info, refs=refs, rounds=args.rounds, speed_args=speed_args, rows=rows,
                command="python -m benchmarks.before_after " + " ".join(sys.argv[1:]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"before-after-{machine.cpu_tag()}"
+    name = args.tag or f"before-after-{machine.cpu_tag()}"
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(out))
     print(markdown(out))
