@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import ConfigError, GRUCell, LSTMCell, RecurrentStack, RNNCell, scan_cell
+from lstm_jax import ConfigError, ConvLSTMCell, GRUCell, LSTMCell, RecurrentStack, RNNCell, scan_cell
 from lstm_jax.layers.sequence import sequence_masks
 
 KEY = jax.random.key(0)
@@ -88,6 +88,21 @@ def test_masks_are_per_sequence_so_a_split_batch_draws_the_same():
     assert float(jnp.abs(whole - inference).max()) > 1e-2  # dropout acted while training
     plain = RecurrentStack(LSTMCell(6), num_layers=2, bidirectional=True)
     np.testing.assert_array_equal(inference, plain.apply(params, x)[1])  # nothing at inference
+
+
+def test_convlstm_stack_takes_keys_per_sequence_between_its_layers():
+    """A ConvLSTM stack's dropout between layers with one key per sequence: a mask per example over
+    its spatial axes and channels, so the first half of a batch gets the masks it gets alone."""
+    stack = RecurrentStack(ConvLSTMCell(3, (3, 3)), num_layers=2, dropout=0.5)
+    params = stack.init(KEY, 2)
+    x = jax.random.normal(jax.random.key(1), (4, 3, 5, 5, 2))  # (batch, T, H, W, C)
+    keys = jax.random.split(jax.random.key(2), 4)
+    whole = stack.apply(params, x, dropout_key=keys)[1]
+    half = stack.apply(params, x[:2], dropout_key=keys[:2])[1]
+    np.testing.assert_allclose(half, whole[:2], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(whole - stack.apply(params, x)[1]).max()) > 1e-2  # dropout acted while training
+    with pytest.raises(ConfigError, match="one key per sequence"):
+        stack.apply(params, x, dropout_key=keys[:3])
 
 
 def test_input_dropout_on_an_embedding_drops_its_features_and_token_ids_without_one_are_refused():

@@ -435,23 +435,26 @@ class RecurrentStack:
                 carries.append(c)
             if drop and layer < self.num_layers - 1:
                 if masks is None:  # all layers' masks at once, shaped like a layer's output (*batch, F)
-                    masks = _dropout_masks(dropout_key, self.num_layers - 1, 1.0 - self.dropout, x.shape[1:])
+                    masks = _dropout_masks(dropout_key, self.num_layers - 1, 1.0 - self.dropout, x.shape[1:],
+                                           max(self.cell.feature_ndim, 1))
                 x = jnp.where(masks[layer], x / (1.0 - self.dropout), jnp.zeros_like(x))
         per_example = max(self.cell.feature_ndim, 1)  # the outputs' trailing axes: features, or spatial + channels
         return carries, (x if time_major else jnp.moveaxis(x, 0, x.ndim - 1 - per_example))
 
 
-def _dropout_masks(key: Array, count: int, keep: float, shape: tuple[int, ...]) -> Array:
-    """``count`` keep-masks of ``shape`` (``(*batch, features)``): from one key, or from one key
-    per sequence when ``key`` has the batch's shape (raw ``uint32[..., 2]`` keys or typed keys)."""
+def _dropout_masks(key: Array, count: int, keep: float, shape: tuple[int, ...], per_example: int = 1) -> Array:
+    """``count`` keep-masks of ``shape`` (``(*batch, *example)``, the last ``per_example`` axes one
+    example's: its features, or a ConvLSTM's spatial axes and channels): from one key, or from one
+    key per sequence when ``key`` has the batch's shape (raw ``uint32[..., 2]`` keys or typed keys)."""
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     key_batch = key.shape if typed else key.shape[:-1]
     if key_batch == ():
         return jax.random.bernoulli(key, keep, (count, *shape))
-    if key_batch != shape[:-1]:
-        raise ConfigError(f"dropout_key must be one key or one key per sequence (batch shape {shape[:-1]}), "
+    batch, example = shape[: len(shape) - per_example], shape[len(shape) - per_example:]
+    if key_batch != batch:
+        raise ConfigError(f"dropout_key must be one key or one key per sequence (batch shape {batch}), "
                           f"got keys for batch shape {key_batch}; pass jax.random.split(key, batch_size).")
-    one = lambda k: jax.random.bernoulli(k, keep, (count, shape[-1]))
+    one = lambda k: jax.random.bernoulli(k, keep, (count, *example))
     for _ in key_batch:
         one = jax.vmap(one)
-    return jnp.moveaxis(one(key), -2, 0)  # (*batch, count, F) -> (count, *batch, F)
+    return jnp.moveaxis(one(key), len(batch), 0)  # (*batch, count, *example) -> (count, *batch, *example)
