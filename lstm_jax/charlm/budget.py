@@ -75,7 +75,7 @@ class Deadline:
 
     The pace is the slower of the planned ``costs`` and what the run shows: the time between two
     ``allows`` calls (one chunk and its bookkeeping) and the last epoch end (``epoch_ended``). The
-    first call of an epoch has no chunk before it to time (``new_epoch`` forgets the last one).
+    first call after an epoch end, or of an epoch (``new_epoch``), has no chunk before it to time.
     """
 
     def __init__(self, at: float, costs: Costs, clock: Callable[[], float] = time.monotonic):
@@ -87,7 +87,9 @@ class Deadline:
         self._last = None
 
     def epoch_ended(self, seconds: float) -> None:
+        """Record an epoch end's ``seconds``; the next ``allows`` times no chunk across it."""
         self.epoch_end_s = max(self.costs.epoch_end_s, seconds)
+        self._last = None
 
     def allows(self, n: int) -> bool:
         now = self.clock()
