@@ -361,10 +361,8 @@ def run(args: argparse.Namespace) -> int:
                     f.write(json.dumps(row) + "\n")
                 save_plot(run_dir, rows)
             ckpt.save(int(state.step), state, {"epoch": epoch, "val_bpc": val_bpc, "train_bpc": row["train_bpc"]})
-            if deadline is not None:
+            if deadline is not None:  # the next epoch's first chunk asks it whether it still fits
                 deadline.epoch_ended(time.perf_counter() - ended)
-                if int(state.step) < end and not deadline.allows(1):
-                    break
         if int(state.step) < end:
             ckpt.wait()
             say(f"stopped at step {int(state.step):,} of the planned {end:,}: this machine ran slower than "
