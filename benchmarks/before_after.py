@@ -27,7 +27,6 @@ from pathlib import Path
 from benchmarks import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SOURCES = ("lstm_jax/kernels/csrc/onednn_lstm.cc", "lstm_jax/csrc/onednn_lstm.cc")
 
 
@@ -97,10 +96,7 @@ def main() -> None:
     info = machine.describe()
     out = dict(machine=info, refs=refs, rounds=args.rounds, speed_args=speed_args, rows=rows,
                command="python -m benchmarks.before_after " + " ".join(sys.argv[1:]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = args.tag or f"before-after-{machine.cpu_tag()}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(out))
+    machine.write_results(args.tag or f"before-after-{machine.cpu_tag()}", out, markdown(out))
     print(markdown(out))
 
 

@@ -1,14 +1,17 @@
 """What a benchmark ran on: CPU model, cores, the instruction-set flags that decide matmul speed,
 accelerators, library versions; and a short tag for result file names (results from different
-CPUs live side by side)."""
+CPUs live side by side); ``write_results`` writes a run's JSON and markdown under that name."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 from lstm_jax.core import host  # the library reads /proc/cpuinfo for its own cache keys
 
+RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
 
@@ -49,3 +52,10 @@ def describe_line(info: dict | str) -> str:
         return info
     have = ", ".join(f for f, on in info["flags"].items() if on) or "none of " + ", ".join(FLAGS)
     return f"{info['cpu']}, {info['cores']} cores ({have}); jax {info['jax']}, backend {info['backend']}"
+
+
+def write_results(stem: str, out: dict, markdown: str, folder: Path = RESULTS) -> None:
+    """A run's results: ``<folder>/<stem>.json`` (``out``) and ``<stem>.md`` (``markdown``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(markdown)

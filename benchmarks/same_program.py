@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SIZES = {"seed": (128, 40, 128, 1), "default": (64, 100, 256, 2),  # batch, time, hidden, layers (speed.py's)
          "tiny": (4, 8, 16, 2)}  # the tests'
 
@@ -143,10 +142,7 @@ def main() -> None:
                 _git("worktree", "remove", "--force", str(tree))
     out = dict(machine=machine.describe(), refs=refs, rows=rows,
                command="python -m benchmarks.same_program " + " ".join(sys.argv[1:]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = args.tag or f"same-program-{machine.cpu_tag()}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(out))
+    machine.write_results(args.tag or f"same-program-{machine.cpu_tag()}", out, markdown(out))
     print(markdown(out))
 
 
