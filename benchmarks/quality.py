@@ -48,7 +48,8 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
     trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
                       config["epochs"], mesh, impl)
     costs = budget.measure_costs(trainer, lambda state: None)  # compiled, timed on a scratch state
-    total = trainer.schedule_steps = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch)
+    total = trainer.schedule_steps = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch,
+                                                             chunk_steps=trainer.config.chunk_steps)
     print(f"lstm_jax {1e3 * costs.step_s:.1f} ms per step: {total} steps planned", flush=True)
     state = trainer.init_state()
     curve, train_s, next_eval, recent = [], 0.0, eval_every * 60, []

@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +28,23 @@ def _train(args):
 
 
 @pytest.mark.parametrize("step_s, end_s, spe, left", [(0.1, 2.0, 30, 100.0), (0.002, 0.5, 7, 31.0),
-                                                       (1.0, 0.0, 5, 9.5), (0.5, 30.0, 10, 20.0)])
-def test_plan_is_the_longest_run_that_fits(step_s, end_s, spe, left):
+                                                       (1.0, 0.0, 5, 9.5), (0.5, 30.0, 10, 20.0),
+                                                       (0.001, 0.5, 22, 30.0)])
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_plan_is_the_longest_run_that_fits(step_s, end_s, spe, left, chunk):
+    """The longest run that fits whose last epoch uses only chunk lengths a whole epoch uses
+    (the run compiles no program after the plan)."""
     costs = budget.Costs(step_s, end_s)
-    n = budget.plan_total_steps(left, costs, spe, margin=0.05)
+    n = budget.plan_total_steps(left, costs, spe, margin=0.05, chunk_steps=chunk)
     cost = lambda k: k * step_s + math.ceil(k / spe) * end_s
-    assert cost(n) <= 0.95 * left < cost(n + 1)
-    assert budget.plan_total_steps(left * 3, costs, spe) > n  # more time, more steps
+    split = SimpleNamespace(steps_per_epoch=spe, config=SimpleNamespace(chunk_steps=chunk))
+    # the chunk lengths a run of k steps dispatches, split as the Trainer splits it
+    lengths = lambda k: {c for e in range(0, k, spe) for c in Trainer.chunk_sizes(split, e, k)}
+    epoch_lengths = lengths(spe)
+    assert cost(n) <= 0.95 * left
+    assert lengths(n) <= epoch_lengths or n < chunk  # a plan shorter than one chunk keeps its length
+    assert all(cost(k) > 0.95 * left or not lengths(k) <= epoch_lengths for k in range(n + 1, n + chunk + 1))
+    assert budget.plan_total_steps(left * 3, costs, spe, chunk_steps=chunk) > n  # more time, more steps
 
 
 def test_deadline_keeps_to_the_plan_and_stops_where_the_run_turns_slower():
@@ -101,8 +112,13 @@ def test_budget_run_ends_in_time_and_resumes_bitwise_on_its_saved_plan(text_corp
     config = json.loads((a / "config.json").read_text())
     total = config["total_steps"]
     assert "planned" in out and (f"done: {total:,} steps" in out or f"of the planned {total:,}" in out)
-    # what is left over the budget: returning from train.main after the last checkpoint is saved
-    assert elapsed <= 1.1 * 60 * minutes, (elapsed, out[-500:])
+    # The guard's arithmetic is checked exactly on a fake clock (above); on the real clock of a
+    # shared machine (CI runs tests side by side on two cores) the last chunk and epoch end can run
+    # several times slower than the pace the guard saw just before, so the bound leaves a quarter
+    # of the budget for that noise. It still catches a plan or guard gone wrong: a plan blind to the
+    # set-up time (half of these 30 s) or a run that ignores the guard (where the plan was
+    # optimistic) ends 50% or more late.
+    assert elapsed <= 1.25 * 60 * minutes, (elapsed, out[-500:])
     if "done" not in out:  # stopped short: the same folder resumed finishes the plan
         assert _train(["--run-dir", a]) == 0
         assert f"done: {total:,} steps" in capsys.readouterr().out

@@ -44,16 +44,20 @@ def measure_costs(trainer: Any, epoch_end: Callable[[Any], Any], min_chunks: int
                   min_seconds: float = 0.5) -> Costs:
     """Time ``trainer``'s compiled chunk and ``epoch_end(state)`` on a scratch state.
 
-    The first chunk compiles (not timed), then chunks of ``chunk_steps`` steps are timed, at
+    Every chunk length an epoch uses (``chunk_steps`` and the epoch's remainder) compiles first,
+    not timed, so that the run itself compiles nothing (``plan_total_steps`` with ``chunk_steps``
+    ends the run on those lengths too). Then chunks of ``chunk_steps`` steps are timed, at
     least ``min_chunks`` and then more until ``min_seconds`` have passed or ``max_chunks`` ran
     (short chunks are timed over many, long ones once). ``epoch_end`` (everything a run does at an
     epoch's end: validation, samples, the checkpoint, the plot) runs three times and the slower of
     the last two counts (the first compiles what it needs). The scratch state is dropped: nothing
     here touches the run's own state.
     """
-    n = trainer.chunk_sizes(0)[0]
+    sizes = trainer.chunk_sizes(0)
+    n = sizes[0]
     scratch = trainer.init_state()
-    scratch, _ = trainer.run_chunk(scratch, n)  # compiles; its losses reached the host: done
+    for size in sorted(set(sizes), reverse=True):
+        scratch, _ = trainer.run_chunk(scratch, size)  # compiles; its losses reached the host: done
     chunks, start = 0, time.perf_counter()
     while chunks < min_chunks or (chunks < max_chunks and time.perf_counter() - start < min_seconds):
         scratch, _ = trainer.run_chunk(scratch, n)
@@ -100,10 +104,17 @@ class Deadline:
         return now + n * self.step_s + self.epoch_end_s <= self.at
 
 
-def plan_total_steps(seconds_left: float, costs: Costs, steps_per_epoch: int, margin: float = MARGIN) -> int:
+def plan_total_steps(seconds_left: float, costs: Costs, steps_per_epoch: int, margin: float = MARGIN,
+                     chunk_steps: int = 1) -> int:
     """The largest step count ``N`` whose steps and epoch ends fit in ``seconds_left``:
     ``N * step_s + ceil(N / steps_per_epoch) * epoch_end_s <= (1 - margin) * seconds_left``
-    (the run ends with an epoch end, whole or not). 0 when not even one step and its epoch end fit."""
+    (the run ends with an epoch end, whole or not). 0 when not even one step and its epoch end fit.
+
+    With ``chunk_steps`` (the run's steps per dispatch) ``N`` is also cut where the last epoch's
+    steps split into chunk lengths a whole epoch uses (``chunk_steps`` and ``steps_per_epoch %
+    chunk_steps``), fewer than ``chunk_steps`` steps back: each chunk length is a program of its
+    own, and one first met in the last epoch would compile past the budget's end. Where no such
+    count is left (a plan shorter than one chunk) the uncut count is kept."""
     budget = (1 - margin) * seconds_left
 
     def cost(n: int) -> float:
@@ -113,4 +124,13 @@ def plan_total_steps(seconds_left: float, costs: Costs, steps_per_epoch: int, ma
     while lo < hi:  # cost grows with n: the largest n with cost(n) <= budget
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
-    return lo
+    return _cut_to_chunks(lo, steps_per_epoch, chunk_steps) or lo
+
+
+def _cut_to_chunks(total: int, steps_per_epoch: int, chunk_steps: int) -> int:
+    """The largest count ``<= total`` whose last epoch's chunks have lengths an epoch already
+    uses (``chunk_steps``, ``steps_per_epoch % chunk_steps``); 0 where there is none."""
+    known = {0, steps_per_epoch % chunk_steps}
+    while total > 0 and (total % steps_per_epoch) % chunk_steps not in known:
+        total -= 1
+    return total
