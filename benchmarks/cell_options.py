@@ -15,7 +15,6 @@ Writes ``benchmarks/results/cell-options-<cpu>.{json,md}``, the CPU named in the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 os.environ.setdefault("LSTM_JAX_DISPATCH", "fixed")  # before lstm_jax reads it: no layout timing
@@ -24,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
-from benchmarks.speed import RESULTS, Case, measure  # noqa: E402
+from benchmarks.speed import Case, measure  # noqa: E402
 from lstm_jax import LSTMCell, scan_cell  # noqa: E402
 
 FEATURES = 64
@@ -85,10 +84,8 @@ def main() -> None:
     out = {"machine": machine.describe(), "note": args.note, "rounds": rounds, "steps": steps, "dispatch": "fixed",
            "rows": rows}
     stem = f"cell-options-{machine.cpu_tag()}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(out))
-    print(f"wrote {RESULTS / stem}.{{json,md}}")
+    machine.write_results(stem, out, markdown(out))
+    print(f"wrote {machine.RESULTS / stem}.{{json,md}}")
 
 
 def markdown(out: dict) -> str:

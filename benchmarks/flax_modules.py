@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from benchmarks import machine
-from benchmarks.speed import CONFIGS, RESULTS, E, V, _tokens, jax_case, measure, rmsprop_step
+from benchmarks.speed import CONFIGS, E, V, _tokens, jax_case, measure, rmsprop_step
 from lstm_jax import RecurrentStack, cross_entropy, make_cell, runtime
 from lstm_jax import nnx as lj_nnx
 
@@ -103,7 +103,6 @@ def main():
             print(json.dumps(row), flush=True)
     out = dict(machine=info, rows=rows)
     tag = f"flax-modules-{info['backend']}" + (f"-{machine.cpu_tag()}" if info["backend"] == "cpu" else "")
-    (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"# lstm_jax.nnx against the functional stack and Flax nnx.RNN ({info['backend']})", "",
              f"Machine: {machine.describe_line(info)}.", "",
              "ms per train step, one jitted step per call, median of rounds taking turns "
@@ -115,7 +114,7 @@ def main():
         lines.append(f"| {r['config']} | {r['cell']} | {r['functional RecurrentStack']:.1f} "
                      f"| {r['lstm_jax.nnx module']:.1f} "
                      f"| {r['Flax nnx.RNN']:.1f} | {r['module_vs_functional']:.3f} | {r['flax_vs_module']:.2f}x |")
-    (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    machine.write_results(tag, out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -14,15 +14,10 @@ Writes benchmarks/results/layout-<backend>[-<cpu>].{json,md}.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 
 from benchmarks import machine
 from lstm_jax.dispatch import measure, plan
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main():
@@ -41,9 +36,7 @@ def main():
     out = {"backend": jax.default_backend(), "jax": jax.__version__, "machine": machine.describe(),
            "steps": plan.LAYOUT_LOOP_STEPS, "rounds": plan.ROUNDS, "margin": measure.MARGIN, "rows": rows}
     name = f"layout-{out['backend']}" + (f"-{machine.cpu_tag()}" if out["backend"] == "cpu" else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown(out))
+    machine.write_results(name, out, markdown(out))
 
 
 def markdown(out: dict) -> str:

@@ -35,7 +35,6 @@ from pathlib import Path
 from benchmarks import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 SYNC = "LSTM_JAX_BENCH_SYNC_DISPATCH"  # read by the child, which sets JAX's flag
 ONE_ARENA = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:glibc.malloc.arena_max=1"
@@ -104,9 +103,7 @@ def main() -> None:
                    "max_rss_mb": max(r["max_rss_mb"] for r in rs), "tuned": rs[0]["tuned"], "runs": rs}
             for name, rs in runs.items()}
     tag = f"malloc-{machine.cpu_tag()}" + ("-bf16" if args.dtype == "bfloat16" else "")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / f"{tag}.md").write_text(markdown(out))
+    machine.write_results(tag, out, markdown(out))
     print(markdown(out))
 
 

@@ -19,10 +19,8 @@ pass ``--max-temp-gib`` is reported but not run. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +28,6 @@ import jax.numpy as jnp
 from benchmarks import machine
 from lstm_jax import make_cell, scan_cell
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = {  # name -> (cell kind, options, impl)
     "lstm fused": ("lstm", {}, "fused"),
     "mingru parallel": ("mingru", {}, "parallel"),
@@ -96,10 +93,8 @@ def main() -> None:
                repeats=args.repeats, long_repeats=args.long_repeats, memory_steps=args.memory_steps,
                max_temp_gib=args.max_temp_gib), results=results)
     tag = args.tag or f"modern-speed-{machine.cpu_tag()}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / f"{tag}.md").write_text(f"# Modern cells, training step: {machine.describe_line(info)}\n\n"
-                                       + table(out, args.memory_steps) + "\n")
+    machine.write_results(tag, out, f"# Modern cells, training step: {machine.describe_line(info)}\n\n"
+                          + table(out, args.memory_steps) + "\n")
 
 
 def table(out: dict, memory_steps: int = 10000) -> str:

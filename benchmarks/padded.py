@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,7 +31,6 @@ from benchmarks import machine
 from lstm_jax import LSTMCell, scan_cell
 from lstm_jax.dispatch import measure
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, STEPS, HIDDEN, FEATURES = 64, 100, 256, 128
 
 
@@ -105,9 +102,7 @@ def main(argv: list[str] | None = None):
            "command": " ".join(["python -m benchmarks.padded", *(sys.argv[1:] if argv is None else argv)]),
            "rows": rows}
     name = f"padded-{out['backend']}" + (f"-{machine.cpu_tag()}" if out["backend"] == "cpu" else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown(out))
+    machine.write_results(name, out, markdown(out))
 
 
 def markdown(out: dict) -> str:

@@ -196,8 +196,6 @@ def main() -> None:
                cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, layers=impl,
                runs=runs,
                command="NLTK_DATA=../shared/nltk_data python -m benchmarks.quality " + " ".join(sys.argv[1:]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=2))
     lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget; "
              f"{machine.describe_line(out['machine'])}; lstm_jax on {devices} device(s), layers impl={impl!r})", "",
              f"Command: `{out['command']}`", "", f"lstm_jax config: `{json.dumps(config_out)}`", "",
@@ -207,7 +205,7 @@ def main() -> None:
                   for r in curve]
     lines += ["", "Best validation bpc: "
               + ", ".join(f"{k} {min(r['val_bpc'] for r in c):.3f}" for k, c in runs.items() if c)]
-    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    machine.write_results(args.tag, out, "\n".join(lines) + "\n")
     plot(out, RESULTS / f"{args.tag}.png")
     print("\n".join(lines))
 

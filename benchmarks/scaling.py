@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"seed": (128, 40, 128, 1), "default": (64, 100, 256, 2), "large": (64, 100, 512, 2)}
 BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
 
@@ -120,9 +119,7 @@ def main() -> None:
                                          layers=layers, chunk=args.chunk, rounds=args.rounds, repeats=args.repeats),
                forced_host_devices=on_cpu, rows=rows)
     tag = f"scaling-{info['backend']}" + (f"-{machine.cpu_tag()}" if on_cpu else "") + f"-{args.config}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"{tag}.md").write_text(markdown(out) + "\n")
+    machine.write_results(tag, out, markdown(out) + "\n")
     print(markdown(out))
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -588,10 +587,7 @@ def result_name(out: dict) -> str:
 
 
 def write(out: dict, folder: Path = RESULTS) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = result_name(out)
-    (folder / f"{name}.json").write_text(json.dumps(out, indent=2))
-    (folder / f"{name}.md").write_text(markdown(out))
+    machine.write_results(result_name(out), out, markdown(out), folder)
 
 
 def _chars_per_s(b, t, h, layers=1) -> float:
