@@ -144,9 +144,14 @@ def resolve_config(args: argparse.Namespace, saved: dict | None, platform: str |
         if clash:
             k = clash[0]
             raise CheckpointError(
-                f"The run in {args.run_dir} was trained with --{k.replace('_', '-')} {saved.get(k)} but "
-                f"{given[k]} was given; drop the flag to resume it, or pass a new --run-dir.")
+                f"The run in {args.run_dir} was trained with --{k.replace('_', '-')} {_as_typed(saved.get(k))} but "
+                f"{_as_typed(given[k])} was given; drop the flag to resume it, or pass a new --run-dir.")
     return config
+
+
+def _as_typed(value):
+    """A flag's value as a user would type it: ``1`` for the float 1.0, ``0.5`` for 0.5."""
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def check_length(given: dict, saved: dict | None, run_dir) -> None:
@@ -164,8 +169,8 @@ def check_length(given: dict, saved: dict | None, run_dir) -> None:
         if planned != "epochs" and named[0] != planned:
             raise CheckpointError(
                 f"The run in {run_dir} was planned by --{planned.replace('_', '-')} "
-                f"{saved[planned]}, which fixed its schedule; drop --{named[0].replace('_', '-')} to resume it, "
-                f"or pass a new --run-dir.")
+                f"{_as_typed(saved[planned])}, which fixed its schedule; drop --{named[0].replace('_', '-')} to "
+                f"resume it, or pass a new --run-dir.")
         if planned == "epochs" and named[0] != "epochs":
             raise CheckpointError(
                 f"The run in {run_dir} was planned by --epochs; --{named[0].replace('_', '-')} cannot change a "
