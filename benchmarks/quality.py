@@ -12,7 +12,12 @@ copy, its cosine (to 10%) over the steps that fit.
 
     NLTK_DATA=../shared/nltk_data python -m benchmarks.quality --minutes 8 --peer torch
 
-Writes benchmarks/results/quality.json, quality.md and quality.png.
+With ``--same-params`` the hidden size is the one (a multiple of 8) whose model has the parameter
+count nearest train.py's default model (the 2x256 LSTM): the cells compared at equal size, e.g.
+
+    NLTK_DATA=../shared/nltk_data python -m benchmarks.quality --cell mingru --same-params --tag quality-cells-mingru
+
+Writes benchmarks/results/quality.json, quality.md and quality.png (``--tag`` names them).
 """
 
 from __future__ import annotations
@@ -35,14 +40,37 @@ from lstm_jax.charlm import budget
 from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
-from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc, fastest_setup
+from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc, fastest_setup
 from lstm_jax.layers import parallel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def parameter_count(config: dict, vocab_size: int) -> int:
+    """The number of parameters of the char model ``config`` describes (shapes only, nothing computed)."""
+    model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
+    return sum(leaf.size for leaf in jax.tree.leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0))))
+
+
+def same_size_hidden(config: dict, vocab_size: int) -> int:
+    """The hidden size, a multiple of 8, whose model has the parameter count nearest train.py's
+    default model's (every other setting as in ``config``): the count grows with the hidden size,
+    so a bisection finds the crossing and the nearer neighbour wins."""
+    target = parameter_count({**config, **{k: train_script.DEFAULTS[k] for k in ("cell", "hidden_size")}},
+                             vocab_size)
+    count = lambda units: parameter_count({**config, "hidden_size": 8 * units}, vocab_size)
+    low, high = 1, 2
+    while count(high) < target:
+        low, high = high, 2 * high
+    while high - low > 1:  # count(low) < target <= count(high), or low = 1
+        mid = (low + high) // 2
+        low, high = (mid, high) if count(mid) < target else (low, mid)
+    return 8 * min((low, high), key=lambda units: abs(count(units) - target))
+
+
 def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float,
-                 devices: int = 1, impl: str = "auto") -> list[dict]:
+                 devices: int = 1, impl: str = "auto") -> tuple[list[dict], float]:
+    """The validation curve of a ``minutes``-long run, and the planned step time in seconds."""
     model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
     mesh = parallel.data_mesh(devices)
     trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
@@ -61,15 +89,15 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
             recent = (recent + list(losses))[-200:]
             done = train_s >= minutes * 60 or int(state.step) >= total
             if train_s >= next_eval or done:
-                val = evaluate_bpc(model, state.params, val_ids, 16, mesh=mesh)
+                val = evaluate_bpc(model, eval_params(state.params, state.opt_state), val_ids, 16, mesh=mesh)
                 curve.append(dict(minutes=train_s / 60, step=int(state.step),
                                   train_bpc=float(nats_to_bpc(np.mean(recent))), val_bpc=val))
                 print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} "
                       f"train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
                 next_eval += eval_every * 60
                 if done:
-                    return curve
-    return curve
+                    return curve, costs.step_s
+    return curve, costs.step_s
 
 
 def run_torch(train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float) -> list[dict]:
@@ -168,6 +196,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations")
     p.add_argument("--peer", choices=["none", "torch"], default="none")
     p.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
+    p.add_argument("--same-params", action="store_true",
+                   help="set --hidden-size so the model has about as many parameters as train.py's default model")
     args, flags = p.parse_known_args()
     train_args = train_script.parse_args(flags)
     if train_args.epochs is not None or train_args.total_steps is not None:
@@ -180,6 +210,12 @@ def main() -> None:
     train_text, val_text = split_documents(corpus, config["val_from_year"])
     vocab = Vocabulary.from_text(train_text, val_text)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    if args.same_params:
+        if train_args.hidden_size is not None:
+            p.error("--same-params chooses the hidden size; drop --hidden-size (or --same-params).")
+        config["hidden_size"] = same_size_hidden(config, len(vocab))
+        print(f"--same-params: {config['cell']} with hidden size {config['hidden_size']}", flush=True)
+    params = parameter_count(config, len(vocab))
     devices, impl = train_args.devices or 1, "auto"
     if jax.default_backend() == "cpu":  # as train.py: the device count and the layers measured faster here
         model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in train_script.MODEL_KEYS}))
@@ -187,18 +223,20 @@ def main() -> None:
         devices, impl, seconds = fastest_setup(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}),
                                                train_ids, counts)
         print(f"CPU set-up (devices:layers): {seconds}; training on {devices}:{impl}", flush=True)
-    runs = {"lstm_jax": run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices,
-                                     impl)}
+    curve, step_s = run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices,
+                                 impl)
+    runs = {"lstm_jax": curve}
     if args.peer == "torch":
         runs["torch"] = run_torch(train_ids, val_ids, len(vocab), args.minutes, args.eval_every)
     config_out = {k: config[k] for k in train_script.MODEL_KEYS + train_script.TRAIN_KEYS}
     out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=machine.describe(),
                cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, layers=impl,
-               runs=runs,
+               params=params, step_ms=1e3 * step_s, runs=runs,
                command="NLTK_DATA=../shared/nltk_data python -m benchmarks.quality " + " ".join(sys.argv[1:]))
     lines = [f"# Validation bpc against training minutes ({args.minutes:g}-minute budget; "
              f"{machine.describe_line(out['machine'])}; lstm_jax on {devices} device(s), layers impl={impl!r})", "",
-             f"Command: `{out['command']}`", "", f"lstm_jax config: `{json.dumps(config_out)}`", "",
+             f"Command: `{out['command']}`", "",
+             f"lstm_jax config: `{json.dumps(config_out)}` ({params:,} parameters; {1e3 * step_s:.1f} ms per step)", "",
              "| run | minutes | step | train bpc | validation bpc |", "|---|---|---|---|---|"]
     for name, curve in runs.items():
         lines += [f"| {name} | {r['minutes']:.2f} | {r['step']} | {r['train_bpc']:.3f} | {r['val_bpc']:.3f} |"

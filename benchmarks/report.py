@@ -163,10 +163,14 @@ def _flags(command: str) -> str:
     return f"`{' '.join(kept)}`" if kept else "(train.py's defaults)"
 
 
+CELLS_RUN = "quality-cells-"  # the per-cell runs at equal size have a table of their own (quality_cells)
+
+
 def quality() -> str:
-    """Every quality run: validation bpc reached in the time budget, best first per machine."""
+    """Every quality run of one model (the per-cell runs are ``quality_cells``'s): validation bpc
+    reached in the time budget, best first per machine."""
     runs = []
-    for path in sorted(BENCH.glob("quality*.json")):
+    for path in sorted(p for p in BENCH.glob("quality*.json") if not p.stem.startswith(CELLS_RUN)):
         out = load(path)
         ours = out["runs"]["lstm_jax"]
         torch = out["runs"].get("torch")
@@ -178,6 +182,23 @@ def quality() -> str:
         lines.append(f"| [{stem}](../benchmarks/results/{stem}.md) | {cpu} | {_flags(out['command'])} | "
                      f"{out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f} | {ref} |")
     return "\n".join(lines)
+
+
+def quality_cells(tag: str) -> str:
+    """The char model with each cell at train.py's default model's parameter count
+    (``benchmarks/quality.py --cell C --same-params --tag quality-cells-TAG-C``): best first."""
+    paths = sorted(BENCH.glob(f"{CELLS_RUN}{tag}-*.json"))
+    runs = sorted(((load(p), p.stem) for p in paths), key=lambda r: min(c["val_bpc"] for c in r[0]["runs"]["lstm_jax"]))
+    lines = ["| cell | hidden size | parameters | ms / step | steps in the budget | best validation bpc |",
+             "|---|---|---|---|---|---|"]
+    for out, stem in runs:
+        c, curve = out["config"], out["runs"]["lstm_jax"]
+        lines.append(f"| [{c['cell']}](../benchmarks/results/{stem}.md) | {c['num_layers']}x{c['hidden_size']} | "
+                     f"{out['params']:,} | {out['step_ms']:.0f} | {curve[-1]['step']:,} | "
+                     f"{min(r['val_bpc'] for r in curve):.3f} |")
+    minutes = {f"{out['minutes']:g}" for out, _ in runs}
+    return (_caption(*runs[0]) + f" Budget: {', '.join(sorted(minutes))} minutes of training per cell, "
+            "one run after another.\n\n" + "\n".join(lines))
 
 
 def scaling(tag: str) -> str:
@@ -369,8 +390,8 @@ def modern_speed(stem: str) -> str:
 
 TABLES: dict[str, Callable[..., str]] = {
     "speed-headline": speed_headline, "speed-summary": speed_summary, "speed-peers": speed_peers,
-    "generation": generation, "quality": quality, "scaling": scaling, "malloc": malloc, "layout": layout,
-    "flax-modules": flax_modules, "padded": padded, "gradient-flow": gradient_flow, "adding": adding,
+    "generation": generation, "quality": quality, "quality-cells": quality_cells, "scaling": scaling, "malloc": malloc,
+    "layout": layout, "flax-modules": flax_modules, "padded": padded, "gradient-flow": gradient_flow, "adding": adding,
     "clipping": clipping, "accelerator": accelerator, "modern-speed": modern_speed,
 }
 

@@ -1,4 +1,5 @@
-"""The lesson's claims as tests: the RNN gradient bound, the LSTM cell-state path, the adding data."""
+"""The lesson's claims as tests: the RNN gradient bound, the LSTM cell-state path, the adding data;
+and the equal-size comparison of the cells (`benchmarks/quality.py --same-params`)."""
 
 import argparse
 import sys
@@ -80,3 +81,19 @@ def test_clipping_runs_both_settings_from_the_same_start_in_one_program():
     np.testing.assert_allclose(off["grad_norm_curve"][0], on["grad_norm_curve"][0], rtol=1e-5)
     assert off["grad_norm_curve"][0] > args.clip and off["loss_curve"][5] != on["loss_curve"][5]
     assert runs[0]["grad_norm_curve"][0] != runs[1]["grad_norm_curve"][0]  # the seeds really differ
+
+
+@pytest.mark.parametrize("cell", ["gru", "mingru", "mlstm"])
+def test_same_params_picks_the_hidden_size_nearest_the_default_models_count(cell):
+    """``benchmarks/quality.py --same-params``: the cells compared at equal size. The chosen hidden
+    size's count is the nearest to the 2x256 LSTM's among its neighbours (multiples of 8)."""
+    from benchmarks.quality import parameter_count, same_size_hidden
+    from lstm_jax.charlm import train as train_script
+
+    config = train_script.resolve_config(train_script.parse_args([]), None)
+    target = parameter_count(config, 90)
+    config["cell"] = cell
+    hidden = same_size_hidden(config, 90)
+    gap = lambda h: abs(parameter_count({**config, "hidden_size": h}, 90) - target)
+    assert hidden != 256 and gap(hidden) <= min(gap(hidden - 8), gap(hidden + 8))
+    assert gap(hidden) < 0.02 * target

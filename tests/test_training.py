@@ -1,5 +1,6 @@
 """Training, checkpoints and exact resume, sampling, and the command-line scripts, end to end."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from lstm_jax.charlm.checkpoint import Checkpointer, load_run
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig
 from lstm_jax.charlm.sampling import generate, generate_stream
-from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc
+from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc
 from lstm_jax.core.cells import make_cell
 from lstm_jax.layers.sequence import RecurrentStack
 
@@ -166,6 +167,39 @@ def _train(args):
     return train_script.main([str(a) for a in args])
 
 
+def test_weight_average_is_the_ema_of_the_trained_weights_and_resumes_bitwise(text_corpus, tmp_path):
+    """``TrainConfig.ema_decay``: after every step ema = d * ema + (1 - d) * params, from the initial
+    weights (Keras's use_ema), kept in the optimizer state, so a checkpoint round trip continues it."""
+    vocab, train_ids, _ = _ids(text_corpus)
+    model = CharLM(CharLMConfig(len(vocab), hidden_size=16, num_layers=1))
+    config = TrainConfig(batch_size=4, seq_len=20, chunk_steps=1, learning_rate=1e-2, ema_decay=0.8)
+    trainer = Trainer(model, config, train_ids)
+    state = trainer.init_state()
+    average = jax.tree.map(np.asarray, state.params)
+    for _ in range(5):
+        state, _ = trainer.run_chunk(state, 1)
+        average = jax.tree.map(lambda e, p: 0.8 * e + 0.2 * np.asarray(p), average, state.params)
+    got = eval_params(state.params, state.opt_state)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7), got, average)
+    gap = max(float(np.abs(np.asarray(g) - np.asarray(p)).max()) for g, p in
+              zip(jax.tree.leaves(got), jax.tree.leaves(state.params)))
+    assert gap > 1e-4  # the average is not the weights themselves
+    no_average = Trainer(model, dataclasses.replace(config, ema_decay=0.0), train_ids).init_state()
+    assert eval_params(state.params, no_average.opt_state) is state.params
+
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(5, state, {"epoch": 0})
+    ckpt.close()
+    trainer2 = Trainer(model, config, train_ids)
+    ckpt = Checkpointer(tmp_path / "run")
+    restored, _ = ckpt.restore(trainer2.init_state())
+    ckpt.close()
+    state, _ = trainer.run_chunk(state, 3)
+    restored, _ = trainer2.run_chunk(restored, 3)
+    jax.tree.map(np.testing.assert_array_equal, eval_params(restored.params, restored.opt_state),
+                 eval_params(state.params, state.opt_state))
+
+
 def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(["--corpus", text_corpus, "--run-dir", run, "--epochs", 2, *TINY]) == 0
@@ -185,7 +219,8 @@ def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
 def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
     """Kill a real train.py after its first checkpoint, rerun the same command: same metrics, same params."""
     a, b = tmp_path / "a", tmp_path / "b"
-    flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", "--recurrent-dropout", "0.25", *TINY]
+    flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", "--recurrent-dropout", "0.25",
+             "--ema-decay", "0.9", *TINY]  # the weights' average (validated, sampled, loaded) resumes with the rest
     assert _train(["--run-dir", a, *flags]) == 0
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--run-dir", str(b), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -219,6 +254,7 @@ def test_cli_bad_inputs_get_one_line_errors(text_corpus, tmp_path, capsys):
         (["--corpus", short, "--run-dir", tmp_path / "r3"], "too short"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r4", "--resume"], "holds no run"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r5", "--learning-rate", "-1"], "learning-rate"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r6", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     ]
     for args, message in cases:
         assert _train(args + TINY) == 2

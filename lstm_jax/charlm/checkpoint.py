@@ -36,7 +36,7 @@ from lstm_jax.charlm.quiet import (  # noqa: F401  (the last two: where callers 
     silence_background_errors,
 )
 from lstm_jax.charlm.runlock import RunLock  # noqa: F401  (where callers found it)
-from lstm_jax.charlm.training import TrainConfig, TrainState, make_optimizer
+from lstm_jax.charlm.training import TrainConfig, TrainState, eval_params, make_optimizer
 from lstm_jax.core.errors import CheckpointError
 from lstm_jax.core.files import atomic_write_text
 
@@ -290,14 +290,16 @@ READ_ATTEMPTS = 5  # load_run: tries at listing a folder that a running trainer 
 
 
 def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, Any, Vocabulary, dict]:
-    """``(model, params, vocabulary, meta)`` of a run folder, restored onto this machine's devices.
+    """``(model, params, vocabulary, meta)`` of a run folder, restored onto this machine's devices;
+    ``params`` are the weights' average where the run kept one (``--ema-decay``).
 
     Damaged checkpoints are skipped for the newest intact one; ``meta['restore_notes']`` then
     says which were skipped and which step was used."""
     config = read_run_config(Path(run_dir))
     model = CharLM(CharLMConfig(**config["model"]))
     train = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig) if f.name in config})
-    tx = make_optimizer(train.optimizer, train.learning_rate, train.clip_norm, train.lr_schedule)
+    tx = make_optimizer(train.optimizer, train.learning_rate, train.clip_norm, train.lr_schedule,
+                        ema_decay=train.ema_decay)
     params = model.init(jax.random.PRNGKey(0))
     target = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0),
                         model.initial_carry((train.batch_size,)))
@@ -314,4 +316,5 @@ def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, 
         state, meta = ckpt.restore(target, which)
     finally:
         ckpt.close()
-    return model, state.params, Vocabulary(config["vocab"]), {**meta, "restore_notes": ckpt.notes}
+    params = eval_params(state.params, state.opt_state)  # the weights' average where the run kept one
+    return model, params, Vocabulary(config["vocab"]), {**meta, "restore_notes": ckpt.notes}

@@ -51,7 +51,7 @@ from lstm_jax.charlm.checkpoint import (
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
 from lstm_jax.charlm.sampling import generate
-from lstm_jax.charlm.training import TrainConfig, Trainer, evaluate_bpc, fastest_setup
+from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc, fastest_setup
 from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.layers import parallel
 
@@ -112,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lr-schedule", choices=["constant", "cosine"], help="cosine decays to 10%% over --epochs [cosine]")
     add("--clip-norm", type=float, help="clip gradients to this global norm; 0 = off [5]")
     add("--chunk-steps", type=int, help="train steps per device dispatch [50]")
+    add("--ema-decay", type=float, help="validate, sample and save for sampling an exponential moving average of "
+                                        "the weights with this decay (Keras's ema_momentum, e.g. 0.99); 0 = off [0]")
     add("--seed", type=int, help="[0]")
     add("--keep", type=int, help="checkpoints to keep besides the best [3]")
     add("--sample-length", type=int, help="characters per sample after each epoch [400]")
@@ -222,8 +224,9 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
         ckpt = Checkpointer(scratch_dir, keep=1, async_save=False) if jax.process_count() == 1 else None
 
         def epoch_end(state):
-            bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
-            samples_text(model, state.params, vocab, train_ids, config, jax.random.PRNGKey(0))
+            params = eval_params(state.params, state.opt_state)
+            bpc = evaluate_bpc(model, params, val_ids, config["eval_streams"], mesh=mesh)
+            samples_text(model, params, vocab, train_ids, config, jax.random.PRNGKey(0))
             if ckpt is not None:
                 epoch_end.calls += 1
                 ckpt.save(epoch_end.calls, state, {"epoch": epoch_end.calls, "val_bpc": bpc, "train_bpc": bpc})
@@ -357,14 +360,15 @@ def run(args: argparse.Namespace) -> int:
             if not len(losses):  # the budget ran out as the epoch began: the last epoch end is saved
                 break
             ended = time.perf_counter()
-            val_bpc = evaluate_bpc(model, state.params, val_ids, config["eval_streams"], mesh=mesh)
+            params = eval_params(state.params, state.opt_state)  # the weights' average with --ema-decay
+            val_bpc = evaluate_bpc(model, params, val_ids, config["eval_streams"], mesh=mesh)
             row = dict(epoch=epoch, step=int(state.step), train_bpc=float(nats_to_bpc(losses.mean())),
                        val_bpc=val_bpc, chars_per_s=len(losses) * chars_per_step / seconds, epoch_s=seconds)
             say(f"epoch {epoch}: train bpc {row['train_bpc']:.3f}, validation bpc {val_bpc:.3f}, "
                 f"{row['chars_per_s']:,.0f} chars/s")
             if main_process:
                 key = jax.random.fold_in(jax.device_get(state.key), 10_000 + epoch)
-                print(samples_text(model, state.params, vocab, train_ids, config, key))
+                print(samples_text(model, params, vocab, train_ids, config, key))
             # The epoch's metrics line before its checkpoint: a run killed in between resumes from the
             # previous checkpoint and drops the line (above); killed after it, the line is there.
             rows.append(row)

@@ -43,7 +43,8 @@ from lstm_jax.core.host import machine_key
 from lstm_jax.dispatch import cache, measure
 from lstm_jax.layers import parallel
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "evaluate_bpc", "fastest_setup",
+__all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "param_ema", "ParamEMAState",
+           "eval_params", "evaluate_bpc", "fastest_setup",
            "fastest_device_count"]
 
 Array = jax.Array
@@ -62,6 +63,7 @@ class TrainConfig:
     clip_norm: float = 5.0  # 0 disables clipping
     chunk_steps: int = 50
     seed: int = 0
+    ema_decay: float = 0.0  # > 0: keep an average of the weights for evaluation (param_ema); 0 disables it
 
     def __post_init__(self):
         if self.preset not in ("lm", "keras"):
@@ -75,6 +77,9 @@ class TrainConfig:
         if not self.learning_rate > 0:
             raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.",
                               "TrainConfig.learning_rate")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1) (0 disables the average; Keras's "
+                              f"ema_momentum is 0.99), got {self.ema_decay}.", "TrainConfig.ema_decay")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.",
                               "TrainConfig.lr_schedule")
@@ -101,11 +106,47 @@ def cosine_schedule(learning_rate: float, total_steps: int | Array, alpha: float
     return schedule
 
 
+class ParamEMAState(NamedTuple):
+    ema: Any  # the average of the weights, the params' structure and dtypes
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the weights, kept in the optimizer state (Keras's
+    ``use_ema=True, ema_momentum=decay``; Flax/optax users often keep it beside the state).
+
+    Chained last, it sees the final updates and leaves them unchanged; after every step
+
+        ema <- decay * ema + (1 - decay) * (params + updates)
+
+    starting from the initial weights, with no bias correction (as Keras). Being part of the
+    optimizer state, it is checkpointed with it, so a resumed run continues the same average.
+    ``eval_params`` reads it."""
+    def init(params):
+        return ParamEMAState(jax.tree.map(jnp.asarray, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("param_ema needs the params: call update(updates, state, params).")
+        ema = jax.tree.map(lambda e, p, u: (decay * e + (1 - decay) * (p + u)).astype(e.dtype),
+                           state.ema, params, updates)
+        return updates, ParamEMAState(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def eval_params(params, opt_state):
+    """The weights to evaluate and sample with: the average of ``param_ema`` where the optimizer
+    state keeps one, else ``params``."""
+    average = optax.tree_utils.tree_get(opt_state, "ParamEMAState")
+    return params if average is None else average.ema
+
+
 def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, schedule: str = "constant",
-                   total_steps: int | Array = 1) -> optax.GradientTransformation:
+                   total_steps: int | Array = 1, ema_decay: float = 0.0) -> optax.GradientTransformation:
     """RMSprop as Keras (rho 0.9, eps 1e-7 outside the square root), or any optax optimiser by name.
     ``schedule='cosine'`` decays the rate to 10% over ``total_steps`` (``cosine_schedule``; a
-    traced value is allowed); the optimizer state's structure does not depend on it."""
+    traced value is allowed); the optimizer state's structure does not depend on it.
+    ``ema_decay > 0`` chains ``param_ema(ema_decay)`` last."""
     lr = cosine_schedule(learning_rate, total_steps) if schedule == "cosine" else learning_rate
     if name == "rmsprop":
         opt = optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False)
@@ -114,7 +155,8 @@ def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, sche
     else:
         raise ConfigError(f"optimizer {name!r} is not supported; use rmsprop, adam, adamw, sgd, "
                           "adagrad, lion, nadam or adabelief.", "optimizer")
-    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+    opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+    return optax.chain(opt, param_ema(ema_decay)) if ema_decay > 0 else opt
 
 
 class Trainer:
@@ -168,7 +210,7 @@ class Trainer:
 
     def _optimizer(self, total_steps: int | Array) -> optax.GradientTransformation:
         c = self.config
-        return make_optimizer(c.optimizer, c.learning_rate, c.clip_norm, c.lr_schedule, total_steps)
+        return make_optimizer(c.optimizer, c.learning_rate, c.clip_norm, c.lr_schedule, total_steps, c.ema_decay)
 
     def init_state(self, key: Array | None = None) -> TrainState:
         """A fresh state, laid out on the mesh; built under jit so that every leaf is its own
