@@ -42,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import machine  # imports neither JAX nor lstm_jax
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WHEELS = ROOT / ".whl"
@@ -315,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"]["quality"] = dict(skipped=f"{clock.left():.0f} s left of the budget")
 
     report["seconds"] = round(clock.elapsed(), 1)
-    (out_dir / f"device-check-{tag}.json").write_text(json.dumps(report, indent=2))
-    (out_dir / f"device-check-{tag}.md").write_text(markdown(report))
+    machine.write_results(f"device-check-{tag}", report, markdown(report), out_dir)
     say(f"done in {clock.elapsed():.0f} s: {out_dir}/device-check-{tag}.json and .md")
     shutil.rmtree(site, ignore_errors=True)
     failed = result["returncode"] != 0 or report["steps"]["speed"]["returncode"] not in (0, None)

@@ -1,6 +1,7 @@
 """What a benchmark ran on: CPU model, cores, the instruction-set flags that decide matmul speed,
 accelerators, library versions; and a short tag for result file names (results from different
-CPUs live side by side); ``write_results`` writes a run's JSON and markdown under that name."""
+CPUs live side by side); ``write_results`` writes a run's JSON and markdown under that name.
+Importing it imports neither JAX nor lstm_jax (the device check's driver process needs neither)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import os
 import platform
 from pathlib import Path
 
-from lstm_jax.core import host  # the library reads /proc/cpuinfo for its own cache keys
-
 RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
 
 def cpu_model() -> str:
+    from lstm_jax.core import host  # the library reads /proc/cpuinfo for its own cache keys
+
     return host.cpu_model()
 
 
 def cpu_flags() -> dict[str, bool]:
+    from lstm_jax.core import host
+
     flags = host.cpu_flags()
     return {f: f in flags for f in FLAGS}
 
