@@ -12,6 +12,8 @@ copy, its cosine (to 10%) over the steps that fit.
 
     NLTK_DATA=../shared/nltk_data python -m benchmarks.quality --minutes 8 --peer torch
 
+Validation reads the trained weights; with ``--ema-decay D`` (train.py's weight average, which
+does not change the training) the average is validated too where the run ends (``val_bpc_ema``).
 With ``--same-params`` the hidden size is the one (a multiple of 8) whose model has the parameter
 count nearest train.py's default model (the 2x256 LSTM): the cells compared at equal size, e.g.
 
@@ -89,11 +91,16 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
             recent = (recent + list(losses))[-200:]
             done = train_s >= minutes * 60 or int(state.step) >= total
             if train_s >= next_eval or done:
-                val = evaluate_bpc(model, eval_params(state.params, state.opt_state), val_ids, 16, mesh=mesh)
+                val = evaluate_bpc(model, state.params, val_ids, 16, mesh=mesh)
                 curve.append(dict(minutes=train_s / 60, step=int(state.step),
                                   train_bpc=float(nats_to_bpc(np.mean(recent))), val_bpc=val))
+                average = eval_params(state.params, state.opt_state)
+                if done and average is not state.params:  # --ema-decay: the average, where the run ends
+                    curve[-1]["val_bpc_ema"] = evaluate_bpc(model, average, val_ids, 16, mesh=mesh)
+                ema = curve[-1].get("val_bpc_ema")
                 print(f"lstm_jax {train_s / 60:5.2f} min step {int(state.step):6d} "
-                      f"train {curve[-1]['train_bpc']:.3f} val {val:.3f}", flush=True)
+                      f"train {curve[-1]['train_bpc']:.3f} val {val:.3f}"
+                      + (f", the weights' average {ema:.3f}" if ema else ""), flush=True)
                 next_eval += eval_every * 60
                 if done:
                     return curve, costs.step_s
@@ -243,6 +250,9 @@ def main() -> None:
                   for r in curve]
     lines += ["", "Best validation bpc: "
               + ", ".join(f"{k} {min(r['val_bpc'] for r in c):.3f}" for k, c in runs.items() if c)]
+    if "val_bpc_ema" in curve[-1]:
+        lines += ["", f"The weights' average (--ema-decay {config['ema_decay']:g}) at the end: "
+                      f"{curve[-1]['val_bpc_ema']:.3f}"]
     machine.write_results(args.tag, out, "\n".join(lines) + "\n")
     plot(out, RESULTS / f"{args.tag}.png")
     print("\n".join(lines))
