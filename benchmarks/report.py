@@ -189,14 +189,14 @@ def quality_cells(tag: str) -> str:
     (``benchmarks/quality.py --cell C --same-params --tag quality-cells-TAG-C``): best first."""
     paths = sorted(BENCH.glob(f"{CELLS_RUN}{tag}-*.json"))
     runs = sorted(((load(p), p.stem) for p in paths), key=lambda r: min(c["val_bpc"] for c in r[0]["runs"]["lstm_jax"]))
-    lines = ["| cell | layers | parameters | ms / step | steps in the budget | best validation bpc "
-             "| the weights' average at the end (`--ema-decay`) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| cell | layers | parameters | learning rate | ms / step | steps in the budget | best validation bpc "
+             "| the weights' average at the end (`--ema-decay`) |", "|---|---|---|---|---|---|---|---|"]
     for out, stem in runs:
         c, curve = out["config"], out["runs"]["lstm_jax"]
         ema = curve[-1].get("val_bpc_ema")
         ema = f"{ema:.3f} ({c['ema_decay']:g})" if ema else "-"
         lines.append(f"| [{c['cell']}](../benchmarks/results/{stem}.md) | {c['num_layers']}x{c['hidden_size']} | "
-                     f"{out['params']:,} | {out['step_ms']:.0f} | {curve[-1]['step']:,} | "
+                     f"{out['params']:,} | {c['learning_rate']:g} | {out['step_ms']:.0f} | {curve[-1]['step']:,} | "
                      f"{min(r['val_bpc'] for r in curve):.3f} | {ema} |")
     minutes = {f"{out['minutes']:g}" for out, _ in runs}
     return (_caption(*runs[0]) + f" Budget: {', '.join(sorted(minutes))} minutes of training per cell, "
