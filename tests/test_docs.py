@@ -99,8 +99,11 @@ def test_commands_name_real_programs_and_flags():
                 source = ROOT / (words[2].replace(".", "/") + ".py")
                 assert source.is_file(), f"{page}: `{part.strip()}` names no module of the checkout"
                 own = words[3:words.index("--")] if "--" in words else words[3:]  # after --: another program's
+                # benchmarks.quality hands the flags it does not know to train.py's parser
+                known = source.read_text() + ((ROOT / "lstm_jax/charlm/train.py").read_text()
+                                              if words[2] == "benchmarks.quality" else "")
                 for flag in (w for w in own if w.startswith("--")):
-                    assert f'"{flag}"' in source.read_text(), f"{page}: {words[2]} has no flag {flag}"
+                    assert f'"{flag}"' in known, f"{page}: {words[2]} has no flag {flag}"
                 seen.add(words[2])
     assert {"train.py", "sample.py", "benchmarks.speed", "experiments.adding"} <= seen
 
