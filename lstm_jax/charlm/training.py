@@ -127,9 +127,9 @@ def param_ema(decay: float) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("param_ema needs the params: call update(updates, state, params).")
-        ema = jax.tree.map(lambda e, p, u: (decay * e + (1 - decay) * (p + u)).astype(e.dtype),
-                           state.ema, params, updates)
-        return updates, ParamEMAState(ema)
+        new = optax.apply_updates(params, updates)  # the weights after this step
+        ema = optax.incremental_update(new, state.ema, 1 - decay)  # (1 - decay) * new + decay * ema
+        return updates, ParamEMAState(jax.tree.map(lambda a, e: a.astype(e.dtype), ema, state.ema))
 
     return optax.GradientTransformation(init, update)
 
