@@ -168,7 +168,8 @@ CELLS_RUN = "quality-cells-"  # the per-cell runs at equal size have a table of 
 
 def quality() -> str:
     """Every quality run of one model (the per-cell runs are ``quality_cells``'s): validation bpc
-    reached in the time budget, best first per machine."""
+    reached in the time budget, best first per machine; with ``--ema-decay``, the weights' average
+    at the end too."""
     runs = []
     for path in sorted(p for p in BENCH.glob("quality*.json") if not p.stem.startswith(CELLS_RUN)):
         out = load(path)
@@ -179,8 +180,10 @@ def quality() -> str:
              "|---|---|---|---|---|---|---|"]
     for cpu, best, stem, out, ours, torch in sorted(runs, key=lambda r: (r[0], r[1])):
         ref = f"{min(r['val_bpc'] for r in torch):.3f} ({torch[-1]['step']:,} steps)" if torch else "-"
+        ema = ours[-1].get("val_bpc_ema")
+        average = f" (the weights' average: {ema:.3f})" if ema else ""
         lines.append(f"| [{stem}](../benchmarks/results/{stem}.md) | {cpu} | {_flags(out['command'])} | "
-                     f"{out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f} | {ref} |")
+                     f"{out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f}{average} | {ref} |")
     return "\n".join(lines)
 
 
