@@ -250,6 +250,14 @@ def test_stack_dropout_needs_a_key_and_uses_one_mask_per_sequence():
     one = RecurrentStack(RNNCell(4), num_layers=1, dropout=0.5)
     p1 = one.init(KEY, 3)
     np.testing.assert_array_equal(one.apply(p1, x)[1], one.apply(p1, x, dropout_key=KEY)[1])
+    # One mask per sequence for all its steps (unlike PyTorch's per-step masks): with a second
+    # layer that passes its input through (identity input kernel, no recurrence, no bias), the
+    # zeros of the output are the mask, and they are the same features at every step.
+    see = [params[0], {"input_kernel": jnp.eye(4), "recurrent_kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}]
+    _, y = stack.apply(see, jax.random.normal(KEY, (8, 20, 3)), dropout_key=jax.random.key(3))
+    dropped = np.asarray(y == 0)
+    assert dropped.any() and not dropped.all()
+    np.testing.assert_array_equal(dropped, np.broadcast_to(dropped[:, :1], dropped.shape))
 
 
 def test_stack_carries_across_batches_truncated_bptt():

@@ -347,6 +347,11 @@ class RecurrentStack:
     own key only, so a batch split over devices draws the same masks as the whole batch on one
     (``lstm_jax.parallel``).
 
+    Warning:
+      PyTorch's ``nn.LSTM(dropout=p)`` draws a fresh mask for every step; the mask here is one
+      per sequence, the same for all its steps (variational, as Gal & Ghahramani's), so the same
+      ``p`` regularises more.
+
     Variational dropout inside every layer (Keras's ``LSTM(dropout=, recurrent_dropout=)``,
     Gal & Ghahramani 2016), from the same ``dropout_key``: ``input_dropout`` (Keras's ``dropout``)
     on each layer's inputs and ``recurrent_dropout`` on the state entering each layer's recurrent
