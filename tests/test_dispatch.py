@@ -162,3 +162,37 @@ def test_fixed_dispatch_runs_the_same_numbers_without_timing(fresh_cache, monkey
     fixed = scan_cell(cell, params, x)[1]
     assert calls == [] and not path.exists()
     np.testing.assert_allclose(fixed, scan_cell(cell, params, x, impl="scan")[1], rtol=1e-5, atol=1e-5)
+
+
+@cpu_only
+def test_the_mlstm_form_on_cpu_is_the_measured_fastest_and_runs_the_same_numbers(fresh_cache, monkeypatch):
+    """Rule 5b: the scan or the chunk length that measured fastest (the simpler one unless another
+    is ``MARGIN`` faster), read back from the cache; unmeasured below the size threshold, off CPU
+    and with ``LSTM_JAX_DISPATCH=fixed``; whatever is chosen computes the scan's numbers."""
+    from lstm_jax import MLSTMCell
+
+    monkeypatch.setattr(plan, "MLSTM_MEASURED_STEPS", 128)
+    timed = []
+    real = measure.mlstm_forms
+    monkeypatch.setattr(measure, "mlstm_forms", lambda *a: timed.append(a) or real(*a))
+    cell = MLSTMCell(32, num_heads=2)
+    assert plan.plan_layer(cell, steps=200, rows=8, features=3, platform="cpu").chunk == 128  # below the threshold
+    assert timed == []
+    monkeypatch.setattr(plan, "MLSTM_MIN_MEASURED_FLOPS", 0)
+    chosen = plan.plan_layer(cell, steps=200, rows=8, features=3, platform="cpu")
+    (entry,) = [v for k, v in plan.decisions().items() if "mlstm-form" in k]
+    assert len(timed) == 1 and set(entry["seconds"]) == {"scan", "128", "64", "32", "16"}
+    best = measure.simplest_fast_enough({k if k == "scan" else int(k): t for k, t in entry["seconds"].items()})
+    assert entry["chunk"] == (-1 if best == "scan" else best)
+    assert (chosen.impl, chosen.chunk) == (("scan", 0) if best == "scan" else ("parallel", best))
+    monkeypatch.setattr(plan, "_memo", {})  # another process reads the file
+    assert plan.plan_layer(cell, steps=200, rows=8, features=3, platform="cpu") == chosen and len(timed) == 1
+    assert plan.plan_layer(cell, steps=200, rows=8, features=3, platform="gpu").chunk == 128
+    monkeypatch.setenv("LSTM_JAX_DISPATCH", "fixed")
+    assert plan.plan_layer(cell, steps=200, rows=8, features=3, platform="cpu").chunk == 128 and len(timed) == 1
+    monkeypatch.delenv("LSTM_JAX_DISPATCH")
+    params = cell.init(jax.random.key(0), 3)
+    x = jax.random.normal(jax.random.key(1), (8, 200, 3))
+    auto, scan = scan_cell(cell, params, x), scan_cell(cell, params, x, impl="scan")
+    assert len(timed) == 1
+    np.testing.assert_allclose(auto[1], scan[1], rtol=1e-5, atol=1e-5)

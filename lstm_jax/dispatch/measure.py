@@ -3,7 +3,7 @@
 Every candidate is compiled first, then the candidates take turns ``rounds`` times and the median
 counts, so a slow spell of a shared machine hits all of them alike. The programs timed are the
 ones the layers run: a loop of dependent steps for the carry layout, a layer's whole training pass
-(forward and backward) for the oneDNN choice.
+(forward and backward) for the oneDNN choice and the mLSTM's form.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax.core.products import folded_table, matmul
+from lstm_jax.core.scan import scan_layer
+from lstm_jax.core.xlstm import MLSTMCell
 from lstm_jax.kernels import cudnn, onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, recurrent_product
+from lstm_jax.kernels.parallel_scan import mlstm_parallel
 
-__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "cudnn_layer", "MARGIN"]
+__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "cudnn_layer", "mlstm_forms",
+           "MARGIN"]
 
 MARGIN = 1.1  # a more complex candidate must be this much faster than a simpler one: a choice, not noise
 
@@ -147,3 +151,32 @@ def cudnn_layer(steps: int, batch: int, features: int, hidden: int, seq_lengths:
         for run in runs.values():
             jax.block_until_ready(run(x, w_x, w_h, b))  # compile
         return median_seconds({k: functools.partial(run, x, w_x, w_h, b) for k, run in runs.items()}, rounds)
+
+
+def mlstm_forms(steps: int, rows: int, hidden: int, heads: int, chunks: tuple[int, ...] | list[int],
+                rounds: int = 5) -> dict:
+    """Median seconds of one float32 ``MLSTMCell(hidden, num_heads=heads)`` layer's recurrence,
+    forward and backward, over ``steps`` steps of ``rows`` sequences, from the projected inputs
+    (what the forms share is not timed): ``'scan'`` (``core.scan.scan_layer``, step by step) and
+    the parallel form (``kernels.parallel_scan.mlstm_parallel``) with each chunk length in
+    ``chunks`` (0: the whole sequence in one block), taking turns on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    cell = MLSTMCell(hidden, num_heads=heads)
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((steps, rows, cell.projection_size)).astype(np.float32)
+
+    def scan(x_proj, carry):
+        return jnp.sum(scan_layer(cell, {}, x_proj, carry)[1])
+
+    def parallel(x_proj, carry, chunk):
+        q, k, v, o, i_t, f_t = cell.split_projection(x_proj)
+        _, h = mlstm_parallel(q, k, v, i_t, f_t, tuple(carry), chunk=chunk, eps=cell.eps)
+        return jnp.sum(jax.nn.sigmoid(o) * h.reshape(o.shape))
+
+    candidates = {"scan": scan, **{c: functools.partial(parallel, chunk=c) for c in chunks}}
+    with jax.ensure_compile_time_eval(), jax.default_device(cpu):
+        args = (jax.device_put(host, cpu), jax.device_put(cell.initial_carry(rows), cpu))
+        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1))) for k, f in candidates.items()}
+        for run in runs.values():
+            jax.block_until_ready(run(*args))  # compile
+        return median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, rounds)

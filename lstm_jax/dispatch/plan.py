@@ -49,14 +49,18 @@ The rules, in order:
    ``LOOP_FACTORS_MAX_HIDDEN`` units (the gates are still in cache), else in one vectorised pass.
 5. ``MinGRUCell``, ``MinLSTMCell`` and ``MLSTMCell`` (gates of the input alone) run their parallel
    form over time (``'parallel'``, ``kernels.parallel_scan``) under ``'auto'``, ``seq_lengths``
-   included, ``remat`` excluded (that runs the scan); a fixed rule, unmeasured at run time, but
+   included, ``remat`` excluded (that runs the scan); a fixed rule (the mLSTM's on CPU is measured, 5b), but
    for minGRU/minLSTM on CPU it is the plain scan: there the log-space associative scan (more work,
    ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured 1.1-2x
    slower than the scan (``benchmarks/modern_speed.py``); the mLSTM's form was 2.4-3.4x faster than
-   its scan. On GPU and TPU the depth ``log T`` is what counts. The mLSTM's form is
+   its scan at 256 units in 4 heads. On GPU and TPU the depth ``log T`` is what counts. The mLSTM's form is
    quadratic in the steps, so ``'auto'`` runs it in chunks (``parallel_chunk``), and an explicit
    ``'parallel'`` over a sequence whose blocks would pass ``PARALLEL_MAX_BYTES`` is refused with
    the size it needs. Other cells refuse ``'parallel'``.
+5b. The mLSTM on CPU (float32, ``'auto'``): its parallel form does about ``chunk / d`` times the
+   scan's arithmetic (``d`` the head size), so with small heads the scan can win; where the layer's
+   recurrence has at least ``MLSTM_MIN_MEASURED_FLOPS``, the scan and the parallel form with chunks
+   of 16 to ``MLSTM_CHUNK`` steps are timed and the fastest taken (``mlstm_form``).
 
 What is measured is measured once per machine (CPU model and units, cores, jax version), shape and
 dtype, and cached in memory and on disk (``dispatch.cache``): the first call of a layer on a new
@@ -96,6 +100,8 @@ __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_ki
 IMPLS = ("auto", "scan", "fused", "onednn", "cudnn", "parallel")
 PARALLEL_MAX_BYTES = 2 * 2**30  # the mLSTM's quadratic form (all its T x T blocks) must fit in this
 MLSTM_CHUNK = 128  # 'auto' runs the mLSTM's parallel form over chunks of at most this many steps
+MLSTM_MIN_MEASURED_FLOPS = 2**26  # an mLSTM layer's recurrence below this keeps rule 5's fixed form
+MLSTM_MEASURED_STEPS = 256  # the mLSTM's forms are timed over at most this many steps
 CUDNN_PLATFORMS = ("cuda", "rocm")  # where jax.experimental.rnn lowers (cuDNN, MIOpen)
 # LSTM_JAX_DISPATCH=fixed: whether a float32 LSTM layer takes cuDNN, per platform, unmeasured. CUDA as
 # Keras's JAX backend does; MIOpen's route has run nowhere yet, so ROCm keeps the fused layer.
@@ -294,7 +300,7 @@ def plan_layer(cell: Cell, *, impl: str = "auto", steps: int, rows: int, feature
         return Plan("cudnn")
     linear_on_cpu = parallel == "linear" and platform == "cpu" and impl == "auto"
     if parallel and impl in ("auto", "parallel") and not remat and not linear_on_cpu:
-        chunk = parallel_chunk(cell, steps, rows, whole=impl == "parallel")
+        chunk = parallel_chunk(cell, steps, rows, whole=impl == "parallel", platform=platform)
         return Plan("parallel", chunk=chunk) if chunk >= 0 else Plan("scan")
     if impl == "auto" and not fusable:
         return Plan("scan")
@@ -340,12 +346,14 @@ def parallel_kind(cell: Cell) -> str | None:
     return "mlstm" if isinstance(cell, MLSTMCell) else None
 
 
-def parallel_chunk(cell: Cell, steps: int, rows: int, whole: bool = False) -> int:
+def parallel_chunk(cell: Cell, steps: int, rows: int, whole: bool = False, platform: str | None = None) -> int:
     """Rule 5: the parallel form's ``chunk`` (0: the whole sequence at once; -1: run the plain
     scan). The linear recurrences take the whole sequence (memory linear in T). The mLSTM takes
     chunks of at most ``MLSTM_CHUNK`` steps, fewer where ``rows`` sequences' ``chunk x chunk``
-    blocks would pass ``PARALLEL_MAX_BYTES`` (below 8 steps: the plain scan). ``whole``
-    (``impl='parallel'``): the whole sequence in one block, or ``ConfigError`` with the size it needs."""
+    blocks would pass ``PARALLEL_MAX_BYTES`` (below 8 steps: the plain scan); on CPU, in float32,
+    the chunk length or the scan that measured fastest (``mlstm_form``). ``whole``
+    (``impl='parallel'``): the whole sequence in one block, or ``ConfigError`` with the size it needs.
+    ``platform``: as ``plan_layer``'s."""
     if parallel_kind(cell) != "mlstm":
         return 0
     heads = cell.num_heads
@@ -366,7 +374,37 @@ def parallel_chunk(cell: Cell, steps: int, rows: int, whole: bool = False) -> in
         chunk //= 2
     if chunk < 8:
         return -1
-    return 0 if steps <= chunk else chunk
+    fixed = 0 if steps <= chunk else chunk
+    float32 = jnp.dtype(cell.dtype or jnp.float32) == jnp.dtype(cell.param_dtype) == jnp.float32
+    if not (float32 and cpu_choices_apply(current_platform(platform)) and measuring()):
+        return fixed
+    return mlstm_form(steps, rows, cell.hidden_size, heads, chunk, fixed)
+
+
+def mlstm_form(steps: int, rows: int, hidden: int, heads: int, largest: int, fixed: int) -> int:
+    """Rule 5b (CPU): the mLSTM's chunk length (0: the whole sequence), or -1 for the scan, as
+    measured. ``largest``: the longest chunk whose blocks fit ``PARALLEL_MAX_BYTES``; ``fixed``:
+    what the unmeasured rule takes. Layers whose recurrence does fewer than
+    ``MLSTM_MIN_MEASURED_FLOPS`` (about ``6 T rows H d`` forward and backward, ``d`` the head size)
+    keep ``fixed`` unmeasured. Otherwise the scan and the parallel form with chunks of 16 to
+    ``largest`` steps (and the whole sequence, where it fits) are timed over
+    ``min(steps, MLSTM_MEASURED_STEPS)`` steps (both forms' cost grows linearly past one chunk)
+    and the scan is replaced by a parallel form, or one chunk length by another, only where it is
+    ``measure.MARGIN`` faster."""
+    if 6 * steps * rows * hidden * (hidden // heads) < MLSTM_MIN_MEASURED_FLOPS:
+        return fixed
+    length = min(steps, MLSTM_MEASURED_STEPS)
+    chunks = list(dict.fromkeys([fixed] + [c for c in (128, 64, 32, 16) if c <= largest and c < length]))
+    key = (f"{machine_key()}|mlstm-form|v1|{length}x{rows}x{hidden}x{heads}|chunks {','.join(map(str, chunks))}|"
+           f"float32")
+
+    def timed() -> dict:
+        seconds = measure.mlstm_forms(length, rows, hidden, heads, chunks, ROUNDS)
+        best = measure.simplest_fast_enough(seconds)
+        return {"chunk": -1 if best == "scan" else best, "seconds": {str(k): t for k, t in seconds.items()}}
+
+    chosen = int(_decided(key, timed)["chunk"])
+    return chosen if chosen <= 0 or chosen < steps else 0
 
 
 def loop_factors(hidden: int) -> bool:
