@@ -294,3 +294,25 @@ def test_flax_modules_equal_the_functional_stack(name, options):
     lin = getattr(linen, cls)(hidden_size=4, num_layers=2, **options)
     variables = lin.init(jax.random.key(0), x)
     np.testing.assert_allclose(lin.apply(variables, x), lin.stack().apply(lin.to_params(variables), x)[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_the_scan_of_a_min_cell_keeps_the_input_only_work_out_of_its_loop(name):
+    """``scan_layer`` runs ``hoisted_step`` over ``hoist``'s coefficients: the loop, forward and
+    backward, is ``h = a * h + b`` alone (no exp, log or softplus per step), and equals the cell's
+    own step applied one step at a time."""
+    cell = make_cell(name, 8)
+    params = perturbed(cell)
+    x = jax.random.normal(jax.random.key(3), (2, 30, 3))
+    loss = lambda p: jnp.sum(scan_cell(cell, p, x, impl="scan")[1] ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(loops) == 2  # forward and backward
+    for loop in loops:
+        inside = {e.primitive.name for e in loop.params["jaxpr"].jaxpr.eqns}
+        assert not inside & {"exp", "log", "log1p", "logistic", "tanh"}, inside
+    carry, steps = cell.initial_carry((2,)), []
+    for t in range(x.shape[1]):
+        carry, y = cell.apply(params, carry, x[:, t])
+        steps.append(y)
+    np.testing.assert_allclose(scan_cell(cell, params, x, impl="scan")[1], jnp.stack(steps, 1), rtol=1e-6, atol=1e-6)

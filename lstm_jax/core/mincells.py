@@ -89,8 +89,19 @@ class _MinCell(ProjectedCell):
         raise NotImplementedError
 
     def step(self, params: Params, carry: Array, x_proj: Array) -> tuple[Array, Array]:
+        return self.hoisted_step(params, carry, self.hoist(x_proj))
+
+    def hoist(self, x_proj: Array) -> Array:
+        """What the step takes from the input alone, for any leading axes at once (``scan_layer``
+        computes it for the whole sequence before its loop): the coefficients ``a_t, b_t``,
+        concatenated, ``(..., 2H)``."""
         log_a, log_b = self.log_coefficients(x_proj)
-        h = jnp.exp(log_a) * carry + jnp.exp(log_b)
+        return jnp.concatenate([jnp.exp(log_a), jnp.exp(log_b)], axis=-1)
+
+    def hoisted_step(self, params: Params, carry: Array, coefficients: Array) -> tuple[Array, Array]:
+        """One step from ``hoist``'s output: ``h' = a * h + b``."""
+        a, b = jnp.split(coefficients, 2, axis=-1)
+        h = a * carry + b
         return h, h
 
 

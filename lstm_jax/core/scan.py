@@ -109,12 +109,22 @@ def scan_layer(cell: Cell, params: dict, x_proj: Array, carry: Any, *, seq_lengt
     it are zero; with ``reverse`` as well, ``x_proj`` is expected reversed within each valid part
     (``reverse_padded``) and the outputs are put back in input order. ``recurrent_mask``
     ``(*batch, H)``: variational recurrent dropout, the same mask at every step (``cell.step``).
-    Returns ``(carry, ys)``."""
+    Returns ``(carry, ys)``.
+
+    A cell whose step does work on its input alone (the minGRU's and minLSTM's coefficients) may
+    define ``hoist(x_proj)`` (that work, for all steps at once) and ``hoisted_step(params, carry,
+    u_t)`` (the rest): the loop then runs ``hoisted_step`` over ``hoist(x_proj)``, so the
+    input-only part, forward and backward, runs vectorised over the sequence instead of once per
+    step; ``step(p, c, x) == hoisted_step(p, c, hoist(x))``."""
     masked = {} if recurrent_mask is None else {"recurrent_mask": recurrent_mask}
+    hoisted = hasattr(cell, "hoist")
+    step = cell.hoisted_step if hoisted else cell.step
+    if hoisted:
+        x_proj = cell.hoist(x_proj)
 
     def body(carry, xs):
         x_t, t = xs
-        new_carry, y = cell.step(params, carry, x_t, **masked)
+        new_carry, y = step(params, carry, x_t, **masked)
         if seq_lengths is not None:
             valid = t < seq_lengths  # (*batch,), widened to each leaf (a matrix memory has more axes)
             keep = lambda a: valid.reshape(valid.shape + (1,) * (a.ndim - valid.ndim))
