@@ -196,3 +196,24 @@ def test_the_mlstm_form_on_cpu_is_the_measured_fastest_and_runs_the_same_numbers
     auto, scan = scan_cell(cell, params, x), scan_cell(cell, params, x, impl="scan")
     assert len(timed) == 1
     np.testing.assert_allclose(auto[1], scan[1], rtol=1e-5, atol=1e-5)
+
+
+@cpu_only
+def test_the_onednn_choice_of_a_long_wide_layer_is_timed_over_fewer_steps(fresh_cache, monkeypatch):
+    """``measured_steps``: the timing's memory stays bounded (a 1,000-step layer of 1,024 rows once
+    took over 20 GB to time); the layer's own steps where they fit, never fewer than the floor."""
+    from lstm_jax import onednn
+
+    assert plan.measured_steps(100, 64, 64 + 4 * 256) == 100  # the char model's layers: all their steps
+    assert plan.measured_steps(1000, 1024, 2 + 4 * 64) == plan.MEASURED_MAX_ELEMENTS // (1024 * 258) < 100
+    assert plan.measured_steps(1000, 10**6, 2048) == plan.MIN_MEASURED_STEPS
+    if not onednn.available():
+        pytest.skip(f"oneDNN extension: {onednn.unavailable_reason()}")
+    monkeypatch.setattr(plan, "MEASURED_MAX_ELEMENTS", 40 * 256 * (8 + 4 * 64))
+    monkeypatch.setattr(plan, "ONEDNN_MIN_LAYER_FLOPS", 0)
+    timed = []
+    real = measure.onednn_layer
+    monkeypatch.setattr(measure, "onednn_layer", lambda *a: timed.append(a[0]) or real(*a))
+    threads = plan.onednn_threads(500, 256, 8, 64)
+    (key, entry), = [(k, v) for k, v in plan.decisions().items() if "onednn-lstm" in k]
+    assert timed == [40] and "|40x256x8x64|" in key and entry["threads"] == threads

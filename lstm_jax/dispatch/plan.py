@@ -32,7 +32,9 @@ The rules, in order:
    ``0``, oneDNN supports the shape, the layer's training pass has at least
    ``ONEDNN_MIN_LAYER_FLOPS``, and it measured at least ``measure.MARGIN`` faster than the fused
    layer with the faster of 1 and ``cores_per_device()`` threads (both are timed: neither always
-   wins). ``LSTM_JAX_ONEDNN=1`` takes it wherever supported, unmeasured, on all the device's cores.
+   wins), timed over at most ``measured_steps`` of the layer's steps (so that timing a long, wide
+   layer cannot exhaust the memory; the ratio holds, as both grow linearly in the steps).
+   ``LSTM_JAX_ONEDNN=1`` takes it wherever supported, unmeasured, on all the device's cores.
    Token inputs through an embedding go in as the embedding rows where they are the narrower input
    (after padding to oneDNN's blocks), else as the one-hot of the vocabulary (``embedding_route``).
 2b. cuDNN (CUDA/ROCm only; ``'auto'``): a float32 LSTM layer takes ``jax.experimental.rnn`` where
@@ -111,6 +113,8 @@ LAYOUT_LOOP_STEPS = 100
 ONEDNN_MIN_LAYER_FLOPS = 2**28  # a layer's training pass below this keeps the fused loop, unmeasured
 LOOP_FACTORS_MAX_HIDDEN = 128
 ROUNDS = 5
+MEASURED_MAX_ELEMENTS = 2**24  # a timed layer pass holds at most this many steps x rows x width (measured_steps)
+MIN_MEASURED_STEPS = 32
 # In the cache keys of oneDNN choices: bumped when the extension's speed changes, so that choices
 # measured with an older build are measured again (5: an embedding's rows may feed the first layer).
 ONEDNN_MEASURE_VERSION = 5
@@ -465,19 +469,31 @@ def onednn_threads(steps: int, batch: int, features: int, hidden: int, dtype: An
         return 0
     name = jnp.dtype(dtype or jnp.float32).name
     what = (f"tokens-embed{embed}" if embed else "tokens") if tokens else "features"
-    key = (f"{machine_key()}|onednn-{cell}|v{ONEDNN_MEASURE_VERSION}|{steps}x{batch}x{features}x{hidden}|{what}|"
-           f"{name}|{cores} cores")
+    timed_steps = measured_steps(steps, batch, (embed or features) + onednn.GATES[cell] * hidden)
+    key = (f"{machine_key()}|onednn-{cell}|v{ONEDNN_MEASURE_VERSION}|{timed_steps}x{batch}x{features}x{hidden}|"
+           f"{what}|{name}|{cores} cores")
 
     def timed() -> dict:
         fused = (transposed_carry_pays(batch, hidden, onednn.GATES[cell], dtype), loop_factors(hidden))
         route = input_route(tokens, features, embed, dtype)
-        seconds = measure.onednn_layer(steps, batch, features, hidden, dtype, sorted({1, cores}), tokens, cell,
+        seconds = measure.onednn_layer(timed_steps, batch, features, hidden, dtype, sorted({1, cores}), tokens, cell,
                                        embed, route, fused, ROUNDS)
         best = min((t, k) for k, t in seconds.items() if k != "fused")
         threads = best[1] if seconds["fused"] >= measure.MARGIN * best[0] else 0
         return {"threads": threads, "seconds": {str(k): t for k, t in seconds.items()}}
 
     return int(_decided(key, timed).get("threads", 0))
+
+
+def measured_steps(steps: int, rows: int, width: int) -> int:
+    """How many of a layer's ``steps`` its oneDNN choice is timed over: all of them, or fewer where
+    ``steps x rows x width`` (``width``: the layer's input features plus its gates' units) passes
+    ``MEASURED_MAX_ELEMENTS``, but at least ``MIN_MEASURED_STEPS``. Both candidates' time and
+    memory grow linearly in the steps, so the shorter pass keeps their ratio while the timing's
+    peak memory stays bounded (the candidates' training passes held together, with their
+    temporaries, take tens of times the layer's inputs)."""
+    fit = MEASURED_MAX_ELEMENTS // max(rows * width, 1)
+    return min(steps, max(fit, MIN_MEASURED_STEPS))
 
 
 def decisions() -> dict[str, dict]:
