@@ -53,8 +53,8 @@ The rules, in order:
    form over time (``'parallel'``, ``kernels.parallel_scan``) under ``'auto'``, ``seq_lengths``
    included, ``remat`` excluded (that runs the scan); a fixed rule (the mLSTM's on CPU is measured, 5b), but
    for minGRU/minLSTM on CPU it is the plain scan: there the log-space associative scan (more work,
-   ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured 1.1-2x
-   slower than the scan (``benchmarks/modern_speed.py``); the mLSTM's form was 2.4-3.4x faster than
+   ``exp``/``logaddexp`` per element, no sequential bottleneck to remove on 2 cores) measured
+   slower than the scan (``benchmarks/modern_speed.py``), and the mLSTM's form faster than
    its scan at 256 units in 4 heads. On GPU and TPU the depth ``log T`` is what counts. The mLSTM's form is
    quadratic in the steps, so ``'auto'`` runs it in chunks (``parallel_chunk``), and an explicit
    ``'parallel'`` over a sequence whose blocks would pass ``PARALLEL_MAX_BYTES`` is refused with
