@@ -202,7 +202,7 @@ def main():
             runs.sort(key=lambda r: (r["span"], list(CELLS).index(r["cell"])))
             out = {"hyper": hyper, "runs": runs}
             (RESULTS / f"{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
-    write_report(out, tag)
+            write_report(out, tag)  # after every run: a long series stopped part-way leaves its files whole
 
 
 def write_report(out: dict, tag: str) -> None:
