@@ -17,7 +17,10 @@ the last step's output (for every cell but the mLSTM, whose carry is a matrix me
 carry's ``h``); the gradient-flow curve perturbs ``h`` (the mLSTM: its memory ``C``).
 Reported per cell, span and seed: test MSE at the end (4096 fresh sequences),
 the first step whose test MSE (checked every ``--eval-every`` steps) fell below 0.01, wall time,
-and, after training (seed 0), ``||d prediction / dh_t||`` against the distance T - t.
+the largest global gradient norm (before clipping) between checks and the first step whose
+gradient norm was not finite (an exploding gradient past float32: clipping cannot scale an
+infinite norm back, and the update turns the parameters into NaN), and, after training (seed 0),
+``||d prediction / dh_t||`` against the distance T - t.
 Writes experiments/results/adding[-quick].{json,md,png}.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -120,7 +124,7 @@ def train(name: str, steps_span: int, seeds: int, args) -> dict:
             x, y = adding_batch(k, args.batch, steps_span)
             loss, g = jax.value_and_grad(loss_fn)(params, x, y)
             updates, opt = tx.update(g, opt, params)
-            return (optax.apply_updates(params, updates), opt), loss
+            return (optax.apply_updates(params, updates), opt), optax.global_norm(g)  # before clipping
 
         return jax.lax.scan(one, state, jax.random.split(key, args.chunk))
 
@@ -135,15 +139,25 @@ def train(name: str, steps_span: int, seeds: int, args) -> dict:
     params = jax.vmap(init)(keys)
     state = (params, jax.vmap(tx.init)(params))
     reached = [None] * seeds
-    curve = []
+    nonfinite = [None] * seeds  # the first step whose gradient norm was inf or NaN
+    curve, grad_norm_max = [], []
+    largest = np.zeros(seeds)
     t0 = time.perf_counter()
     for start in range(0, args.steps, args.chunk):
         chunk_keys = jax.vmap(lambda k: jax.random.fold_in(k, start))(keys)
-        state, _ = run_chunk(state, chunk_keys)
+        state, norms = run_chunk(state, chunk_keys)
+        norms = np.asarray(norms, np.float64)  # (seeds, chunk): one small transfer per chunk
+        largest = np.maximum(largest, np.where(np.isfinite(norms), norms, np.inf).max(axis=1))
+        for s in range(seeds):
+            bad = np.flatnonzero(~np.isfinite(norms[s]))
+            if nonfinite[s] is None and bad.size:
+                nonfinite[s] = start + int(bad[0]) + 1
         done = start + args.chunk
         if done % args.eval_every == 0 or done >= args.steps:
             mse = np.asarray(evaluate(state[0], test_x, test_y))
             curve.append([done, mse.tolist()])
+            grad_norm_max.append([done, largest.tolist()])
+            largest = np.zeros(seeds)
             for s in range(seeds):
                 if reached[s] is None and mse[s] < 0.01:
                     reached[s] = done
@@ -154,7 +168,8 @@ def train(name: str, steps_span: int, seeds: int, args) -> dict:
     norms = jax.jit(jax.vmap(grad_by_distance, in_axes=(None, 0)))(seed0, test_x[:16])
     flow = np.exp(np.mean(np.log(np.maximum(np.asarray(norms, np.float64), 1e-45)), axis=0))
     return {"cell": name, "span": steps_span, "test_mse": final, "steps_to_0.01": reached, "wall_s": wall,
-            "wall_s_per_seed": wall / seeds, "curve": curve, "trained_grad_by_distance": flow.tolist()}
+            "wall_s_per_seed": wall / seeds, "curve": curve, "grad_norm_max": grad_norm_max,
+            "first_nonfinite_grad_step": nonfinite, "trained_grad_by_distance": flow.tolist()}
 
 
 def main():
@@ -220,6 +235,10 @@ def write_report(out: dict, tag: str) -> None:
     for r in out["runs"]:
         lines.append(f"| {r['span']} | {r['cell']} | {', '.join(f'{m:.4f}' for m in r['test_mse'])} | "
                      f"{', '.join('-' if s is None else str(s) for s in r['steps_to_0.01'])} | {r['wall_s']:.0f} |")
+    if any(not math.isfinite(m) for r in out["runs"] for m in r["test_mse"]):
+        lines += ["", "nan: that seed's parameters turned non-finite during training."]
+    lines += [f"- T = {r['span']}, {r['cell']}, seed {s}: the gradient norm was first non-finite at step {step}."
+              for r in out["runs"] for s, step in enumerate(r.get("first_nonfinite_grad_step") or []) if step]
     (RESULTS / f"{tag}.md").write_text("\n".join(lines) + "\n")
     spans = sorted({r["span"] for r in out["runs"]})
     fig, axes = plt.subplots(2, len(spans), figsize=(5 * len(spans), 8), squeeze=False)

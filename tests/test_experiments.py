@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
@@ -66,6 +67,15 @@ def test_adding_trains_all_seeds_in_one_vmapped_program():
     assert len(result["test_mse"]) == 2 and all(np.isfinite(result["test_mse"]))
     assert result["test_mse"][0] != result["test_mse"][1]  # the seeds really differ
     assert [c[0] for c in result["curve"]] == [50, 100]
+    # the largest gradient norm per check is at least the first step's, computed here again
+    init, predict, _ = adding.make_model("lstm", 8)
+    params = init(jax.random.PRNGKey(0))  # seed 0's start
+    first = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 0), 50)[0]
+    x, y = adding.adding_batch(first, 16, 10)
+    g = jax.grad(lambda p: jnp.mean((predict(p, x) - y) ** 2))(params)
+    assert [c[0] for c in result["grad_norm_max"]] == [50, 100]
+    assert result["grad_norm_max"][0][1][0] >= float(optax.global_norm(g)) * (1 - 1e-5) > 0
+    assert all(np.isfinite(result["grad_norm_max"][1][1])) and result["first_nonfinite_grad_step"] == [None, None]
 
 
 def test_clipping_runs_both_settings_from_the_same_start_in_one_program():
