@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lstm_jax.charlm import sample as sample_script
@@ -20,7 +21,7 @@ from lstm_jax.charlm.checkpoint import Checkpointer, load_run
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig
 from lstm_jax.charlm.sampling import generate, generate_stream
-from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc
+from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc, make_optimizer
 from lstm_jax.core.cells import make_cell
 from lstm_jax.layers.sequence import RecurrentStack
 
@@ -200,6 +201,45 @@ def test_weight_average_is_the_ema_of_the_trained_weights_and_resumes_bitwise(te
                  eval_params(state.params, state.opt_state))
 
 
+@pytest.mark.parametrize("name", ["rmsprop", "adam", "sgd", "adamw"])
+def test_weight_decay_is_decoupled_and_scaled_by_the_scheduled_rate(name):
+    """``weight_decay=wd`` adds ``-lr_t * wd * w`` to the optimizer's update of every matrix and
+    nothing to the biases, whatever the optimizer (the AdamW rule; adamw's own default replaced)."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params) for _ in range(3)]
+    base = "adam" if name == "adamw" else name  # adamw without decay is adam
+    with_decay = make_optimizer(name, 0.01, schedule="cosine", total_steps=3, weight_decay=0.5)
+    plain = make_optimizer(base, 0.01, schedule="cosine", total_steps=3)
+    s1, s0 = with_decay.init(params), plain.init(params)
+    for step, g in enumerate(grads):
+        u1, s1 = with_decay.update(g, s1, params)
+        u0, s0 = plain.update(g, s0, params)
+        lr = 0.01 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / 3)))  # the cosine to 10%
+        np.testing.assert_allclose(u1["w"] - u0["w"], -lr * 0.5 * params["w"], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(u1["b"], u0["b"], rtol=1e-6, atol=1e-8)
+        params = optax.apply_updates(params, u1)
+
+
+def test_adamw_weight_decay_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal((5, 3)).astype(np.float32)
+    grads = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(4)]
+    tx = make_optimizer("adamw", 1e-2, weight_decay=0.1)
+    params = {"w": jnp.asarray(w0)}
+    state = tx.init(params)
+    ref = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, eps=1e-8)
+    for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        ref.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(params["w"], ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(["--corpus", text_corpus, "--run-dir", run, "--epochs", 2, *TINY]) == 0
@@ -217,13 +257,19 @@ def test_train_and_sample_scripts_end_to_end(text_corpus, tmp_path, capsys):
 
 
 def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
-    """Kill a real train.py after its first checkpoint, rerun the same command: same metrics, same params."""
+    """Kill a real train.py after its first checkpoint, rerun the same command: same metrics, same params.
+
+    Every run is its own train.py process, as a user runs them: the device split and the layers
+    are chosen by measurement, cached per process layout, so all three read one choice (an
+    in-process run, with this test process's devices, could measure a different one)."""
     a, b = tmp_path / "a", tmp_path / "b"
     flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", "--recurrent-dropout", "0.25",
-             "--ema-decay", "0.9", *TINY]  # the weights' average (validated, sampled, loaded) resumes with the rest
-    assert _train(["--run-dir", a, *flags]) == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--run-dir", str(b), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+             "--ema-decay", "0.9", "--weight-decay", "0.01", *TINY]  # the average and the decay resume too
+    command = lambda run: [sys.executable, str(ROOT / "train.py"), "--run-dir", str(run), *flags]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    done = subprocess.run(command(a), **quiet, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    proc = subprocess.Popen(command(b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list((b / "checkpoints").glob("[0-9]*")) and proc.poll() is None:
@@ -231,7 +277,8 @@ def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert _train(["--run-dir", b, *flags]) == 0
+    done = subprocess.run(command(b), **quiet, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
     rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_bpc"], r["val_bpc"]) for r in rows(a)] == [(r["train_bpc"], r["val_bpc"]) for r in rows(b)]
     model_a, pa, _, _ = load_run(a)
@@ -255,6 +302,8 @@ def test_cli_bad_inputs_get_one_line_errors(text_corpus, tmp_path, capsys):
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r4", "--resume"], "holds no run"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r5", "--learning-rate", "-1"], "learning-rate"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r6", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r7", "--weight-decay", "-0.1"],
+         "--weight-decay must be a number >= 0"),
     ]
     for args, message in cases:
         assert _train(args + TINY) == 2

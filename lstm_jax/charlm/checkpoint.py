@@ -299,7 +299,7 @@ def load_run(run_dir: Path | str, which: str | int = "latest") -> tuple[CharLM, 
     model = CharLM(CharLMConfig(**config["model"]))
     train = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig) if f.name in config})
     tx = make_optimizer(train.optimizer, train.learning_rate, train.clip_norm, train.lr_schedule,
-                        ema_decay=train.ema_decay)
+                        ema_decay=train.ema_decay, weight_decay=train.weight_decay)
     params = model.init(jax.random.PRNGKey(0))
     target = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0),
                         model.initial_carry((train.batch_size,)))

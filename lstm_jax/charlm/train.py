@@ -114,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--chunk-steps", type=int, help="train steps per device dispatch [50]")
     add("--ema-decay", type=float, help="validate, sample and save for sampling an exponential moving average of "
                                         "the weights with this decay (Keras's ema_momentum, e.g. 0.99); 0 = off [0]")
+    add("--weight-decay", type=float, help="decoupled weight decay of the weight matrices, scaled by the learning "
+        "rate (Keras's weight_decay, PyTorch's AdamW); 0 = off [0]")
     add("--seed", type=int, help="[0]")
     add("--keep", type=int, help="checkpoints to keep besides the best [3]")
     add("--sample-length", type=int, help="characters per sample after each epoch [400]")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -43,9 +44,8 @@ from lstm_jax.core.host import machine_key
 from lstm_jax.dispatch import cache, measure
 from lstm_jax.layers import parallel
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "param_ema", "ParamEMAState",
-           "eval_params", "evaluate_bpc", "fastest_setup",
-           "fastest_device_count"]
+__all__ = ["TrainConfig", "TrainState", "Trainer", "Setup", "make_optimizer", "decayed_leaves", "param_ema",
+           "ParamEMAState", "eval_params", "evaluate_bpc", "fastest_setup", "fastest_device_count"]
 
 Array = jax.Array
 
@@ -64,6 +64,7 @@ class TrainConfig:
     chunk_steps: int = 50
     seed: int = 0
     ema_decay: float = 0.0  # > 0: keep an average of the weights for evaluation (param_ema); 0 disables it
+    weight_decay: float = 0.0  # decoupled weight decay of the weight matrices (make_optimizer); 0 disables it
 
     def __post_init__(self):
         if self.preset not in ("lm", "keras"):
@@ -80,6 +81,9 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1) (0 disables the average; Keras's "
                               f"ema_momentum is 0.99), got {self.ema_decay}.", "TrainConfig.ema_decay")
+        if not (0 <= self.weight_decay < math.inf):
+            raise ConfigError(f"TrainConfig.weight_decay must be a number >= 0 (0 disables it; Keras's AdamW uses "
+                              f"0.004), got {self.weight_decay}.", "TrainConfig.weight_decay")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.",
                               "TrainConfig.lr_schedule")
@@ -141,20 +145,46 @@ def eval_params(params, opt_state):
     return params if average is None else average.ema
 
 
+def decayed_leaves(params: Any) -> Any:
+    """The leaves decoupled weight decay applies to: arrays of two or more dimensions (the kernels
+    and the embedding), not the biases (as nanoGPT and most Flax recipes do)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
 def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, schedule: str = "constant",
-                   total_steps: int | Array = 1, ema_decay: float = 0.0) -> optax.GradientTransformation:
+                   total_steps: int | Array = 1, ema_decay: float = 0.0,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
     """RMSprop as Keras (rho 0.9, eps 1e-7 outside the square root), or any optax optimiser by name.
     ``schedule='cosine'`` decays the rate to 10% over ``total_steps`` (``cosine_schedule``; a
     traced value is allowed); the optimizer state's structure does not depend on it.
+
+    ``weight_decay > 0`` adds decoupled weight decay (Loshchilov and Hutter's AdamW rule, Keras 3's
+    ``weight_decay`` argument of every optimizer): each step also subtracts
+    ``lr_t * weight_decay * w`` from every weight matrix (``decayed_leaves``), ``lr_t`` the
+    scheduled rate, apart from the optimizer's own scaling of the gradient. For ``'adamw'`` it
+    replaces optax's default of 1e-4 (and ``'lion'`` keeps its own 1e-3 besides).
+
+    Warning: PyTorch's ``RMSprop(weight_decay=)`` and ``Adam(weight_decay=)`` are an L2 penalty
+    instead (``wd * w`` added to the gradient before the running RMS scales it), so the same
+    number decays differently there; PyTorch's ``AdamW`` is this rule. Keras decays every
+    variable unless excluded; here the biases are not decayed.
+
     ``ema_decay > 0`` chains ``param_ema(ema_decay)`` last."""
     lr = cosine_schedule(learning_rate, total_steps) if schedule == "cosine" else learning_rate
-    if name == "rmsprop":
-        opt = optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False)
-    elif name in ("adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief"):
-        opt = getattr(optax, name)(lr)
-    else:
+    if name not in ("rmsprop", "adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief"):
         raise ConfigError(f"optimizer {name!r} is not supported; use rmsprop, adam, adamw, sgd, "
                           "adagrad, lion, nadam or adabelief.", "optimizer")
+    if name == "adamw" and weight_decay > 0:
+        opt = optax.adamw(lr, weight_decay=weight_decay, mask=decayed_leaves)
+    elif weight_decay > 0:  # the direction at rate 1, the decay added, then the scheduled rate
+        direction = (optax.scale_by_rms(decay=0.9, eps=1e-7, eps_in_sqrt=False) if name == "rmsprop"
+                     else optax.chain(getattr(optax, name)(1.0), optax.scale(-1.0)))
+        opt = optax.chain(direction, optax.add_decayed_weights(weight_decay, mask=decayed_leaves),
+                          optax.scale_by_learning_rate(lr))
+    elif name == "rmsprop":
+        opt = optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False)
+    else:
+        opt = getattr(optax, name)(lr)
     opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
     return optax.chain(opt, param_ema(ema_decay)) if ema_decay > 0 else opt
 
@@ -210,7 +240,8 @@ class Trainer:
 
     def _optimizer(self, total_steps: int | Array) -> optax.GradientTransformation:
         c = self.config
-        return make_optimizer(c.optimizer, c.learning_rate, c.clip_norm, c.lr_schedule, total_steps, c.ema_decay)
+        return make_optimizer(c.optimizer, c.learning_rate, c.clip_norm, c.lr_schedule, total_steps, c.ema_decay,
+                              c.weight_decay)
 
     def init_state(self, key: Array | None = None) -> TrainState:
         """A fresh state, laid out on the mesh; built under jit so that every leaf is its own
