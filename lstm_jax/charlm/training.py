@@ -145,6 +145,10 @@ def eval_params(params, opt_state):
     return params if average is None else average.ema
 
 
+OPTIMIZERS = ("rmsprop", "adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief")
+KERAS_RMSPROP = dict(decay=0.9, eps=1e-7, eps_in_sqrt=False)  # Keras's rho and epsilon, outside the root
+
+
 def decayed_leaves(params: Any) -> Any:
     """The leaves decoupled weight decay applies to: arrays of two or more dimensions (the kernels
     and the embedding), not the biases (as nanoGPT and most Flax recipes do)."""
@@ -171,18 +175,18 @@ def make_optimizer(name: str, learning_rate: float, clip_norm: float = 0.0, sche
 
     ``ema_decay > 0`` chains ``param_ema(ema_decay)`` last."""
     lr = cosine_schedule(learning_rate, total_steps) if schedule == "cosine" else learning_rate
-    if name not in ("rmsprop", "adam", "adamw", "sgd", "adagrad", "lion", "nadam", "adabelief"):
-        raise ConfigError(f"optimizer {name!r} is not supported; use rmsprop, adam, adamw, sgd, "
-                          "adagrad, lion, nadam or adabelief.", "optimizer")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {name!r} is not supported; use {', '.join(OPTIMIZERS[:-1])} or "
+                          f"{OPTIMIZERS[-1]}.", "optimizer")
     if name == "adamw" and weight_decay > 0:
         opt = optax.adamw(lr, weight_decay=weight_decay, mask=decayed_leaves)
     elif weight_decay > 0:  # the direction at rate 1, the decay added, then the scheduled rate
-        direction = (optax.scale_by_rms(decay=0.9, eps=1e-7, eps_in_sqrt=False) if name == "rmsprop"
+        direction = (optax.scale_by_rms(**KERAS_RMSPROP) if name == "rmsprop"
                      else optax.chain(getattr(optax, name)(1.0), optax.scale(-1.0)))
         opt = optax.chain(direction, optax.add_decayed_weights(weight_decay, mask=decayed_leaves),
                           optax.scale_by_learning_rate(lr))
     elif name == "rmsprop":
-        opt = optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False)
+        opt = optax.rmsprop(lr, **KERAS_RMSPROP)
     else:
         opt = getattr(optax, name)(lr)
     opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
