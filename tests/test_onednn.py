@@ -356,6 +356,37 @@ def test_fastest_setup_does_not_time_auto_where_it_compiles_to_the_fused_layer(t
     assert (setup.devices, setup.impl, list(setup.seconds)) == (1, "fused", ["1:fused"])
 
 
+@needs_onednn
+def test_step_impls_offer_every_layer_on_onednn_only_where_a_layer_could_take_it(monkeypatch):
+    monkeypatch.delenv(onednn.ENV, raising=False)
+    assert plan.step_impls("lstm", 100, 32, 256) == ("fused", "auto", "onednn")
+    assert plan.step_impls("gru", 100, 32, 256) == ("fused", "auto", "onednn")
+    assert plan.step_impls("lstm", 20, 4, 16) == ("fused", "auto")  # under ONEDNN_MIN_LAYER_FLOPS
+    assert plan.step_impls("lstm", 100, 32, 256, recurrent_dropout=True) == ("fused", "auto")  # no hook for it
+    assert plan.step_impls("mingru", 100, 32, 256) == ("auto",)
+    assert plan.step_impls("lstm", 100, 32, 256, platform="tpu") == ("auto",)
+    monkeypatch.setenv(onednn.ENV, "0")
+    assert plan.step_impls("lstm", 100, 32, 256) == ("auto",)  # oneDNN switched off: nothing to choose
+
+
+@needs_onednn
+def test_fastest_setup_times_every_layer_on_onednn_once(text_corpus, tmp_path, monkeypatch):
+    """With the bound lowered, the tiny model's candidates are the fused layer, 'auto' and every
+    layer on oneDNN; 'auto' compiles to one of the other two, so two programs are timed."""
+    from lstm_jax.charlm.training import fastest_setup
+
+    monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(onednn.ENV, raising=False)
+    monkeypatch.setattr(plan, "ONEDNN_MIN_LAYER_FLOPS", 0)
+    model, train_ids = _tiny_lm(text_corpus)
+    config = TrainConfig(batch_size=4, seq_len=20)
+    setup = fastest_setup(model, config, train_ids, [1], steps=2, rounds=1)
+    assert len(setup.seconds) == 2 and "1:fused" in setup.seconds, setup.seconds
+    assert f"{setup.devices}:{setup.impl}" in setup.seconds
+    hlo = Trainer(model, config, train_ids, impl=setup.impl).lower(Trainer(model, config, train_ids).init_state(), 2)
+    assert ("lstm_jax_onednn" in hlo.as_text()) == (setup.impl != "fused")
+
+
 def test_the_simplest_candidate_is_kept_unless_a_later_one_is_ten_percent_faster():
     from lstm_jax.dispatch.measure import simplest_fast_enough
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,15 +41,17 @@ class Costs:
     epoch_end_s: float
 
 
-def measure_costs(trainer: Any, epoch_end: Callable[[Any], Any], min_chunks: int = 1, max_chunks: int = 5,
+def measure_costs(trainer: Any, epoch_end: Callable[[Any], Any], min_chunks: int = 3, max_chunks: int = 9,
                   min_seconds: float = 0.5) -> Costs:
     """Time ``trainer``'s compiled chunk and ``epoch_end(state)`` on a scratch state.
 
     Every chunk length an epoch uses (``chunk_steps`` and the epoch's remainder) compiles first,
     not timed, so that the run itself compiles nothing (``plan_total_steps`` with ``chunk_steps``
-    ends the run on those lengths too). Then chunks of ``chunk_steps`` steps are timed, at
-    least ``min_chunks`` and then more until ``min_seconds`` have passed or ``max_chunks`` ran
-    (short chunks are timed over many, long ones once). ``epoch_end`` (everything a run does at an
+    ends the run on those lengths too). Then chunks of ``chunk_steps`` steps are timed one by one,
+    at least ``min_chunks`` and then more until ``min_seconds`` have passed or ``max_chunks`` ran,
+    and the step costs the median chunk's time over its steps: on a shared machine one chunk can
+    run well off the pace of the next, and a plan from one slow chunk leaves that much
+    of the budget unused (a fast one is caught by ``Deadline``). ``epoch_end`` (everything a run does at an
     epoch's end: validation, samples, the checkpoint, the plot) runs three times and the slower of
     the last two counts (the first compiles what it needs). The scratch state is dropped: nothing
     here touches the run's own state.
@@ -58,11 +61,12 @@ def measure_costs(trainer: Any, epoch_end: Callable[[Any], Any], min_chunks: int
     scratch = trainer.init_state()
     for size in sorted(set(sizes), reverse=True):
         scratch, _ = trainer.run_chunk(scratch, size)  # compiles; its losses reached the host: done
-    chunks, start = 0, time.perf_counter()
-    while chunks < min_chunks or (chunks < max_chunks and time.perf_counter() - start < min_seconds):
-        scratch, _ = trainer.run_chunk(scratch, n)
-        chunks += 1
-    step_s = (time.perf_counter() - start) / (chunks * n)
+    seconds, start = [], time.perf_counter()
+    while len(seconds) < min_chunks or (len(seconds) < max_chunks and time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        scratch, _ = trainer.run_chunk(scratch, n)  # its losses reached the host: the chunk is done
+        seconds.append(time.perf_counter() - t0)
+    step_s = statistics.median(seconds) / n
     epoch_end(scratch)
     ends = []
     for _ in range(2):

@@ -38,7 +38,7 @@ import optax
 from jax.sharding import Mesh
 
 from lstm_jax import dispatch
-from lstm_jax.charlm.model import CharLM, cross_entropy, nats_to_bpc
+from lstm_jax.charlm.model import DTYPES, CharLM, cross_entropy, nats_to_bpc
 from lstm_jax.core.errors import ConfigError, CorpusError, NonFiniteLossError
 from lstm_jax.core.host import machine_key
 from lstm_jax.dispatch import cache, measure
@@ -369,12 +369,14 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     program runs a recurrent loop's small per-step products on about one core; whether that pays
     depends on the CPU and the model (``benchmarks/scaling.py`` and its results).
 
-    Layer ``impl`` (default: ``('fused', 'auto')`` where oneDNN is ready and the model is an LSTM
-    or GRU on CPU, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that layer alone
+    Layer ``impl`` (default: the dispatch's ``step_impls`` for each device count: ``'fused'``,
+    ``'auto'`` and ``'onednn'`` where oneDNN is ready and the model is an LSTM or GRU on CPU big
+    enough for it, else ``('auto',)``): ``'auto'`` puts each layer on oneDNN where that layer alone
     measured faster (``lstm_jax.dispatch``), but a layer alone is not the whole step (the head, the
-    optimizer and the devices' split change the balance), so the whole step decides. Where
-    ``'auto'`` compiles to the same program as ``'fused'`` (no layer took oneDNN) it is not timed
-    twice. With ``LSTM_JAX_DISPATCH=fixed`` nothing is timed: the first candidate is taken.
+    optimizer and the devices' split change the balance), so the whole step decides, ``'onednn'``
+    (every layer on it) included. Where ``'auto'`` compiles to the same program as ``'fused'`` (no
+    layer took oneDNN) or ``'onednn'`` (every layer did) it is not timed twice. With
+    ``LSTM_JAX_DISPATCH=fixed`` nothing is timed: the first candidate is taken.
 
     One compile per candidate, then ``rounds`` rounds of ``steps`` steps, the candidates taking
     turns, the median per step. Candidates are ordered from the simplest (fewest devices, the fused
@@ -382,30 +384,31 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     answer is cached per machine, model and training set-up (all of it but the learning rate, seed and chunk
     length; ``lstm_jax.dispatch.cache``), so a resumed or repeated run does not measure again.
     """
-    counts = sorted(set(counts))
-    if impls is None:
-        gated = model.config.cell in ("lstm", "gru") and dispatch.cpu_choices_apply(dispatch.current_platform())
-        impls = ("fused", "auto") if gated and dispatch.onednn_ready() else ("auto",)
-    impls = [dispatch.check_impl(i) for i in dict.fromkeys(impls)]
-    if len(counts) * len(impls) == 1 or not dispatch.measuring():
-        return Setup(counts[0], impls[0], {})
+    counts, c = sorted(set(counts)), model.config
+    if impls is None:  # the dispatch's candidates for this model, per device count (its rows per device)
+        per_count = {n: dispatch.step_impls(c.cell, config.seq_len, max(config.batch_size // n, 1), c.hidden_size,
+                                            DTYPES[c.dtype], c.recurrent_dropout > 0) for n in counts}
+    else:
+        per_count = {n: impls for n in counts}
+    candidates = [(n, dispatch.check_impl(i)) for n in counts for i in dict.fromkeys(per_count[n])]
+    if len(candidates) == 1 or not dispatch.measuring():
+        return Setup(*candidates[0], {})
     short = dataclasses.replace(config, chunk_steps=steps)
     free = ("learning_rate", "seed", "chunk_steps", "total_steps")  # no bearing on a step's cost
     cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
-    key = (f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{model.config}|{cost}|{counts}|"
-           f"{impls}")
+    key = (f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{model.config}|{cost}|"
+           f"{candidates}")
 
     def timed() -> dict:
         runs, programs = {}, set()
-        for n in counts:
-            for impl in impls:
-                trainer = Trainer(model, short, train_ids, epochs=1, mesh=parallel.data_mesh(n), impl=impl)
-                state = trainer.init_state()
-                hlo = trainer.lower(state, steps).as_text()
-                if (n, hlo) not in programs:  # 'auto' that took no oneDNN layer is 'fused' again
-                    programs.add((n, hlo))
-                    state, _ = trainer.run_chunk(state, steps)  # compile
-                    runs[f"{n}:{impl}"] = [trainer, state]
+        for n, impl in candidates:
+            trainer = Trainer(model, short, train_ids, epochs=1, mesh=parallel.data_mesh(n), impl=impl)
+            state = trainer.init_state()
+            hlo = trainer.lower(state, steps).as_text()
+            if (n, hlo) not in programs:  # 'auto' that took no oneDNN layer (or every one) is not timed twice
+                programs.add((n, hlo))
+                state, _ = trainer.run_chunk(state, steps)  # compile
+                runs[f"{n}:{impl}"] = [trainer, state]
 
         def chunk(k: str) -> np.ndarray:
             runs[k][1], losses = runs[k][0].run_chunk(runs[k][1], steps)  # losses on the host: waited for

@@ -27,10 +27,11 @@ from lstm_jax.dispatch.plan import (
     onednn_unavailable_reason,
     plan_layer,
     proposed_compute_dtype,
+    step_impls,
     transposed_carry_pays,
 )
 
 __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "embedding_route", "measuring", "onednn_ready",
            "onednn_threads", "onednn_unavailable_reason", "transposed_carry_pays", "cpu_choices_apply",
-           "cudnn_unsupported_reason", "current_platform", "likely_platform", "proposed_compute_dtype", "cache",
-           "measure", "switches"]
+           "cudnn_unsupported_reason", "current_platform", "likely_platform", "proposed_compute_dtype", "step_impls",
+           "cache", "measure", "switches"]

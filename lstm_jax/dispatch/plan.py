@@ -97,7 +97,7 @@ __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_ki
            "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS", "CUDNN_PLATFORMS", "CUDNN_FIXED",
            "cudnn_unsupported_reason", "cudnn_pays", "cpu_choices_apply", "proposed_compute_dtype", "likely_platform",
            "current_platform", "parallel_kind", "parallel_chunk",
-           "PARALLEL_MAX_BYTES", "MLSTM_CHUNK"]
+           "PARALLEL_MAX_BYTES", "MLSTM_CHUNK", "step_impls"]
 
 IMPLS = ("auto", "scan", "fused", "onednn", "cudnn", "parallel")
 PARALLEL_MAX_BYTES = 2 * 2**30  # the mLSTM's quadratic form (all its T x T blocks) must fit in this
@@ -483,6 +483,30 @@ def onednn_threads(steps: int, batch: int, features: int, hidden: int, dtype: An
         return {"threads": threads, "seconds": {str(k): t for k, t in seconds.items()}}
 
     return int(_decided(key, timed).get("threads", 0))
+
+
+def step_impls(cell: str, steps: int, rows: int, hidden: int, dtype: Any = None, recurrent_dropout: bool = False,
+               platform: str | None = None) -> tuple[str, ...]:
+    """The layer ``impl`` values worth timing on a whole training step (``charlm.fastest_setup``)
+    for a stack of ``cell`` (``make_cell``'s kind) layers of ``hidden`` units over ``steps`` steps
+    of ``rows`` sequences per device in compute ``dtype``: ``('fused', 'auto', 'onednn')`` on CPU where oneDNN is ready,
+    the cell is an LSTM or GRU without ``recurrent_dropout`` and a hidden-to-hidden layer's
+    training pass has at least ``ONEDNN_MIN_LAYER_FLOPS`` (rule 2's bound); ``('fused', 'auto')``
+    where oneDNN is ready but the layers are smaller; else ``('auto',)``.
+
+    ``'onednn'`` puts every layer on oneDNN, measured or not: rule 2 times a layer alone, on an
+    otherwise idle machine, and where one device per core splits the batch the whole step can
+    favour oneDNN where the layer alone did not (each device's calls then share the machine with
+    the other's). The whole step decides, and ``'auto'`` that compiles to the program of
+    ``'fused'`` or ``'onednn'`` is not timed twice."""
+    gates = onednn.GATES.get(cell) if cell in ("lstm", "gru") else None
+    if not (gates and cpu_choices_apply(current_platform(platform)) and onednn_ready()):
+        return ("auto",)
+    if recurrent_dropout or switches.onednn_mode() == "off" or not onednn.supports(steps, rows, hidden, hidden,
+                                                                                     dtype, cell):
+        return ("fused", "auto")
+    big = 6 * steps * rows * gates * hidden * 2 * hidden >= ONEDNN_MIN_LAYER_FLOPS
+    return ("fused", "auto", "onednn") if big else ("fused", "auto")
 
 
 def measured_steps(steps: int, rows: int, width: int) -> int:
