@@ -23,6 +23,7 @@ from lstm_jax.charlm.model import CharLM, CharLMConfig
 from lstm_jax.charlm.sampling import generate, generate_stream
 from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc, make_optimizer
 from lstm_jax.core.cells import make_cell
+from lstm_jax.core.errors import ConfigError
 from lstm_jax.layers.sequence import RecurrentStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,30 @@ def test_folded_embedding_equals_embedding_then_projection(cell):
     g_fold = jax.grad(lambda p: (folded(p) ** 2).mean())(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_fold, g_ref)
     assert float(jnp.abs(g_fold["embedding"]).max()) > 0
+
+
+def test_output_dropout_drops_the_last_layer_outputs_with_one_mask_per_sequence():
+    """With a key, the head sees the last layer's outputs times one keep-mask per sequence (the same
+    units zeroed at every step, the kept ones scaled by 1/(1-p)); each sequence's mask comes from its
+    own key; without a key the model is the one without output dropout."""
+    hidden, vocab, p = 4, 9, 0.5
+    model = CharLM(CharLMConfig(vocab, hidden_size=hidden, num_layers=2, embed_size=3, output_dropout=p))
+    params = model.init(jax.random.key(0))
+    params["head"] = {"kernel": jnp.eye(hidden, vocab), "bias": jnp.zeros(vocab)}  # logits[..., :H] = the outputs
+    tokens = jax.random.randint(jax.random.key(1), (64, 6), 0, vocab)
+    keys = jax.random.split(jax.random.key(2), 64)
+    plain = CharLM(dataclasses.replace(model.config, output_dropout=0.0))
+    ys = np.asarray(plain.apply(params, None, tokens, dropout_key=keys)[1][..., :hidden])
+    np.testing.assert_array_equal(model.apply(params, None, tokens)[1], plain.apply(params, None, tokens)[1])
+    dropped = np.asarray(model.apply(params, None, tokens, dropout_key=keys)[1][..., :hidden])
+    kept = dropped != 0
+    assert (kept == kept[:, :1]).all()  # one mask per sequence: the same units at every step
+    np.testing.assert_allclose(dropped[kept], ys[kept] / (1 - p), rtol=1e-6)
+    assert 0.3 < kept[:, 0].mean() < 0.7 and len({tuple(m) for m in kept[:, 0]}) > 4  # masks differ by sequence
+    half = np.asarray(model.apply(params, None, tokens[:8], dropout_key=keys[:8])[1][..., :hidden])
+    np.testing.assert_allclose(half, dropped[:8], rtol=1e-6)  # a sequence's mask is its key's alone
+    with pytest.raises(ConfigError, match=r"output_dropout must be in \[0, 1\)"):
+        CharLMConfig(vocab, output_dropout=1.0)
 
 
 @pytest.mark.parametrize("preset", [pytest.param("lm", marks=pytest.mark.gpu), "keras"])
@@ -264,7 +289,7 @@ def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
     in-process run, with this test process's devices, could measure a different one)."""
     a, b = tmp_path / "a", tmp_path / "b"
     flags = ["--corpus", str(text_corpus), "--epochs", "3", "--dropout", "0.2", "--recurrent-dropout", "0.25",
-             "--ema-decay", "0.9", "--weight-decay", "0.01", *TINY]  # the average and the decay resume too
+             "--output-dropout", "0.3", "--ema-decay", "0.9", "--weight-decay", "0.01", *TINY]  # all of them resume
     command = lambda run: [sys.executable, str(ROOT / "train.py"), "--run-dir", str(run), *flags]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     done = subprocess.run(command(a), **quiet, timeout=300)
@@ -284,6 +309,7 @@ def test_cli_resume_after_sigkill_equals_uninterrupted(text_corpus, tmp_path):
     model_a, pa, _, _ = load_run(a)
     _, pb, _, _ = load_run(b)
     assert model_a.config.recurrent_dropout == 0.25 and model_a.stack.recurrent_dropout == 0.25  # round trip
+    assert model_a.config.output_dropout == 0.3
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
@@ -304,6 +330,8 @@ def test_cli_bad_inputs_get_one_line_errors(text_corpus, tmp_path, capsys):
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r6", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r7", "--weight-decay", "-0.1"],
          "--weight-decay must be a number >= 0"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r8", "--output-dropout", "1"],
+         "--output-dropout must be in [0, 1)"),
     ]
     for args, message in cases:
         assert _train(args + TINY) == 2

@@ -28,11 +28,12 @@ import optax
 from lstm_jax.core.cells import make_cell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.products import matmul
-from lstm_jax.layers.sequence import RecurrentStack, fold_embedding
+from lstm_jax.layers.sequence import RecurrentStack, fold_embedding, sequence_masks
 
 __all__ = ["CharLMConfig", "CharLM", "cross_entropy", "nats_to_bpc"]
 
 Array = jax.Array
+OUTPUT_DROPOUT_SALT = 0x68656164  # fold_in data of the output dropout's masks, apart from the stack's
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
@@ -48,6 +49,7 @@ class CharLMConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of the matrix products; params stay float32
     recurrent_dropout: float = 0.0  # variational, on the state entering each layer's recurrent product
+    output_dropout: float = 0.0  # on the last layer's outputs before the output layer, one mask per sequence
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -60,6 +62,10 @@ class CharLMConfig:
             raise ConfigError(f"CharLMConfig.recurrent_dropout must be in [0, 1) (the fraction of the state dropped "
                               f"before each recurrent product), got {self.recurrent_dropout}.",
                               "CharLMConfig.recurrent_dropout")
+        if not 0.0 <= self.output_dropout < 1.0:
+            raise ConfigError(f"CharLMConfig.output_dropout must be in [0, 1) (the fraction of the last layer's "
+                              f"outputs dropped before the output layer), got {self.output_dropout}.",
+                              "CharLMConfig.output_dropout")
         if self.embed_size < 0:
             raise ConfigError(f"CharLMConfig.embed_size must be >= 0 (0 = one-hot input), got {self.embed_size}.",
                               "CharLMConfig.embed_size")
@@ -97,13 +103,24 @@ class CharLM:
     def apply(self, params: dict, carry: Any, tokens: Array, *, dropout_key: Array | None = None,
               remat: bool = False, impl: str = "auto", unroll: int | bool = 1) -> tuple[Any, Array]:
         """Tokens ``(*batch, T)`` int -> ``(carry, logits (*batch, T, V) float32)``; ``remat``,
-        ``impl`` and ``unroll`` as in ``scan_cell``."""
+        ``impl`` and ``unroll`` as in ``scan_cell``.
+
+        With a ``dropout_key`` (training; one key, or one per sequence as ``RecurrentStack``'s) the
+        stack drops what its rates say, and ``output_dropout`` drops the last layer's outputs before
+        the output layer: ``y_t * m / (1 - p)`` with one keep-mask ``m ~ Bernoulli(1 - p)`` per
+        sequence, drawn from ``fold_in(key, OUTPUT_DROPOUT_SALT)`` and used at every step (as the
+        stack's masks between layers). PyTorch's word-language-model example applies its
+        ``nn.Dropout`` there too, with a fresh mask per step. Without a key there is none."""
         params = self._embedding_in_first_layer(params)  # it folds it or feeds its rows to oneDNN (scan_cell)
         # Time-major through the stack and the head, so the head is one 2-D matmul: XLA:CPU
         # differentiates a product over (*batch, T) rows slower than over one axis of rows.
         carry, ys = self.stack.apply(params["rnn"], jnp.moveaxis(tokens, -1, 0), initial_carry=carry,
                                      time_major=True, dropout_key=dropout_key, remat=remat, impl=impl,
                                      unroll=unroll)
+        rate = self.config.output_dropout
+        if dropout_key is not None and rate > 0:
+            keep = sequence_masks(dropout_key, 1.0 - rate, ys.shape[1:-1], ys.shape[-1], salt=OUTPUT_DROPOUT_SALT)
+            ys = jnp.where(keep, ys / (1.0 - rate), jnp.zeros_like(ys))  # (B, H) masks over the (T, B, H) outputs
         head = params["head"]
         logits = matmul(ys.reshape(-1, ys.shape[-1]), head["kernel"], DTYPES[self.config.dtype], jnp.float32)
         return carry, jnp.moveaxis((logits + head["bias"]).reshape(*ys.shape[:-1], -1), 0, -2)

@@ -55,7 +55,8 @@ from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate
 from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.layers import parallel
 
-MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "recurrent_dropout", "dtype")
+MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "recurrent_dropout", "output_dropout",
+              "dtype")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
@@ -65,7 +66,8 @@ LENGTH_FLAGS = ("epochs", "total_steps", "minutes")  # a run's length: one of th
 RUN_KEYS = ("run_dir", "resume", "devices", "cpu_devices", "coordinator", "num_processes", "process_id",
             "peer_timeout", "distributed", "started", "cpu_devices_auto")
 DEFAULTS = dict(
-    cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, recurrent_dropout=0.0, dtype="float32",
+    cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, recurrent_dropout=0.0, output_dropout=0.0,
+    dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
     corpus="state_union", val_from_year=2002, epochs=5, minutes=None,
     keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
@@ -102,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--dropout", type=float, help="dropout between recurrent layers [0]")
     add("--recurrent-dropout", type=float,
         help="variational dropout on the state entering each layer's recurrent product, one mask per sequence [0]")
+    add("--output-dropout", type=float,
+        help="dropout on the last layer's outputs before the output layer, one mask per sequence [0]")
     add("--dtype", choices=["float32", "bfloat16"],
         help="compute dtype of the matmuls; params and state stay float32 [bfloat16 on TPU, else float32]")
     add("--batch-size", type=int, help="parallel streams (lm) or windows (keras) per step [64]")
@@ -144,7 +148,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None, platform: str |
     config = {**DEFAULTS, **proposed, **preset, **(saved or {}), **given}
     check_length(given, saved, args.run_dir)
     if saved:
-        clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k)]
+        clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k, DEFAULTS.get(k))]
         if clash:
             k = clash[0]
             raise CheckpointError(

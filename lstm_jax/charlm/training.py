@@ -290,7 +290,7 @@ class Trainer:
         carry = state.carry if self.config.preset == "lm" else self.model.initial_carry((b,))
         # one dropout key per sequence: the masks do not depend on how the batch is split
         c = self.model.config
-        dropout = c.dropout > 0 or c.recurrent_dropout > 0
+        dropout = c.dropout > 0 or c.recurrent_dropout > 0 or c.output_dropout > 0
         keys = jax.random.split(jax.random.fold_in(state.key, state.step), b) if dropout else None
         (loss, carry), grads = self._value_and_grad(state.params, carry, x, y, keys)
         updates, opt_state = self._optimizer(total_steps).update(grads, state.opt_state, state.params)
