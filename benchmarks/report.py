@@ -176,14 +176,15 @@ def quality() -> str:
         ours = out["runs"]["lstm_jax"]
         torch = out["runs"].get("torch")
         runs.append((short_cpu(out, path.stem), min(r["val_bpc"] for r in ours), path.stem, out, ours, torch))
-    lines = ["| result file | machine | flags | devices | steps | best validation bpc | PyTorch reference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| result file | machine | flags | minutes | devices | steps | best validation bpc | PyTorch reference |",
+             "|---|---|---|---|---|---|---|---|"]
     for cpu, best, stem, out, ours, torch in sorted(runs, key=lambda r: (r[0], r[1])):
         ref = f"{min(r['val_bpc'] for r in torch):.3f} ({torch[-1]['step']:,} steps)" if torch else "-"
         ema = ours[-1].get("val_bpc_ema")
         average = f" (the weights' average: {ema:.3f})" if ema else ""
         lines.append(f"| [{stem}](../benchmarks/results/{stem}.md) | {cpu} | {_flags(out['command'])} | "
-                     f"{out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f}{average} | {ref} |")
+                     f"{out['minutes']:g} | {out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f}{average} | "
+                     f"{ref} |")
     return "\n".join(lines)
 
 

@@ -361,7 +361,7 @@ class Setup(NamedTuple):
 
 
 def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, counts: Sequence[int] = (1,),
-                  impls: Sequence[str] | None = None, steps: int = 4, rounds: int = 3) -> Setup:
+                  impls: Sequence[str] | None = None, steps: int = 8, rounds: int = 5) -> Setup:
     """Which device count of ``counts`` (this process's first devices) and which layer ``impl``
     train ``model`` fastest here, timed on real ``Trainer`` steps.
 
@@ -379,10 +379,13 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     ``LSTM_JAX_DISPATCH=fixed`` nothing is timed: the first candidate is taken.
 
     One compile per candidate, then ``rounds`` rounds of ``steps`` steps, the candidates taking
-    turns, the median per step. Candidates are ordered from the simplest (fewest devices, the fused
-    layer first); a later one must beat the best earlier one by ``dispatch.measure.MARGIN``. The
-    answer is cached per machine, model and training set-up (all of it but the learning rate, seed and chunk
-    length; ``lstm_jax.dispatch.cache``), so a resumed or repeated run does not measure again.
+    turns, the median per step: on a shared machine a short timing can pick either of two
+    candidates a tenth apart, and the compiles cost more than these steps. Candidates are ordered
+    from the simplest (fewest devices, the fused layer first); a later one must beat the best
+    earlier one by ``dispatch.measure.MARGIN``. The answer is cached per machine, model and
+    training set-up (all of it but the learning rate, seed and chunk length, and of the weight
+    average and decay only whether they are on; ``lstm_jax.dispatch.cache``), so a resumed or
+    repeated run does not measure again.
     """
     counts, c = sorted(set(counts)), model.config
     if impls is None:  # the dispatch's candidates for this model, per device count (its rows per device)
@@ -396,6 +399,7 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     short = dataclasses.replace(config, chunk_steps=steps)
     free = ("learning_rate", "seed", "chunk_steps", "total_steps")  # no bearing on a step's cost
     cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
+    cost.update(ema_decay=config.ema_decay > 0, weight_decay=config.weight_decay > 0)  # on or off, not how much
     key = (f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{model.config}|{cost}|"
            f"{candidates}")
 
