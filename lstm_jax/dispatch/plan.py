@@ -499,7 +499,7 @@ def step_impls(cell: str, steps: int, rows: int, hidden: int, dtype: Any = None,
     favour oneDNN where the layer alone did not (each device's calls then share the machine with
     the other's). The whole step decides, and ``'auto'`` that compiles to the program of
     ``'fused'`` or ``'onednn'`` is not timed twice."""
-    gates = onednn.GATES.get(cell) if cell in ("lstm", "gru") else None
+    gates = onednn.GATES.get(cell)  # the LSTM and GRU only
     if not (gates and cpu_choices_apply(current_platform(platform)) and onednn_ready()):
         return ("auto",)
     if recurrent_dropout or switches.onednn_mode() == "off" or not onednn.supports(steps, rows, hidden, hidden,
