@@ -28,7 +28,7 @@ import optax
 from lstm_jax.core.cells import make_cell
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.core.products import matmul
-from lstm_jax.layers.sequence import RecurrentStack, fold_embedding, sequence_masks
+from lstm_jax.layers.sequence import RecurrentStack, apply_keep_mask, fold_embedding, sequence_masks
 
 __all__ = ["CharLMConfig", "CharLM", "cross_entropy", "nats_to_bpc"]
 
@@ -120,7 +120,7 @@ class CharLM:
         rate = self.config.output_dropout
         if dropout_key is not None and rate > 0:
             keep = sequence_masks(dropout_key, 1.0 - rate, ys.shape[1:-1], ys.shape[-1], salt=OUTPUT_DROPOUT_SALT)
-            ys = jnp.where(keep, ys / (1.0 - rate), jnp.zeros_like(ys))  # (B, H) masks over the (T, B, H) outputs
+            ys = apply_keep_mask(ys, keep, rate)  # (B, H) masks over the (T, B, H) outputs
         head = params["head"]
         logits = matmul(ys.reshape(-1, ys.shape[-1]), head["kernel"], DTYPES[self.config.dtype], jnp.float32)
         return carry, jnp.moveaxis((logits + head["bias"]).reshape(*ys.shape[:-1], -1), 0, -2)

@@ -172,6 +172,12 @@ def check_rate(where: str, name: str, rate: Any) -> float:
     return float(rate)
 
 
+def apply_keep_mask(x: Array, keep: Array, rate: float) -> Array:
+    """Inverted dropout with a boolean ``keep`` mask (broadcast against ``x``): ``x / (1 - rate)``
+    where kept, zero elsewhere, so the expected value of every unit is unchanged."""
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def sequence_masks(key: Array, keep: float, batch_shape: tuple[int, ...], width: int, salt: int) -> Array:
     """Boolean keep-masks ``(*batch, width)`` from ``fold_in(key, salt)``: one key for the whole
     batch, or one key per sequence (a key array of shape ``batch_shape``, typed or raw), in which
@@ -211,7 +217,7 @@ def _input_dropout(cell: Cell, params: dict, x: Array, rate: float, key: Array, 
         params = {k: v for k, v in params.items() if k != "embedding"}
         cell = dataclasses.replace(cell, token_inputs=False)
     keep = sequence_masks(key, 1.0 - rate, batch_shape, x.shape[-1], salt=0)
-    return cell, params, jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return cell, params, apply_keep_mask(x, keep, rate)
 
 
 def _run_fused(cell: Cell, params: dict, x_proj: Array, carry: Any, batch_shape: tuple, reverse: bool,
@@ -442,7 +448,7 @@ class RecurrentStack:
                 if masks is None:  # all layers' masks at once, shaped like a layer's output (*batch, F)
                     masks = _dropout_masks(dropout_key, self.num_layers - 1, 1.0 - self.dropout, x.shape[1:],
                                            max(self.cell.feature_ndim, 1))
-                x = jnp.where(masks[layer], x / (1.0 - self.dropout), jnp.zeros_like(x))
+                x = apply_keep_mask(x, masks[layer], self.dropout)
         per_example = max(self.cell.feature_ndim, 1)  # the outputs' trailing axes: features, or spatial + channels
         return carries, (x if time_major else jnp.moveaxis(x, 0, x.ndim - 1 - per_example))
 
