@@ -332,6 +332,7 @@ def test_cli_bad_inputs_get_one_line_errors(text_corpus, tmp_path, capsys):
          "--weight-decay must be a number >= 0"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r8", "--output-dropout", "1"],
          "--output-dropout must be in [0, 1)"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r9", "--dropout", "1"], "--dropout must be in [0, 1)"),
     ]
     for args, message in cases:
         assert _train(args + TINY) == 2

@@ -35,6 +35,11 @@ __all__ = ["CharLMConfig", "CharLM", "cross_entropy", "nats_to_bpc"]
 Array = jax.Array
 OUTPUT_DROPOUT_SALT = 0x68656164  # fold_in data of the output dropout's masks, apart from the stack's
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+_RATES = {  # CharLMConfig's dropout rates: what each one drops
+    "dropout": "of each layer's outputs dropped before the next layer",
+    "recurrent_dropout": "of the state dropped before each recurrent product",
+    "output_dropout": "of the last layer's outputs dropped before the output layer",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +63,11 @@ class CharLMConfig:
         if self.vocab_size < 2:
             raise ConfigError(f"CharLMConfig.vocab_size must be at least 2, got {self.vocab_size}; the corpus needs "
                               "more than one distinct character.", "CharLMConfig.vocab_size")
-        if not 0.0 <= self.recurrent_dropout < 1.0:
-            raise ConfigError(f"CharLMConfig.recurrent_dropout must be in [0, 1) (the fraction of the state dropped "
-                              f"before each recurrent product), got {self.recurrent_dropout}.",
-                              "CharLMConfig.recurrent_dropout")
-        if not 0.0 <= self.output_dropout < 1.0:
-            raise ConfigError(f"CharLMConfig.output_dropout must be in [0, 1) (the fraction of the last layer's "
-                              f"outputs dropped before the output layer), got {self.output_dropout}.",
-                              "CharLMConfig.output_dropout")
+        for name, what in _RATES.items():
+            rate = getattr(self, name)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+                raise ConfigError(f"CharLMConfig.{name} must be in [0, 1) (the fraction {what}), got {rate!r}.",
+                                  f"CharLMConfig.{name}")
         if self.embed_size < 0:
             raise ConfigError(f"CharLMConfig.embed_size must be >= 0 (0 = one-hot input), got {self.embed_size}.",
                               "CharLMConfig.embed_size")
