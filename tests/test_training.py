@@ -333,11 +333,21 @@ def test_cli_bad_inputs_get_one_line_errors(text_corpus, tmp_path, capsys):
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r8", "--output-dropout", "1"],
          "--output-dropout must be in [0, 1)"),
         (["--corpus", text_corpus, "--run-dir", tmp_path / "r9", "--dropout", "1"], "--dropout must be in [0, 1)"),
+        # options the model, the trainer or the epoch's end would meet only later: refused before anything is written
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r10", "--hidden-size", "0"], "--hidden-size must be"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r11", "--clip-norm", "-1"], "--clip-norm must be >= 0"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r12", "--sample-length", "0"],
+         "--sample-length must be a positive number"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r13", "--temperatures", "0.5", "-1"],
+         "--temperatures must be >= 0"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r14", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--corpus", text_corpus, "--run-dir", tmp_path / "r15", "--keep", "0"], "--keep must be at least 1"),
     ]
     for args, message in cases:
-        assert _train(args + TINY) == 2
+        assert _train(args[:4] + TINY + args[4:]) == 2  # the flag under test last, over TINY's
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert not (Path(args[3]) / "config.json").exists(), args
 
     assert _train(["--corpus", text_corpus, "--run-dir", run, "--epochs", 1, *TINY]) == 0
     capsys.readouterr()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -63,6 +64,11 @@ class CharLMConfig:
         if self.vocab_size < 2:
             raise ConfigError(f"CharLMConfig.vocab_size must be at least 2, got {self.vocab_size}; the corpus needs "
                               "more than one distinct character.", "CharLMConfig.vocab_size")
+        for name, what in (("hidden_size", "units per layer"), ("num_layers", "recurrent layers")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"CharLMConfig.{name} must be an int >= 1 ({what}), got {value!r}.",
+                                  f"CharLMConfig.{name}")
         for name, what in _RATES.items():
             rate = getattr(self, name)
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:

@@ -50,7 +50,7 @@ from lstm_jax.charlm.checkpoint import (
 )
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
-from lstm_jax.charlm.sampling import generate
+from lstm_jax.charlm.sampling import check_sampling_args, generate
 from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc, fastest_setup
 from lstm_jax.core.errors import CheckpointError, ConfigError, LstmJaxError, NonFiniteLossError
 from lstm_jax.layers import parallel
@@ -147,6 +147,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None, platform: str |
     proposed = {"dtype": dispatch.proposed_compute_dtype(dispatch.current_platform(platform))}
     config = {**DEFAULTS, **proposed, **preset, **(saved or {}), **given}
     check_length(given, saved, args.run_dir)
+    check_run_options(config)
     if saved:
         clash = [k for k in FIXED_KEYS if k in given and given[k] != saved.get(k, DEFAULTS.get(k))]
         if clash:
@@ -160,6 +161,21 @@ def resolve_config(args: argparse.Namespace, saved: dict | None, platform: str |
 def _as_typed(value):
     """A flag's value as a user would type it: ``1`` for the float 1.0, ``0.5`` for 0.5."""
     return f"{value:g}" if isinstance(value, float) else value
+
+
+def check_run_options(config: dict) -> None:
+    """This script's own options (what the model and the trainer do not check): one sentence each,
+    before anything is read or written, not at the first epoch's end."""
+    for key, what in (("epochs", "epochs to train to"), ("eval_streams", "parallel streams for validation"),
+                      ("keep", "checkpoints to keep besides the best")):
+        value = config[key]
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1 ({what}), got {value}.")
+    try:
+        check_sampling_args(list(config["temperatures"]), config["sample_length"])
+    except ConfigError as err:
+        flag = {"temperatures": "--temperatures", "length": "--sample-length"}[err.argument]
+        raise ConfigError(err.in_words_of({err.argument: flag}), flag) from None
 
 
 def check_length(given: dict, saved: dict | None, run_dir) -> None:

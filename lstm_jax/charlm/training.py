@@ -75,6 +75,9 @@ class TrainConfig:
         if self.total_steps < 0:
             raise ConfigError(f"TrainConfig.total_steps must be >= 0 (0: epochs x steps per epoch), got "
                               f"{self.total_steps}.", "TrainConfig.total_steps")
+        if not self.clip_norm >= 0:
+            raise ConfigError(f"TrainConfig.clip_norm must be >= 0 (0 = no clipping), got {self.clip_norm}.",
+                              "TrainConfig.clip_norm")
         if not self.learning_rate > 0:
             raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.",
                               "TrainConfig.learning_rate")
