@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from lstm_jax.charlm import train as train_script  # train.py's defaults are wha
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
 from lstm_jax.charlm.training import TrainConfig, Trainer, eval_params, evaluate_bpc, fastest_setup
+from lstm_jax.core.errors import ConfigError, LstmJaxError
 from lstm_jax.layers import parallel
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +82,10 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
     costs = budget.measure_costs(trainer, lambda state: None)  # compiled, timed on a scratch state
     total = trainer.schedule_steps = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch,
                                                              chunk_steps=trainer.config.chunk_steps)
+    if total < 1:
+        least = max(0.1, math.ceil(100 * costs.step_s / 60) / 100)
+        raise ConfigError(f"--minutes {minutes:g} holds no train step here ({1e3 * costs.step_s:.0f} ms per step); "
+                          f"give --minutes {least:g} or more.", "--minutes")
     print(f"lstm_jax {1e3 * costs.step_s:.1f} ms per step: {total} steps planned", flush=True)
     state = trainer.init_state()
     curve, train_s, next_eval, recent = [], 0.0, eval_every * 60, []
@@ -206,7 +212,21 @@ def main() -> None:
     p.add_argument("--same-params", action="store_true",
                    help="set --hidden-size so the model has about as many parameters as train.py's default model")
     args, flags = p.parse_known_args()
+    for name in ("minutes", "eval_every"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number of minutes, got {getattr(args, name):g}.")
+    if not re.fullmatch(r"[\w.-]+", args.tag):
+        p.error(f"--tag names the result files under benchmarks/results/ (letters, digits, '-', '_', '.'), got "
+                f"{args.tag!r}; pass a plain name such as quality-mine.")
     train_args = train_script.parse_args(flags)
+    try:
+        run(p, args, train_args, on_cpu)
+    except LstmJaxError as err:  # bad input met on the way (a model flag, the corpus): one line, exit 2
+        p.error(err.in_words_of(train_script.FLAGS))
+
+
+def run(p: argparse.ArgumentParser, args: argparse.Namespace, train_args: argparse.Namespace, on_cpu: bool) -> None:
+    """The runs ``main`` asked for, their results written under ``--tag``."""
     if train_args.epochs is not None or train_args.total_steps is not None:
         p.error("the run's length and schedule are planned from --minutes here; drop --epochs and --total-steps.")
     if on_cpu:

@@ -1,6 +1,7 @@
 """Bad and unusual input: long samples, damaged checkpoints, leftovers, locked run folders, odd text."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -350,3 +351,24 @@ def test_unretrieved_read_failures_of_a_reported_checkpoint_are_not_logged_and_o
         assert logged() == []
         unretrieved(other)
         assert len(logged()) == 1 and str(other) in logged()[0]
+
+
+def test_quality_benchmark_refuses_bad_input_in_one_line_and_writes_nothing(text_corpus, tmp_path):
+    """``benchmarks/quality.py``: a bad flag of its own or of train.py's, or a budget that holds no
+    step, exits 2 with one error line naming the flag, and no result file appears."""
+    env = {**os.environ, "LSTM_JAX_DISPATCH": "fixed", "LSTM_JAX_CACHE_DIR": str(tmp_path / "cache")}
+    tiny = ["--corpus", text_corpus, "--hidden-size", "8", "--batch-size", "2", "--seq-len", "5", "--eval-streams", "2"]
+    cases = [(["--minutes", "0"], "--minutes must be a positive number of minutes"),
+             (["--eval-every", "-1"], "--eval-every must be a positive number of minutes"),
+             (["--tag", tmp_path / "elsewhere"], "--tag names the result files"),
+             ([*tiny, "--num-layers", "0"], "--num-layers must be an int >= 1"),
+             ([*tiny, "--minutes", "1e-9"], "holds no train step here")]
+    for args, message in cases:
+        tag = [] if "--tag" in args else ["--tag", "scratch-bad-input-test"]
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", *map(str, args), *tag], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert not list((ROOT / "benchmarks" / "results").glob("scratch-bad-input-test*"))
+        assert not (tmp_path / "elsewhere.json").exists()
