@@ -212,14 +212,14 @@ def main() -> None:
     p.add_argument("--same-params", action="store_true",
                    help="set --hidden-size so the model has about as many parameters as train.py's default model")
     args, flags = p.parse_known_args()
-    for name in ("minutes", "eval_every"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number of minutes, got {getattr(args, name):g}.")
+    if not args.eval_every > 0:
+        p.error(f"--eval-every must be a positive number of minutes, got {args.eval_every:g}.")
     if not re.fullmatch(r"[\w.-]+", args.tag):
         p.error(f"--tag names the result files under benchmarks/results/ (letters, digits, '-', '_', '.'), got "
                 f"{args.tag!r}; pass a plain name such as quality-mine.")
     train_args = train_script.parse_args(flags)
     try:
+        train_script.check_length({"minutes": args.minutes}, None, None)  # train.py's rule for --minutes
         run(p, args, train_args, on_cpu)
     except LstmJaxError as err:  # bad input met on the way (a model flag, the corpus): one line, exit 2
         p.error(err.in_words_of(train_script.FLAGS))
