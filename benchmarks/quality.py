@@ -73,13 +73,23 @@ def same_size_hidden(config: dict, vocab_size: int) -> int:
 
 
 def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float,
-                 devices: int = 1, impl: str = "auto") -> tuple[list[dict], float]:
-    """The validation curve of a ``minutes``-long run, and the planned step time in seconds."""
-    model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
+                 devices: int = 1, impl: str = "auto", chosen: tuple[str, ...] = ()) -> tuple[list[dict], float]:
+    """The validation curve of a ``minutes``-long run, and the planned step time in seconds.
+    ``chosen``: what ``--recipe auto`` decides here (``'dropout'``: by the steps expected from the
+    timed step, as train.py does; ``config`` records the choice)."""
     mesh = parallel.data_mesh(devices)
-    trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
-                      config["epochs"], mesh, impl)
-    costs = budget.measure_costs(trainer, lambda state: None)  # compiled, timed on a scratch state
+
+    def timed_trainer() -> tuple[Trainer, budget.Costs]:
+        model = CharLM(CharLMConfig(vocab_size, **{k: config[k] for k in train_script.MODEL_KEYS}))
+        trainer = Trainer(model, TrainConfig(**{k: config[k] for k in train_script.TRAIN_KEYS}), train_ids,
+                          config["epochs"], mesh, impl)
+        return trainer, budget.measure_costs(trainer, lambda state: None)  # compiled, timed on a scratch state
+
+    trainer, costs = timed_trainer()
+    if "dropout" in chosen and train_script.recipe_dropout(config, trainer.steps_per_epoch, minutes * 60,
+                                                           costs.step_s, print):
+        trainer, costs = timed_trainer()  # the budget counts training time only: timing again costs none of it
+    model = trainer.model
     total = trainer.schedule_steps = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch,
                                                              chunk_steps=trainer.config.chunk_steps)
     if total < 1:
@@ -232,6 +242,8 @@ def run(p: argparse.ArgumentParser, args: argparse.Namespace, train_args: argpar
     if on_cpu:
         parallel.cpu_devices_per_core(train_args.cpu_devices)  # as train.py: one CPU device per core
     config = train_script.resolve_config(train_args, None)
+    chosen = train_script.recipe_keys(train_args, None, config)
+    train_script.recipe_before_model(config, chosen, print)
     most = parallel.devices_for_batch(config["batch_size"])
     corpus = load_corpus(config["corpus"])
     train_text, val_text = split_documents(corpus, config["val_from_year"])
@@ -251,11 +263,11 @@ def run(p: argparse.ArgumentParser, args: argparse.Namespace, train_args: argpar
                                                train_ids, counts)
         print(f"CPU set-up (devices:layers): {seconds}; training on {devices}:{impl}", flush=True)
     curve, step_s = run_lstm_jax(config, train_ids, val_ids, len(vocab), args.minutes, args.eval_every, devices,
-                                 impl)
+                                 impl, chosen)
     runs = {"lstm_jax": curve}
     if args.peer == "torch":
         runs["torch"] = run_torch(train_ids, val_ids, len(vocab), args.minutes, args.eval_every)
-    config_out = {k: config[k] for k in train_script.MODEL_KEYS + train_script.TRAIN_KEYS}
+    config_out = {k: config[k] for k in train_script.MODEL_KEYS + train_script.TRAIN_KEYS + ("recipe",)}
     out = dict(minutes=args.minutes, corpus=corpus.source, config=config_out, machine=machine.describe(),
                cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(), devices=devices, layers=impl,
                params=params, step_ms=1e3 * step_s, runs=runs,

@@ -362,7 +362,8 @@ def test_quality_benchmark_refuses_bad_input_in_one_line_and_writes_nothing(text
              (["--eval-every", "-1"], "--eval-every must be a positive number of minutes"),
              (["--tag", tmp_path / "elsewhere"], "--tag names the result files"),
              ([*tiny, "--num-layers", "0"], "--num-layers must be an int >= 1"),
-             ([*tiny, "--minutes", "1e-9"], "holds no train step here")]
+             ([*tiny, "--minutes", "1e-9"], "holds no train step here"),
+             ([*tiny, "--recipe", "auto", "--preset", "keras"], "--recipe auto chooses flags for the stateful")]
     for args, message in cases:
         tag = [] if "--tag" in args else ["--tag", "scratch-bad-input-test"]
         proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", *map(str, args), *tag], cwd=ROOT, env=env,

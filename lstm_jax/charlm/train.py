@@ -5,6 +5,7 @@
     lstm-jax-train --corpus my_texts/ --run-dir runs/mine --epochs 20
     lstm-jax-train --run-dir runs/char-lstm --epochs 8     # resumes the run in that folder
     lstm-jax-train --minutes 8 --run-dir runs/8min  # as many steps as fit in 8 minutes here, cosine to the end
+    lstm-jax-train --minutes 8 --recipe auto        # ... with dtype, dropout and weight decay chosen for this machine
     lstm-jax-train --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # one line per host
 
 (``python train.py ...`` in a clone of the repository runs the same.)
@@ -40,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lstm_jax import dispatch, runtime
-from lstm_jax.charlm import budget
+from lstm_jax.charlm import budget, recipe
 from lstm_jax.charlm.checkpoint import (
     Checkpointer,
     RunLock,
@@ -60,7 +61,7 @@ MODEL_KEYS = ("cell", "hidden_size", "num_layers", "embed_size", "dropout", "rec
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DATA_KEYS = ("corpus", "val_from_year")
 # Must match when resuming; the learning rate and chunking may change (the optimizer state keeps its shape).
-FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS + ("minutes",)
+FIXED_KEYS = tuple(k for k in MODEL_KEYS + TRAIN_KEYS + DATA_KEYS + ("minutes", "recipe")
                    if k not in ("learning_rate", "chunk_steps"))
 LENGTH_FLAGS = ("epochs", "total_steps", "minutes")  # a run's length: one of them
 RUN_KEYS = ("run_dir", "resume", "devices", "cpu_devices", "coordinator", "num_processes", "process_id",
@@ -69,7 +70,7 @@ DEFAULTS = dict(
     cell="lstm", hidden_size=256, num_layers=2, embed_size=64, dropout=0.0, recurrent_dropout=0.0, output_dropout=0.0,
     dtype="float32",
     **{**dataclasses.asdict(TrainConfig()), "learning_rate": 8e-3, "lr_schedule": "cosine"},
-    corpus="state_union", val_from_year=2002, epochs=5, minutes=None,
+    corpus="state_union", val_from_year=2002, epochs=5, minutes=None, recipe="none",
     keep=3, sample_length=400, temperatures=[0.2, 0.5, 1.0, 1.2], eval_streams=16,
 )
 # Library argument names -> this script's flags, for error messages (LstmJaxError.in_words_of).
@@ -95,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--total-steps", type=int, help="train this many steps instead of whole epochs (the cosine spans them)")
     add("--minutes", type=float, help="train for this many minutes of wall-clock time: the step count (and the "
                                       "cosine's length) is planned from this machine's measured speed")
+    add("--recipe", choices=list(recipe.RECIPES),
+        help="'auto': choose --dtype (timed here), --weight-decay and --dropout (by the run's step count) for this "
+             "machine, the flags given winning (docs/performance.md) [none]")
     add("--preset", choices=["lm", "keras"], help="'lm': stateful next-char LM (default); 'keras': the lesson's set-up")
     add("--cell", choices=["lstm", "gru", "mgu", "rnn", "leaky_rnn", "mingru", "minlstm", "slstm", "mlstm"],
         help="recurrent cell [lstm]")
@@ -171,6 +175,7 @@ def check_run_options(config: dict) -> None:
         value = config[key]
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1 ({what}), got {value}.")
+    recipe.check_recipe(config["recipe"], config["preset"])
     try:
         check_sampling_args(list(config["temperatures"]), config["sample_length"])
     except ConfigError as err:
@@ -280,6 +285,45 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
     return total, costs
 
 
+def recipe_keys(args: argparse.Namespace, saved: dict | None, config: dict) -> tuple[str, ...]:
+    """What ``--recipe auto`` chooses in this run: the flags of ``recipe.KEYS`` not given, for a new
+    run (a resumed one keeps its saved choices)."""
+    if saved or config["recipe"] != "auto":
+        return ()
+    return tuple(k for k in recipe.KEYS if getattr(args, k, None) is None)
+
+
+def recipe_before_model(config: dict, chosen: tuple[str, ...], say) -> None:
+    """``--recipe auto``'s choices that precede the model: the compute dtype (timed here, cached)
+    and the weight decay; the dropout starts off, decided by ``recipe_dropout``."""
+    if "dtype" in chosen:
+        config["dtype"], seconds = dispatch.compute_dtype(config["cell"], config["seq_len"], config["batch_size"],
+                                                          config["hidden_size"])
+        timed = " against ".join(f"{k} {1e3 * v:.3g} ms" for k, v in seconds.items())
+        say(f"--recipe auto: --dtype {config['dtype']}" + (f" (a layer's training pass: {timed}; cached)"
+                                                            if timed else ""))
+    if "weight_decay" in chosen:
+        config["weight_decay"] = recipe.WEIGHT_DECAY
+        say(f"--recipe auto: --weight-decay {recipe.WEIGHT_DECAY:g}")
+    if "dropout" in chosen:
+        config["dropout"] = 0.0
+
+
+def recipe_dropout(config: dict, steps_per_epoch: int, seconds_left: float, step_s: float | None, say) -> bool:
+    """``--recipe auto``'s dropout, by the run's steps: ``--total-steps`` or ``--epochs`` give them;
+    a ``--minutes`` budget expects ``seconds_left / step_s``. Whether the model changed."""
+    if config["total_steps"]:
+        steps, how = config["total_steps"], "steps"
+    elif config["minutes"]:
+        steps, how = recipe.expected_steps(seconds_left, step_s), "steps expected in the budget"
+    else:
+        steps, how = config["epochs"] * steps_per_epoch, f"steps in {config['epochs']} epochs"
+    config["dropout"] = recipe.regularisation(steps)["dropout"]
+    say(f"--recipe auto: --dropout {config['dropout']:g} (about {steps:,} {how}; dropout from "
+        f"{recipe.DROPOUT_FROM_STEPS:,})")
+    return config["dropout"] != 0.0
+
+
 def start_processes(args: argparse.Namespace) -> parallel.PeerWatchdog | None:
     """Join a multi-process run when asked to (flags or JAX's environment variables)."""
     flags = (args.coordinator, args.num_processes, args.process_id)
@@ -301,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and saved is None:
         raise CheckpointError(f"--resume was given but {run_dir} holds no run; drop --resume to start one.")
     config = resolve_config(args, saved)
+    chosen = recipe_keys(args, saved, config)
+    recipe_before_model(config, chosen, say)
     on_cpu = dispatch.cpu_choices_apply(dispatch.current_platform())
     auto = args.devices is None and getattr(args, "cpu_devices_auto", None) and on_cpu
     mesh = parallel.data_mesh(1 if auto else args.devices)
@@ -314,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
     train_config = TrainConfig(**{k: config[k] for k in TRAIN_KEYS})
     most = parallel.devices_for_batch(config["batch_size"]) if auto else mesh.size
-    impl = "auto"
+    impl, setup = "auto", None
     if on_cpu and jax.process_count() == 1:
         # one device per core, and the fused or the oneDNN LSTM layer, where measured faster here (cached)
         setup = fastest_setup(model, train_config, train_ids, sorted({mesh.size, most}))
@@ -325,6 +371,14 @@ def run(args: argparse.Namespace) -> int:
     say(f"train {len(train_ids):,} / validation {len(val_ids):,} characters, vocabulary {len(vocab)}; "
         f"{mesh.size} device(s) in {jax.process_count()} process(es), {jax.devices()[0].platform}")
     trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
+    if "dropout" in chosen:  # by the steps this run will have: known, or forecast from the step just timed
+        step_s = setup.seconds.get(f"{setup.devices}:{impl}") if setup else None
+        if config["minutes"] and not config["total_steps"] and not step_s:
+            step_s = budget.measure_costs(trainer, lambda state: None, min_chunks=1).step_s
+        left = 60 * config["minutes"] - (time.monotonic() - started) if config["minutes"] else 0.0
+        if recipe_dropout(config, trainer.steps_per_epoch, left, step_s, say):
+            model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
+            trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch
     deadline = None
     if config["minutes"] and not config["total_steps"]:  # a new budget run: its length, measured and fixed

@@ -16,6 +16,7 @@ from lstm_jax.dispatch.plan import (
     IMPLS,
     Plan,
     check_impl,
+    compute_dtype,
     cpu_choices_apply,
     cudnn_unsupported_reason,
     current_platform,
@@ -33,5 +34,6 @@ from lstm_jax.dispatch.plan import (
 
 __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "embedding_route", "measuring", "onednn_ready",
            "onednn_threads", "onednn_unavailable_reason", "transposed_carry_pays", "cpu_choices_apply",
-           "cudnn_unsupported_reason", "current_platform", "likely_platform", "proposed_compute_dtype", "step_impls",
+           "cudnn_unsupported_reason", "current_platform", "likely_platform", "proposed_compute_dtype", "compute_dtype",
+           "step_impls",
            "cache", "measure", "switches"]

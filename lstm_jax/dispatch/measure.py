@@ -24,8 +24,8 @@ from lstm_jax.kernels import cudnn, onednn
 from lstm_jax.kernels.fused import fused_gru, fused_lstm, recurrent_product
 from lstm_jax.kernels.parallel_scan import mlstm_parallel
 
-__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "cudnn_layer", "mlstm_forms",
-           "MARGIN"]
+__all__ = ["median_seconds", "simplest_fast_enough", "layouts", "onednn_layer", "compute_dtypes", "cudnn_layer",
+           "mlstm_forms", "MARGIN"]
 
 MARGIN = 1.1  # a more complex candidate must be this much faster than a simpler one: a choice, not noise
 
@@ -89,15 +89,35 @@ def onednn_layer(steps: int, batch: int, features: int, hidden: int, dtype: Any 
     ``(features, embed)`` with its gradient: a gather from the folded table for the fused layer,
     ``route`` (``'rows'`` or ``'one_hot'``) for oneDNN, as ``scan_cell`` runs them. ``fused``:
     the fused layer's ``(transposed, loop_factors)``, as its plan would run it."""
-    cpu = jax.devices("cpu")[0]
-    gates = onednn.GATES[cell]
-    rng = np.random.default_rng(0)
+    passes = _layer_passes(steps, batch, features, hidden, dtype, threads, tokens, cell, embed, route, fused)
+    return _timed_passes(passes, _layer_arrays(steps, batch, features, hidden, onednn.GATES[cell], tokens, embed),
+                         rounds)
+
+
+def compute_dtypes(steps: int, batch: int, hidden: int, cell: str = "lstm",
+                   threads: dict[str, tuple[int, ...]] | None = None,
+                   fused: dict[str, tuple[bool, bool]] | None = None, rounds: int = 5) -> dict:
+    """Median seconds of a hidden-to-hidden LSTM or GRU layer's training pass (``hidden`` inputs
+    and units) in float32 and in bfloat16 products, keyed ``(dtype name, candidate)``: each dtype's
+    fused layer (``fused[name]``: its ``(transposed, loop_factors)``) and oneDNN's with each count
+    in ``threads[name]`` (none where oneDNN does not run that dtype here), all taking turns on the
+    CPU, so a slow spell of the machine hits both dtypes alike."""
+    threads, fused = threads or {}, fused or {}
+    passes = {}
+    for name in ("float32", "bfloat16"):
+        one = _layer_passes(steps, batch, hidden, hidden, jnp.dtype(name), threads.get(name, ()), False, cell, 0,
+                            "one_hot", fused.get(name, (False, False)))
+        passes.update({(name, k): f for k, f in one.items()})
+    return _timed_passes(passes, _layer_arrays(steps, batch, hidden, hidden, onednn.GATES[cell]), rounds)
+
+
+def _layer_passes(steps: int, batch: int, features: int, hidden: int, dtype: Any, threads, tokens: bool, cell: str,
+                  embed: int, route: str, fused: tuple[bool, bool]) -> dict[Any, Callable]:
+    """The training passes ``onednn_layer`` times, as functions of ``_layer_arrays``' arrays (the
+    loss whose gradient is the pass): ``'fused'`` and oneDNN's with each count in ``threads``."""
     embed = embed if tokens else 0
-    arrays = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
-              ((steps, batch, features), (embed or features, gates * hidden), (hidden, gates * hidden),
-               (gates * hidden,), (gates * hidden,), (features, embed or 1))]
     zeros = np.zeros((batch, hidden), np.float32)
-    ids = rng.integers(0, features, (steps, batch)).astype(np.int32)
+    ids = np.random.default_rng(0).integers(0, features, (steps, batch)).astype(np.int32)
 
     def fused_layer(x, w_x, w_h, b, b_h, table):
         if embed:
@@ -114,10 +134,27 @@ def onednn_layer(steps: int, batch: int, features: int, hidden: int, dtype: Any 
             return jnp.sum(onednn.onednn_gru(x, w_x, w_h, b, b_h, zeros, dtype, threads)[1])
         return jnp.sum(onednn.onednn_lstm(x, w_x, w_h, b, zeros, zeros, dtype, threads)[2])
 
-    candidates = {"fused": fused_layer, **{k: functools.partial(through_onednn, threads=k) for k in threads}}
+    return {"fused": fused_layer, **{k: functools.partial(through_onednn, threads=k) for k in threads}}
+
+
+def _layer_arrays(steps: int, batch: int, features: int, hidden: int, gates: int, tokens: bool = False,
+                  embed: int = 0) -> list[np.ndarray]:
+    """The arguments of a ``_layer_passes`` pass: inputs, input and recurrent kernels, the two biases
+    and the embedding table (a dummy column without ``embed``)."""
+    rng = np.random.default_rng(0)
+    embed = embed if tokens else 0
+    return [rng.standard_normal(s).astype(np.float32) * 0.1 for s in
+            ((steps, batch, features), (embed or features, gates * hidden), (hidden, gates * hidden),
+             (gates * hidden,), (gates * hidden,), (features, embed or 1))]
+
+
+def _timed_passes(passes: dict[Any, Callable], arrays: list[np.ndarray], rounds: int) -> dict:
+    """Median seconds of each pass's gradient over ``arrays``, each compiled first, the passes
+    taking turns on the CPU."""
+    cpu = jax.devices("cpu")[0]
     with jax.ensure_compile_time_eval(), jax.default_device(cpu):
         args = [jax.device_put(a, cpu) for a in arrays]
-        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))) for k, f in candidates.items()}
+        runs = {k: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))) for k, f in passes.items()}
         for run in runs.values():
             jax.block_until_ready(run(*args))  # compile
         return median_seconds({k: functools.partial(run, *args) for k, run in runs.items()}, rounds)

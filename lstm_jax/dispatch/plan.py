@@ -95,7 +95,8 @@ __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_ki
            "loop_factors", "onednn_threads", "onednn_ready", "onednn_unavailable_reason", "input_route",
            "embedding_route", "measuring", "decisions", "LAYOUT_STEP_FLOPS", "ONEDNN_MIN_LAYER_FLOPS",
            "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS", "CUDNN_PLATFORMS", "CUDNN_FIXED",
-           "cudnn_unsupported_reason", "cudnn_pays", "cpu_choices_apply", "proposed_compute_dtype", "likely_platform",
+           "cudnn_unsupported_reason", "cudnn_pays", "cpu_choices_apply", "proposed_compute_dtype", "compute_dtype",
+           "likely_platform",
            "current_platform", "parallel_kind", "parallel_chunk",
            "PARALLEL_MAX_BYTES", "MLSTM_CHUNK", "step_impls"]
 
@@ -236,6 +237,43 @@ def proposed_compute_dtype(platform: str) -> str:
     names none: ``'bfloat16'`` on TPU (its matrix units' native type; params and the carried
     state stay float32), else ``'float32'``."""
     return "bfloat16" if platform == "tpu" else "float32"
+
+
+def compute_dtype(cell: str, steps: int, rows: int, hidden: int, platform: str | None = None) -> tuple[str, dict]:
+    """The compute dtype (``'float32'`` or ``'bfloat16'``) whose ``cell`` layers of ``hidden``
+    units over ``steps`` steps of ``rows`` sequences train fastest here, and the seconds behind the
+    choice (empty where none were timed): what ``train.py --recipe auto`` runs in.
+
+    On CPU, for an LSTM or GRU (``make_cell``'s ``'lstm'``, ``'gru'``): a hidden-to-hidden layer's
+    training pass is timed in both dtypes (``measure.compute_dtypes``), each on the kernels rules 2
+    and 3 would choose from (the fused layer, and oneDNN with 1 or ``cores_per_device()`` threads
+    where it runs that dtype here: bf16 needs AVX512-BF16 or AMX), and bf16 is taken where its
+    fastest pass beats float32's by ``measure.MARGIN``: on a CPU with bf16 units the products run
+    at several times float32's rate, on AVX2 alone they are converted and run no faster. Elsewhere,
+    for other cells, or with ``LSTM_JAX_DISPATCH=fixed``: ``proposed_compute_dtype``, untimed.
+    Cached per machine and shape, as rule 2's choices."""
+    platform = current_platform(platform)
+    proposal = proposed_compute_dtype(platform)
+    if not (cpu_choices_apply(platform) and measuring() and cell in onednn.GATES):
+        return proposal, {}
+    cores = onednn.cores_per_device()
+    timed_steps = measured_steps(steps, rows, hidden + onednn.GATES[cell] * hidden)
+    usable = onednn_ready() and switches.onednn_mode() != "off"
+    threads = {name: tuple(sorted({1, cores})) if usable and onednn.supports(timed_steps, rows, hidden, hidden,
+                                                                               jnp.dtype(name), cell) else ()
+               for name in ("float32", "bfloat16")}
+    key = (f"{machine_key()}|compute-dtype|{cell}|v{ONEDNN_MEASURE_VERSION}|{timed_steps}x{rows}x{hidden}|"
+           f"{cores} cores|onednn {threads}")
+
+    def timed() -> dict:
+        fused = {name: (transposed_carry_pays(rows, hidden, onednn.GATES[cell], name), loop_factors(hidden))
+                 for name in threads}
+        seconds = measure.compute_dtypes(timed_steps, rows, hidden, cell, threads, fused, ROUNDS)
+        best = {name: min(t for (n, _), t in seconds.items() if n == name) for name in threads}
+        return {"dtype": measure.simplest_fast_enough(best), "seconds": best}
+
+    entry = _decided(key, timed)
+    return str(entry["dtype"]), dict(entry["seconds"])
 
 
 def measuring() -> bool:
