@@ -34,7 +34,8 @@ def test_recipe_dropout_counts_the_steps_of_each_kind_of_run():
              ({"total_steps": None, "minutes": None, "epochs": 5}, n // 25, 0.0, None, 0.0)]
     for config, spe, left, step_s, dropout in cases:
         config = {**config, "dropout": 0.0}
-        assert train_script.recipe_dropout(config, spe, left, step_s, quiet) == (dropout > 0), config
+        assert train_script.recipe_dropout(config, *train_script.run_steps(config, spe, left, step_s), quiet) == (
+            dropout > 0), config
         assert config["dropout"] == dropout, config
 
 

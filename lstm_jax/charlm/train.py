@@ -309,15 +309,19 @@ def recipe_before_model(config: dict, chosen: tuple[str, ...], say) -> None:
         config["dropout"] = 0.0
 
 
-def recipe_dropout(config: dict, steps_per_epoch: int, seconds_left: float, step_s: float | None, say) -> bool:
-    """``--recipe auto``'s dropout, by the run's steps: ``--total-steps`` or ``--epochs`` give them;
-    a ``--minutes`` budget expects ``seconds_left / step_s``. Whether the model changed."""
+def run_steps(config: dict, steps_per_epoch: int, seconds_left: float, step_s: float | None) -> tuple[int, str]:
+    """The steps this run will train, and how they are known: ``--total-steps`` or ``--epochs``
+    give them; a ``--minutes`` budget expects ``seconds_left / step_s`` (``recipe.expected_steps``)."""
     if config["total_steps"]:
-        steps, how = config["total_steps"], "steps"
-    elif config["minutes"]:
-        steps, how = recipe.expected_steps(seconds_left, step_s), "steps expected in the budget"
-    else:
-        steps, how = config["epochs"] * steps_per_epoch, f"steps in {config['epochs']} epochs"
+        return config["total_steps"], "steps"
+    if config["minutes"]:
+        return recipe.expected_steps(seconds_left, step_s or 0.0), "steps expected in the budget"
+    return config["epochs"] * steps_per_epoch, f"steps in {config['epochs']} epochs"
+
+
+def recipe_dropout(config: dict, steps: int, how: str, say) -> bool:
+    """``--recipe auto``'s dropout for a run of ``steps`` steps (``how``: where that count comes
+    from, for the message). Whether it turned the dropout on, so the model changed."""
     config["dropout"] = recipe.regularisation(steps)["dropout"]
     say(f"--recipe auto: --dropout {config['dropout']:g} (about {steps:,} {how}; dropout from "
         f"{recipe.DROPOUT_FROM_STEPS:,})")
@@ -376,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         if config["minutes"] and not config["total_steps"] and not step_s:
             step_s = budget.measure_costs(trainer, lambda state: None, min_chunks=1).step_s
         left = 60 * config["minutes"] - (time.monotonic() - started) if config["minutes"] else 0.0
-        if recipe_dropout(config, trainer.steps_per_epoch, left, step_s, say):
+        if recipe_dropout(config, *run_steps(config, trainer.steps_per_epoch, left, step_s), say):
             model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
             trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch
