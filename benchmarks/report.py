@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lstm_jax.charlm import recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "results"
 EXPER = ROOT / "experiments" / "results"
@@ -148,8 +150,9 @@ def generation() -> str:
 # ---- quality, scaling, allocator, layout, Flax modules -------------------------------------------
 
 
-def _flags(command: str) -> str:
-    """The command's flags that change the run (not the budget, the tag or the evaluation spacing)."""
+def _flags(command: str, config: dict | None = None) -> str:
+    """The command's flags that change the run (not the budget, the tag or the evaluation spacing);
+    with ``--recipe auto``, what it chose (from the run's ``config``)."""
     words = shlex.split(command)
     words = words[next(i for i, w in enumerate(words) if "quality" in w) + 1:]
     kept, skip = [], False
@@ -160,7 +163,13 @@ def _flags(command: str) -> str:
             skip = True
         else:
             kept.append(w)
-    return f"`{' '.join(kept)}`" if kept else "(train.py's defaults)"
+    flags = f"`{' '.join(kept)}`" if kept else "(train.py's defaults)"
+    if (config or {}).get("recipe") == "auto":
+        chosen = " ".join(f"--{k.replace('_', '-')} {config[k]:g}" if isinstance(config[k], float) else
+                          f"--{k.replace('_', '-')} {config[k]}" for k in recipe.KEYS if f"--{k.replace('_', '-')}"
+                          not in kept)
+        flags += f" (chose `{chosen}`)"
+    return flags
 
 
 CELLS_RUN = "quality-cells-"  # the per-cell runs at equal size have a table of their own (quality_cells)
@@ -182,9 +191,9 @@ def quality() -> str:
         ref = f"{min(r['val_bpc'] for r in torch):.3f} ({torch[-1]['step']:,} steps)" if torch else "-"
         ema = ours[-1].get("val_bpc_ema")
         average = f" (the weights' average: {ema:.3f})" if ema else ""
-        lines.append(f"| [{stem}](../benchmarks/results/{stem}.md) | {cpu} | {_flags(out['command'])} | "
-                     f"{out['minutes']:g} | {out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f}{average} | "
-                     f"{ref} |")
+        flags = _flags(out["command"], out.get("config"))
+        lines.append(f"| [{stem}](../benchmarks/results/{stem}.md) | {cpu} | {flags} | {out['minutes']:g}"
+                     f" | {out.get('devices', 1)} | {ours[-1]['step']:,} | {best:.3f}{average} | {ref} |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The oneDNN LSTM layer (lstm_jax.onednn) against the pure-JAX layers: values, gradients, the
 model and Trainer, several devices, the measured choice, and what a wrong request gets."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -337,8 +338,13 @@ def test_fastest_setup_times_whole_trainer_steps_for_each_layer_and_caches_the_a
     assert set(setup.seconds) == {"1:fused", "1:auto"} and all(s > 0 for s in setup.seconds.values())
     expected = "fused" if setup.seconds["1:fused"] < 1.1 * setup.seconds["1:auto"] else "auto"
     assert (setup.devices, setup.impl) == (1, expected)
+    dropped = fastest_setup(CharLM(dataclasses.replace(model.config, output_dropout=0.1)), config, train_ids, [1],
+                            steps=2, rounds=1)  # a dropout turned on: another program, timed
     monkeypatch.setattr(Trainer, "run_chunk", lambda *a: pytest.fail("measured again"))
     assert fastest_setup(model, config, train_ids, [1], steps=2, rounds=1) == setup
+    # how much is dropped changes no step's cost: read back, not timed
+    assert fastest_setup(CharLM(dataclasses.replace(model.config, output_dropout=0.3)), config, train_ids, [1],
+                         steps=2, rounds=1) == dropped
     trainer = Trainer(model, config, train_ids, impl=setup.impl)  # what train.py then builds
     hlo = trainer.lower(trainer.init_state(), 2).as_text()
     assert ("lstm_jax_onednn" in hlo) == (setup.impl == "auto")

@@ -386,9 +386,9 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     candidates a tenth apart, and the compiles cost more than these steps. Candidates are ordered
     from the simplest (fewest devices, the fused layer first); a later one must beat the best
     earlier one by ``dispatch.measure.MARGIN``. The answer is cached per machine, model and
-    training set-up (all of it but the learning rate, seed and chunk length, and of the weight
-    average and decay only whether they are on; ``lstm_jax.dispatch.cache``), so a resumed or
-    repeated run does not measure again.
+    training set-up (all of it but the learning rate, seed and chunk length, and of the dropout
+    rates, the weight average and the decay only whether they are on: how much changes no step's
+    cost; ``lstm_jax.dispatch.cache``), so a resumed or repeated run does not measure again.
     """
     counts, c = sorted(set(counts)), model.config
     if impls is None:  # the dispatch's candidates for this model, per device count (its rows per device)
@@ -403,8 +403,9 @@ def fastest_setup(model: CharLM, config: TrainConfig, train_ids: np.ndarray, cou
     free = ("learning_rate", "seed", "chunk_steps", "total_steps")  # no bearing on a step's cost
     cost = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
     cost.update(ema_decay=config.ema_decay > 0, weight_decay=config.weight_decay > 0)  # on or off, not how much
-    key = (f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{model.config}|{cost}|"
-           f"{candidates}")
+    shape = {**dataclasses.asdict(c), **{k: getattr(c, k) > 0 for k in ("dropout", "recurrent_dropout",
+                                                                        "output_dropout")}}  # on or off too
+    key = f"{machine_key()}|trainer|onednn v{dispatch.plan.ONEDNN_MEASURE_VERSION}|{shape}|{cost}|{candidates}"
 
     def timed() -> dict:
         runs, programs = {}, set()
