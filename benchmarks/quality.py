@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks import machine
 from lstm_jax import dispatch, runtime
-from lstm_jax.charlm import budget, recipe
+from lstm_jax.charlm import budget
 from lstm_jax.charlm import train as train_script  # train.py's defaults are what is measured
 from lstm_jax.charlm.data import Vocabulary, load_corpus, split_documents
 from lstm_jax.charlm.model import CharLM, CharLMConfig, nats_to_bpc
@@ -86,8 +86,9 @@ def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: flo
         return trainer, budget.measure_costs(trainer, lambda state: None)  # compiled, timed on a scratch state
 
     trainer, costs = timed_trainer()
-    expected = recipe.expected_steps(minutes * 60, costs.step_s), "steps expected in the budget"
-    if "dropout" in chosen and train_script.recipe_dropout(config, *expected, print):
+    planned = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch,
+                                      chunk_steps=trainer.config.chunk_steps), "steps planned for the budget"
+    if "dropout" in chosen and train_script.recipe_dropout(config, *planned, print):
         trainer, costs = timed_trainer()  # the budget counts training time only: timing again costs none of it
     model = trainer.model
     total = trainer.schedule_steps = budget.plan_total_steps(minutes * 60, costs, trainer.steps_per_epoch,

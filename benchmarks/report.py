@@ -21,8 +21,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lstm_jax.charlm import recipe
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "results"
 EXPER = ROOT / "experiments" / "results"
@@ -164,11 +162,11 @@ def _flags(command: str, config: dict | None = None) -> str:
         else:
             kept.append(w)
     flags = f"`{' '.join(kept)}`" if kept else "(train.py's defaults)"
-    if (config or {}).get("recipe") == "auto":
-        chosen = " ".join(f"--{k.replace('_', '-')} {config[k]:g}" if isinstance(config[k], float) else
-                          f"--{k.replace('_', '-')} {config[k]}" for k in recipe.KEYS if f"--{k.replace('_', '-')}"
-                          not in kept)
-        flags += f" (chose `{chosen}`)"
+    if (config or {}).get("recipe") == "auto":  # what it chose: the flags of recipe.KEYS not given
+        given = {w.split("=")[0] for w in kept}
+        chosen = [(f"--{k.replace('_', '-')}", config[k]) for k in ("dtype", "weight_decay", "dropout")]
+        flags += " (chose `" + " ".join(f"{f} {v:g}" if isinstance(v, float) else f"{f} {v}"
+                                        for f, v in chosen if f not in given) + "`)"
     return flags
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import time
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from lstm_jax.charlm import budget
+from lstm_jax.charlm import budget, recipe
 from lstm_jax.charlm import train as train_script
 from lstm_jax.charlm.checkpoint import load_run
 from lstm_jax.charlm.data import Vocabulary, load_corpus
@@ -95,10 +96,11 @@ def test_cosine_with_a_traced_length_is_optax_cosine_and_is_not_compiled_again(t
 
 
 def test_budget_run_ends_in_time_and_resumes_bitwise_on_its_saved_plan(text_corpus, tmp_path, capsys):
-    """A --minutes run plans its length and lands its last checkpoint inside the budget (where the
-    machine turns slower than planned, the guard stops it short and a resume finishes the plan); the
-    same folder cut back to an earlier checkpoint and resumed (with no flags) follows the saved plan
-    to the same params, bitwise."""
+    """A --minutes run (with --recipe auto's choices, the dropout by the steps forecast) plans its
+    length and lands its last checkpoint inside the budget (where the machine turns slower than
+    planned, the guard stops it short and a resume finishes the plan); the same folder cut back to
+    an earlier checkpoint and resumed (with no flags) follows the saved plan to the same params,
+    bitwise."""
     a, b = tmp_path / "a", tmp_path / "b"
     minutes = 1.0  # set-up (compiling, timing) takes 15-30 s of it on a busy 2-core machine
     # both runs in this process after JAX has started: train.py splits the CPU into one device per
@@ -106,11 +108,14 @@ def test_budget_run_ends_in_time_and_resumes_bitwise_on_its_saved_plan(text_corp
     jax.devices()
     start = time.monotonic()
     assert _train(["--corpus", text_corpus, "--val-from-year", 1992, "--run-dir", a, "--minutes", minutes,
-                   *TINY]) == 0
+                   "--recipe", "auto", *TINY]) == 0
     elapsed = time.monotonic() - start
     out = capsys.readouterr().out
     config = json.loads((a / "config.json").read_text())
     total = config["total_steps"]
+    # --recipe auto: the dropout by the steps forecast from the timed set-up, the model built with it
+    forecast = int(re.search(r"--recipe auto: --dropout \S+ \(about ([\d,]+) steps forecast", out)[1].replace(",", ""))
+    assert config["model"]["dropout"] == recipe.regularisation(forecast, 2)["dropout"]
     assert "planned" in out and (f"done: {total:,} steps" in out or f"of the planned {total:,}" in out)
     # The guard's arithmetic is checked exactly on a fake clock (above); on the real clock of a
     # shared machine (CI runs tests side by side on two cores) the last chunk and epoch end can run

@@ -6,34 +6,33 @@ import json
 import pytest
 
 from lstm_jax import dispatch
-from lstm_jax.charlm import recipe
+from lstm_jax.charlm import budget, recipe
 from lstm_jax.charlm import train as train_script
 from lstm_jax.core.errors import ConfigError
 from lstm_jax.dispatch import cache, measure
 from tests.test_training import TINY, _train
 
 
-def test_regularisation_turns_dropout_on_at_the_step_threshold():
-    few, many = recipe.regularisation(recipe.DROPOUT_FROM_STEPS - 1), recipe.regularisation(recipe.DROPOUT_FROM_STEPS)
-    assert few == {"weight_decay": recipe.WEIGHT_DECAY, "dropout": 0.0}
-    assert many == {"weight_decay": recipe.WEIGHT_DECAY, "dropout": recipe.DROPOUT}
-    assert recipe.expected_steps(60.0, 0.02) == 3000 and recipe.expected_steps(-5.0, 0.02) == 0
-    assert recipe.expected_steps(60.0, 0.0) == 0
+def test_regularisation_turns_dropout_on_at_the_step_threshold_between_layers():
+    n = recipe.DROPOUT_FROM_STEPS
+    assert recipe.regularisation(n - 1, 2) == {"weight_decay": recipe.WEIGHT_DECAY, "dropout": 0.0}
+    assert recipe.regularisation(n, 2) == {"weight_decay": recipe.WEIGHT_DECAY, "dropout": recipe.DROPOUT}
+    assert recipe.regularisation(10 * n, 1)["dropout"] == 0.0  # it drops between layers: one has none
 
 
 def test_recipe_dropout_counts_the_steps_of_each_kind_of_run():
-    """``--total-steps`` and ``--epochs`` give the steps; a ``--minutes`` budget expects the seconds
-    left over the timed step."""
+    """``--total-steps`` and ``--epochs`` give the steps; a ``--minutes`` budget forecasts the timed
+    steps that fit in the seconds left, the plan's margin kept."""
     n = recipe.DROPOUT_FROM_STEPS
     quiet = lambda *a, **k: None  # noqa: E731
+    fit = 480.0 * (1 - budget.MARGIN)  # the seconds a plan fills
     cases = [({"total_steps": n, "minutes": None, "epochs": 1}, 100, 0.0, None, recipe.DROPOUT),
-             ({"total_steps": n - 1, "minutes": 8, "epochs": 1}, 100, 480.0, 0.001, 0.0),  # total_steps wins
-             ({"total_steps": None, "minutes": 8, "epochs": 5}, 100, 480.0, 480.0 / n, recipe.DROPOUT),
-             ({"total_steps": None, "minutes": 8, "epochs": 5}, 100, 480.0, 480.0 / (n - 1) * 1.001, 0.0),
+             ({"total_steps": None, "minutes": 8, "epochs": 5}, 100, 480.0, fit / n * 0.999, recipe.DROPOUT),
+             ({"total_steps": None, "minutes": 8, "epochs": 5}, 100, 480.0, fit / n * 1.001, 0.0),
              ({"total_steps": None, "minutes": None, "epochs": 25}, n // 25, 0.0, None, recipe.DROPOUT),
              ({"total_steps": None, "minutes": None, "epochs": 5}, n // 25, 0.0, None, 0.0)]
     for config, spe, left, step_s, dropout in cases:
-        config = {**config, "dropout": 0.0}
+        config = {**config, "dropout": 0.0, "num_layers": 2}
         assert train_script.recipe_dropout(config, *train_script.run_steps(config, spe, left, step_s), quiet) == (
             dropout > 0), config
         assert config["dropout"] == dropout, config
@@ -65,7 +64,8 @@ def test_compute_dtype_takes_what_measured_faster_and_caches_it(monkeypatch):
     assert dispatch.compute_dtype("lstm", 24, 8, 96) == ("float32", {})
 
 
-def test_cli_recipe_auto_chooses_the_flags_not_given_and_a_resume_keeps_them(text_corpus, tmp_path, capsys):
+def test_cli_recipe_auto_chooses_the_flags_not_given_and_a_resume_keeps_them(text_corpus, tmp_path, capsys,
+                                                                              monkeypatch):
     run = tmp_path / "run"
     assert _train(["--corpus", text_corpus, "--run-dir", run, "--total-steps", 6, "--recipe", "auto", *TINY]) == 0
     out = capsys.readouterr().out
@@ -78,6 +78,17 @@ def test_cli_recipe_auto_chooses_the_flags_not_given_and_a_resume_keeps_them(tex
     out = capsys.readouterr().out
     assert "--recipe auto" not in out and "resumed" in out
     assert json.loads((run / "config.json").read_text()) == config
+
+    monkeypatch.setattr(recipe, "DROPOUT_FROM_STEPS", 5)  # 6 steps now count as many: dropout on
+    on, one = tmp_path / "on", tmp_path / "one"
+    assert _train(["--corpus", text_corpus, "--run-dir", on, "--total-steps", 6, "--recipe", "auto", *TINY]) == 0
+    config = json.loads((on / "config.json").read_text())
+    assert config["dropout"] == config["model"]["dropout"] == recipe.DROPOUT  # the model was built with it
+    assert "--recipe auto: --dropout 0.25 (about 6 steps; dropout from 5)" in capsys.readouterr().out
+    assert _train(["--corpus", text_corpus, "--run-dir", one, "--total-steps", 6, "--recipe", "auto", *TINY,
+                   "--num-layers", 1]) == 0
+    assert json.loads((one / "config.json").read_text())["model"]["dropout"] == 0.0
+    assert "it drops between layers, and the model has one" in capsys.readouterr().out
 
     given = tmp_path / "given"
     assert _train(["--corpus", text_corpus, "--run-dir", given, "--total-steps", 3, "--recipe", "auto", *TINY,

@@ -11,11 +11,14 @@ the flags given explicitly winning over it:
   (``lstm_jax.dispatch.compute_dtype``: a layer's training pass in both dtypes, cached per
   machine).
 * ``--weight-decay``: ``WEIGHT_DECAY``.
-* ``--dropout``: ``DROPOUT`` where the run has at least ``DROPOUT_FROM_STEPS`` steps, else none.
-  A run of ``--epochs`` or ``--total-steps`` knows its steps; a ``--minutes`` budget expects
-  ``expected_steps`` of them, from the step time measured before the plan.
+* ``--dropout``: ``DROPOUT`` where the run has at least ``DROPOUT_FROM_STEPS`` steps and the
+  model two layers or more (it drops between the layers), else none. A run of ``--epochs`` or
+  ``--total-steps`` knows its steps; a ``--minutes`` budget forecasts them from the step time
+  measured before the plan (``budget.plan_total_steps`` without the epoch ends), a forecast that
+  can be a tenth off: near the threshold both choices measured alike.
 
-The rule and its numbers come from the quality runs across CPUs and budgets
+In a run of several processes, process 0's choices are every process's. The rule and its
+numbers come from the quality runs across CPUs and budgets
 (``benchmarks/quality.py``; docs/performance.md, "Choosing flags for the step rate"). The choices
 are saved with the run like any flag: a resumed run keeps them, whatever its machine.
 """
@@ -24,8 +27,7 @@ from __future__ import annotations
 
 from lstm_jax.core.errors import ConfigError
 
-__all__ = ["RECIPES", "KEYS", "WEIGHT_DECAY", "DROPOUT", "DROPOUT_FROM_STEPS", "check_recipe", "regularisation",
-           "expected_steps"]
+__all__ = ["RECIPES", "KEYS", "WEIGHT_DECAY", "DROPOUT", "DROPOUT_FROM_STEPS", "check_recipe", "regularisation"]
 
 RECIPES = ("none", "auto")
 KEYS = ("dtype", "weight_decay", "dropout")  # what 'auto' may choose, where not given
@@ -44,12 +46,8 @@ def check_recipe(recipe: str, preset: str) -> None:
                           f"--preset {preset}; drop --recipe or --preset.", "--recipe")
 
 
-def regularisation(steps: int) -> dict[str, float]:
-    """``weight_decay`` and ``dropout`` for a run of ``steps`` training steps."""
-    return {"weight_decay": WEIGHT_DECAY, "dropout": DROPOUT if steps >= DROPOUT_FROM_STEPS else 0.0}
-
-
-def expected_steps(seconds: float, step_s: float) -> int:
-    """About how many steps of ``step_s`` seconds fit in ``seconds`` (0 where none do): a forecast
-    for the rule, not the plan (``budget.plan_total_steps`` counts the epoch ends and the margin)."""
-    return max(int(seconds / step_s), 0) if step_s > 0 else 0
+def regularisation(steps: int, num_layers: int) -> dict[str, float]:
+    """``weight_decay`` and ``dropout`` for a run of ``steps`` training steps of a model of
+    ``num_layers`` recurrent layers."""
+    on = steps >= DROPOUT_FROM_STEPS and num_layers >= 2
+    return {"weight_decay": WEIGHT_DECAY, "dropout": DROPOUT if on else 0.0}

@@ -263,16 +263,14 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
 
         epoch_end.calls = 0
         try:
-            costs = budget.measure_costs(trainer, epoch_end)
+            costs = budget.measure_costs(trainer, epoch_end, **same_chunks(3))
         finally:
             if ckpt is not None:
                 ckpt.close()
     seconds = 60 * config["minutes"]
     left = seconds - (time.monotonic() - started)
     total = budget.plan_total_steps(left, costs, trainer.steps_per_epoch, chunk_steps=trainer.config.chunk_steps)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        total = int(multihost_utils.broadcast_one_to_all(np.int32(total)))
+    total = from_process_0(total)
     if total < 1:
         need = (time.monotonic() - started + costs.step_s + costs.epoch_end_s) / 60 / (1 - budget.MARGIN)
         raise ConfigError(
@@ -285,6 +283,22 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
     return total, costs
 
 
+def from_process_0(value: int) -> int:
+    """Process 0's ``value`` in every process of a run of several (a plan or a choice timed on each
+    host's own clock must be one run's); ``value`` itself in a run of one."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def same_chunks(least: int) -> dict:
+    """``budget.measure_costs``' chunk counts for this run: at least ``least``, and with several
+    processes exactly that many, not "until the seconds pass" by each host's clock, since every
+    chunk is a collective step that all processes must run alike."""
+    return {"min_chunks": least, **({"max_chunks": least} if jax.process_count() > 1 else {})}
+
+
 def recipe_keys(args: argparse.Namespace, saved: dict | None, config: dict) -> tuple[str, ...]:
     """What ``--recipe auto`` chooses in this run: the flags of ``recipe.KEYS`` not given, for a new
     run (a resumed one keeps its saved choices)."""
@@ -294,14 +308,18 @@ def recipe_keys(args: argparse.Namespace, saved: dict | None, config: dict) -> t
 
 
 def recipe_before_model(config: dict, chosen: tuple[str, ...], say) -> None:
-    """``--recipe auto``'s choices that precede the model: the compute dtype (timed here, cached)
-    and the weight decay; the dropout starts off, decided by ``recipe_dropout``."""
+    """``--recipe auto``'s choices that precede the model: the compute dtype (timed here, cached;
+    process 0's in a run of several) and the weight decay; the dropout starts off, decided by
+    ``recipe_dropout``."""
     if "dtype" in chosen:
-        config["dtype"], seconds = dispatch.compute_dtype(config["cell"], config["seq_len"], config["batch_size"],
-                                                          config["hidden_size"])
-        timed = " against ".join(f"{k} {1e3 * v:.3g} ms" for k, v in seconds.items())
-        say(f"--recipe auto: --dtype {config['dtype']}" + (f" (a layer's training pass: {timed}; cached)"
-                                                            if timed else ""))
+        dtype, seconds = dispatch.compute_dtype(config["cell"], config["seq_len"], config["batch_size"],
+                                                config["hidden_size"])
+        names = ("float32", "bfloat16")
+        config["dtype"] = names[from_process_0(names.index(dtype))]
+        why = (f"a layer's training pass: {' against '.join(f'{k} {1e3 * v:.3g} ms' for k, v in seconds.items())}; "
+               f"cached" if seconds else f"not timed: only LSTM and GRU layers on a CPU are; the default for "
+                                         f"{dispatch.current_platform()}")
+        say(f"--recipe auto: --dtype {config['dtype']} ({why})")
     if "weight_decay" in chosen:
         config["weight_decay"] = recipe.WEIGHT_DECAY
         say(f"--recipe auto: --weight-decay {recipe.WEIGHT_DECAY:g}")
@@ -311,20 +329,23 @@ def recipe_before_model(config: dict, chosen: tuple[str, ...], say) -> None:
 
 def run_steps(config: dict, steps_per_epoch: int, seconds_left: float, step_s: float | None) -> tuple[int, str]:
     """The steps this run will train, and how they are known: ``--total-steps`` or ``--epochs``
-    give them; a ``--minutes`` budget expects ``seconds_left / step_s`` (``recipe.expected_steps``)."""
+    give them; a ``--minutes`` budget forecasts the steps of ``step_s`` that fit in
+    ``seconds_left`` (``budget.plan_total_steps``, its margin kept, the epoch ends not yet timed)."""
     if config["total_steps"]:
         return config["total_steps"], "steps"
     if config["minutes"]:
-        return recipe.expected_steps(seconds_left, step_s or 0.0), "steps expected in the budget"
+        costs = budget.Costs(step_s or math.inf, 0.0)
+        return budget.plan_total_steps(seconds_left, costs, steps_per_epoch), "steps forecast for the budget"
     return config["epochs"] * steps_per_epoch, f"steps in {config['epochs']} epochs"
 
 
 def recipe_dropout(config: dict, steps: int, how: str, say) -> bool:
     """``--recipe auto``'s dropout for a run of ``steps`` steps (``how``: where that count comes
     from, for the message). Whether it turned the dropout on, so the model changed."""
-    config["dropout"] = recipe.regularisation(steps)["dropout"]
-    say(f"--recipe auto: --dropout {config['dropout']:g} (about {steps:,} {how}; dropout from "
-        f"{recipe.DROPOUT_FROM_STEPS:,})")
+    config["dropout"] = recipe.regularisation(steps, config["num_layers"])["dropout"]
+    rule = (f"dropout from {recipe.DROPOUT_FROM_STEPS:,}" if config["num_layers"] >= 2 else
+            "it drops between layers, and the model has one")
+    say(f"--recipe auto: --dropout {config['dropout']:g} (about {steps:,} {how}; {rule})")
     return config["dropout"] != 0.0
 
 
@@ -378,9 +399,12 @@ def run(args: argparse.Namespace) -> int:
     if "dropout" in chosen:  # by the steps this run will have: known, or forecast from the step just timed
         step_s = setup.seconds.get(f"{setup.devices}:{impl}") if setup else None
         if config["minutes"] and not config["total_steps"] and not step_s:
-            step_s = budget.measure_costs(trainer, lambda state: None, min_chunks=1).step_s
+            step_s = budget.measure_costs(trainer, lambda state: None, **same_chunks(1)).step_s
         left = 60 * config["minutes"] - (time.monotonic() - started) if config["minutes"] else 0.0
-        if recipe_dropout(config, *run_steps(config, trainer.steps_per_epoch, left, step_s), say):
+        steps, how = run_steps(config, trainer.steps_per_epoch, left, step_s)
+        # The set-up measured without the dropout is kept: the dropout between the layers is the
+        # same elementwise work outside the layers' kernels whichever candidate runs them.
+        if recipe_dropout(config, from_process_0(steps), how, say):
             model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
             trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch

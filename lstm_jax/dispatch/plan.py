@@ -96,6 +96,7 @@ __all__ = ["Plan", "plan_layer", "IMPLS", "check_impl", "fused_kind", "onednn_ki
            "embedding_route", "measuring", "decisions", "LAYOUT_STEP_FLOPS", "ONEDNN_MIN_LAYER_FLOPS",
            "ONEDNN_MEASURE_VERSION", "LOOP_FACTORS_MAX_HIDDEN", "ROUNDS", "CUDNN_PLATFORMS", "CUDNN_FIXED",
            "cudnn_unsupported_reason", "cudnn_pays", "cpu_choices_apply", "proposed_compute_dtype", "compute_dtype",
+           "onednn_thread_counts", "DTYPE_ROUNDS",
            "likely_platform",
            "current_platform", "parallel_kind", "parallel_chunk",
            "PARALLEL_MAX_BYTES", "MLSTM_CHUNK", "step_impls"]
@@ -114,6 +115,7 @@ LAYOUT_LOOP_STEPS = 100
 ONEDNN_MIN_LAYER_FLOPS = 2**28  # a layer's training pass below this keeps the fused loop, unmeasured
 LOOP_FACTORS_MAX_HIDDEN = 128
 ROUNDS = 5
+DTYPE_ROUNDS = 9  # compute_dtype's passes are short and its choice is the run's: more rounds, less noise
 MEASURED_MAX_ELEMENTS = 2**24  # a timed layer pass holds at most this many steps x rows x width (measured_steps)
 MIN_MEASURED_STEPS = 32
 # In the cache keys of oneDNN choices: bumped when the extension's speed changes, so that choices
@@ -241,34 +243,33 @@ def proposed_compute_dtype(platform: str) -> str:
 
 def compute_dtype(cell: str, steps: int, rows: int, hidden: int, platform: str | None = None) -> tuple[str, dict]:
     """The compute dtype (``'float32'`` or ``'bfloat16'``) whose ``cell`` layers of ``hidden``
-    units over ``steps`` steps of ``rows`` sequences train fastest here, and the seconds behind the
-    choice (empty where none were timed): what ``train.py --recipe auto`` runs in.
+    units over ``steps`` steps of ``rows`` sequences (the rows one program runs) train fastest
+    here, and the seconds behind the choice (empty where none were timed): what ``train.py
+    --recipe auto`` runs in.
 
     On CPU, for an LSTM or GRU (``make_cell``'s ``'lstm'``, ``'gru'``): a hidden-to-hidden layer's
-    training pass is timed in both dtypes (``measure.compute_dtypes``), each on the kernels rules 2
-    and 3 would choose from (the fused layer, and oneDNN with 1 or ``cores_per_device()`` threads
-    where it runs that dtype here: bf16 needs AVX512-BF16 or AMX), and bf16 is taken where its
-    fastest pass beats float32's by ``measure.MARGIN``: on a CPU with bf16 units the products run
-    at several times float32's rate, on AVX2 alone they are converted and run no faster. Elsewhere,
-    for other cells, or with ``LSTM_JAX_DISPATCH=fixed``: ``proposed_compute_dtype``, untimed.
-    Cached per machine and shape, as rule 2's choices."""
+    training pass is timed in both dtypes (``measure.compute_dtypes``), each on the kernels rule 2
+    weighs for it (the fused layer with rule 3's layout, and oneDNN with
+    ``onednn_thread_counts``' threads where it takes that dtype here: bf16 needs AVX512-BF16 or
+    AMX), all taking turns ``DTYPE_ROUNDS`` times, and bf16 is taken where its fastest pass beats
+    float32's by ``measure.MARGIN``: on a CPU with bf16 units the products run at several times
+    float32's rate, on AVX2 alone they are converted and run no faster. Elsewhere, for other
+    cells, or with ``LSTM_JAX_DISPATCH=fixed``: ``proposed_compute_dtype``, untimed. Cached per
+    machine and shape, as rule 2's choices."""
     platform = current_platform(platform)
     proposal = proposed_compute_dtype(platform)
     if not (cpu_choices_apply(platform) and measuring() and cell in onednn.GATES):
         return proposal, {}
-    cores = onednn.cores_per_device()
     timed_steps = measured_steps(steps, rows, hidden + onednn.GATES[cell] * hidden)
-    usable = onednn_ready() and switches.onednn_mode() != "off"
-    threads = {name: tuple(sorted({1, cores})) if usable and onednn.supports(timed_steps, rows, hidden, hidden,
-                                                                               jnp.dtype(name), cell) else ()
+    threads = {name: onednn_thread_counts(steps, rows, hidden, hidden, jnp.dtype(name), cell)
                for name in ("float32", "bfloat16")}
     key = (f"{machine_key()}|compute-dtype|{cell}|v{ONEDNN_MEASURE_VERSION}|{timed_steps}x{rows}x{hidden}|"
-           f"{cores} cores|onednn {threads}")
+           f"onednn {threads}")
 
     def timed() -> dict:
         fused = {name: (transposed_carry_pays(rows, hidden, onednn.GATES[cell], name), loop_factors(hidden))
                  for name in threads}
-        seconds = measure.compute_dtypes(timed_steps, rows, hidden, cell, threads, fused, ROUNDS)
+        seconds = measure.compute_dtypes(timed_steps, rows, hidden, cell, threads, fused, DTYPE_ROUNDS)
         best = {name: min(t for (n, _), t in seconds.items() if n == name) for name in threads}
         return {"dtype": measure.simplest_fast_enough(best), "seconds": best}
 
@@ -491,20 +492,36 @@ def transposed_carry_pays(batch: int, hidden: int, gates: int, dtype: Any = None
     return bool(_decided(f"{machine_key()}|{batch}x{hidden}x{gates}|{name}", timed)["transposed"])
 
 
+def onednn_thread_counts(steps: int, batch: int, features: int, hidden: int, dtype: Any = None,
+                         cell: str = "lstm") -> tuple[int, ...]:
+    """oneDNN's threads per call that rule 2 weighs for this LSTM or GRU layer: none where oneDNN
+    cannot take it (switched off, the extension not loaded, the shape or dtype unsupported on this
+    CPU, a training pass below ``ONEDNN_MIN_LAYER_FLOPS``), ``(cores,)`` with
+    ``LSTM_JAX_ONEDNN=1`` (taken unmeasured, on all the device's cores, whatever the size), else
+    1 and ``cores_per_device()`` (both timed)."""
+    mode = switches.onednn_mode()
+    if mode == "off" or not onednn.loaded() or not onednn.supports(steps, batch, features, hidden, dtype, cell):
+        return ()
+    cores = onednn.cores_per_device()
+    if mode == "on":
+        return (cores,)
+    if 6 * steps * batch * onednn.GATES[cell] * hidden * (features + hidden) < ONEDNN_MIN_LAYER_FLOPS:
+        return ()
+    return tuple(sorted({1, cores}))
+
+
 def onednn_threads(steps: int, batch: int, features: int, hidden: int, dtype: Any = None, tokens: bool = False,
                    cell: str = "lstm", embed: int = 0) -> int:
     """Rule 2 for ``scan_cell(impl='auto')``: 0 for the fused layer, else oneDNN's threads per call
     for this LSTM (``cell='lstm'``) or GRU (``'gru'``) layer."""
-    mode = switches.onednn_mode()
-    if mode == "off" or not onednn.loaded() or not onednn.supports(steps, batch, features, hidden, dtype, cell):
+    counts = onednn_thread_counts(steps, batch, features, hidden, dtype, cell)
+    if not counts:
         return 0
-    cores = onednn.cores_per_device()
-    if mode == "on":
-        return cores
-    if 6 * steps * batch * onednn.GATES[cell] * hidden * (features + hidden) < ONEDNN_MIN_LAYER_FLOPS:
-        return 0
+    if switches.onednn_mode() == "on":
+        return counts[0]
     if not measuring():
         return 0
+    cores = onednn.cores_per_device()
     name = jnp.dtype(dtype or jnp.float32).name
     what = (f"tokens-embed{embed}" if embed else "tokens") if tokens else "features"
     timed_steps = measured_steps(steps, batch, (embed or features) + onednn.GATES[cell] * hidden)
@@ -514,8 +531,8 @@ def onednn_threads(steps: int, batch: int, features: int, hidden: int, dtype: An
     def timed() -> dict:
         fused = (transposed_carry_pays(batch, hidden, onednn.GATES[cell], dtype), loop_factors(hidden))
         route = input_route(tokens, features, embed, dtype)
-        seconds = measure.onednn_layer(timed_steps, batch, features, hidden, dtype, sorted({1, cores}), tokens, cell,
-                                       embed, route, fused, ROUNDS)
+        seconds = measure.onednn_layer(timed_steps, batch, features, hidden, dtype, counts, tokens, cell, embed, route,
+                                       fused, ROUNDS)
         best = min((t, k) for k, t in seconds.items() if k != "fused")
         threads = best[1] if seconds["fused"] >= measure.MARGIN * best[0] else 0
         return {"threads": threads, "seconds": {str(k): t for k, t in seconds.items()}}
