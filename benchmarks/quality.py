@@ -75,8 +75,8 @@ def same_size_hidden(config: dict, vocab_size: int) -> int:
 def run_lstm_jax(config: dict, train_ids, val_ids, vocab_size: int, minutes: float, eval_every: float,
                  devices: int = 1, impl: str = "auto", chosen: tuple[str, ...] = ()) -> tuple[list[dict], float]:
     """The validation curve of a ``minutes``-long run, and the planned step time in seconds.
-    ``chosen``: what ``--recipe auto`` decides here (``'dropout'``: by the steps expected from the
-    timed step, as train.py does; ``config`` records the choice)."""
+    ``chosen``: what ``--recipe auto`` decides here (``'dropout'``: by the steps planned from the
+    timed step, as train.py forecasts them; ``config`` records the choice)."""
     mesh = parallel.data_mesh(devices)
 
     def timed_trainer() -> tuple[Trainer, budget.Costs]:
