@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from lstm_jax import dispatch, runtime
@@ -270,7 +269,7 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
     seconds = 60 * config["minutes"]
     left = seconds - (time.monotonic() - started)
     total = budget.plan_total_steps(left, costs, trainer.steps_per_epoch, chunk_steps=trainer.config.chunk_steps)
-    total = from_process_0(total)
+    total = parallel.from_process_0(total)
     if total < 1:
         need = (time.monotonic() - started + costs.step_s + costs.epoch_end_s) / 60 / (1 - budget.MARGIN)
         raise ConfigError(
@@ -281,15 +280,6 @@ def plan_budget(trainer: Trainer, model: CharLM, vocab, train_ids, val_ids, conf
         f"validation and samples, {time.monotonic() - started:.0f} s to set up; planned {total:,} steps "
         f"({total / trainer.steps_per_epoch:.1f} epochs), the cosine ending there")
     return total, costs
-
-
-def from_process_0(value: int) -> int:
-    """Process 0's ``value`` in every process of a run of several (a plan or a choice timed on each
-    host's own clock must be one run's); ``value`` itself in a run of one."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def same_chunks(least: int) -> dict:
@@ -315,7 +305,7 @@ def recipe_before_model(config: dict, chosen: tuple[str, ...], say) -> None:
         dtype, seconds = dispatch.compute_dtype(config["cell"], config["seq_len"], config["batch_size"],
                                                 config["hidden_size"])
         names = ("float32", "bfloat16")
-        config["dtype"] = names[from_process_0(names.index(dtype))]
+        config["dtype"] = names[parallel.from_process_0(names.index(dtype))]
         why = (f"a layer's training pass: {' against '.join(f'{k} {1e3 * v:.3g} ms' for k, v in seconds.items())}; "
                f"cached" if seconds else f"not timed: only LSTM and GRU layers on a CPU are; the default for "
                                          f"{dispatch.current_platform()}")
@@ -404,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         steps, how = run_steps(config, trainer.steps_per_epoch, left, step_s)
         # The set-up measured without the dropout is kept: the dropout between the layers is the
         # same elementwise work outside the layers' kernels whichever candidate runs them.
-        if recipe_dropout(config, from_process_0(steps), how, say):
+        if recipe_dropout(config, parallel.from_process_0(steps), how, say):
             model = CharLM(CharLMConfig(len(vocab), **{k: config[k] for k in MODEL_KEYS}))
             trainer = Trainer(model, train_config, train_ids, config["epochs"], mesh, impl)
     spe = trainer.steps_per_epoch

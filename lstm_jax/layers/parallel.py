@@ -46,7 +46,7 @@ from lstm_jax.core.host import usable_cores
 
 __all__ = ["DATA_AXIS", "cpu_devices_per_core", "largest_divisor_devices", "devices_for_batch", "data_mesh",
            "batch_sharding", "replicated", "replicate", "shard_batch", "shard_host_array", "check_divisible",
-           "value_and_grad", "initialize", "is_main_process", "barrier", "PeerWatchdog"]
+           "value_and_grad", "initialize", "is_main_process", "barrier", "from_process_0", "PeerWatchdog"]
 
 DATA_AXIS = "data"
 
@@ -287,3 +287,13 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def from_process_0(value: int) -> int:
+    """Process 0's integer ``value`` in every process (a plan or a choice made on each host's own
+    clock must be one run's); ``value`` itself with one process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
